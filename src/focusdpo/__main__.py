@@ -1,0 +1,3 @@
+from focusdpo.cli import main
+
+main()

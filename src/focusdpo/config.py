@@ -1,0 +1,386 @@
+"""Configuration: one dataclass per concern, loaded from YAML with ``key.sub=value`` overrides.
+
+Every field carries its help text in ``metadata["help"]``. ``__post_init__`` of each dataclass rejects
+bad values with a :class:`ConfigError` that names the field, the value and what is allowed, so a bad
+command line fails before any work starts. The resolved :class:`Config` dumps to YAML and loads back
+identically (``Config.from_yaml(cfg.to_yaml()) == cfg``).
+
+Usage::
+
+    cfg = load_config("configs/toy.yaml", ["train.max_steps=50", "focus.spaf=false"])
+    cfg.save(run_dir / "config.yaml")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+OBJECTIVES = ("sft", "dpo", "patchdpo", "focusdpo")
+DISRUPTIONS = ("attribute_swap", "cross_paste", "detail_erase", "patch_shuffle", "identity_swap", "regenerate")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field, the value and what is allowed."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}={value!r} is invalid: allowed {allowed}")
+
+
+def _choice(name: str, value: Any, choices: typing.Iterable[str]) -> None:
+    choices = tuple(choices)
+    _check(value in choices, name, value, "one of " + ", ".join(choices))
+
+
+@dataclass
+class WorldConfig:
+    """The built-in synthetic world (DESIGN section 4)."""
+
+    seed: int = _f(0, "Seed of the world: identities and the train/held-out split.")
+    n_identities: int = _f(600, "Number of procedural identities (>= 500 recommended).")
+    heldout_fraction: float = _f(0.2, "Fraction of identities kept for evaluation only, in (0, 1).")
+    scene_size: int = _f(32, "Side of a scene (target) image in pixels.")
+    ref_size: int = _f(16, "Side of a reference image in pixels.")
+    min_subjects: int = _f(2, "Fewest subjects in a scene.")
+    max_subjects: int = _f(3, "Most subjects in a scene.")
+
+    def __post_init__(self) -> None:
+        _check(self.n_identities >= 20, "world.n_identities", self.n_identities, ">= 20")
+        _check(0 < self.heldout_fraction < 1, "world.heldout_fraction", self.heldout_fraction, "in (0, 1)")
+        _check(self.scene_size >= 16 and self.scene_size % 8 == 0, "world.scene_size", self.scene_size,
+               "a multiple of 8, >= 16")
+        _check(self.ref_size >= 8 and self.ref_size % 8 == 0, "world.ref_size", self.ref_size,
+               "a multiple of 8, >= 8")
+        _check(1 <= self.min_subjects <= self.max_subjects <= 3, "world.min_subjects/max_subjects",
+               (self.min_subjects, self.max_subjects), "1 <= min <= max <= 3")
+
+
+@dataclass
+class DataConfig:
+    """DIP data: where it comes from, how it is built and loaded (DESIGN 2.7)."""
+
+    path: str | None = _f(None, "Folder of a built DIP set (Parquet shards + card.json). None: build or "
+                                "reuse the cached toy set described by the other fields.")
+    n_records: int = _f(2000, "Records in the toy DIP set built when `path` is None.")
+    seed: int = _f(0, "Seed of the toy DIP build.")
+    disruptions: dict[str, float] = _f(
+        {"attribute_swap": 0.4, "cross_paste": 0.15, "detail_erase": 0.2, "patch_shuffle": 0.1,
+         "identity_swap": 0.15},
+        "Disruption mix: name -> relative weight (normalised). Names: " + ", ".join(DISRUPTIONS) + ".")
+    batch_size: int = _f(8, "Pairs per batch per process.")
+    num_workers: int = _f(0, "DataLoader worker processes.")
+    cache_dir: str = _f("~/.cache/focusdpo", "Where the toy DIP set built on demand is cached.")
+
+    def __post_init__(self) -> None:
+        _check(self.n_records >= 1, "data.n_records", self.n_records, ">= 1")
+        _check(self.batch_size >= 1, "data.batch_size", self.batch_size, ">= 1")
+        _check(self.num_workers >= 0, "data.num_workers", self.num_workers, ">= 0")
+        _check(isinstance(self.disruptions, dict) and len(self.disruptions) > 0, "data.disruptions",
+               self.disruptions, "a non-empty mapping name -> weight")
+        for name, w in self.disruptions.items():
+            _choice(f"data.disruptions.{name}", name, DISRUPTIONS)
+            _check(isinstance(w, (int, float)) and w >= 0, f"data.disruptions.{name}", w, "a weight >= 0")
+        _check(sum(self.disruptions.values()) > 0, "data.disruptions", self.disruptions, "a positive total")
+
+
+@dataclass
+class ModelConfig:
+    """The backbone (DESIGN sections 3-5)."""
+
+    backbone: str = _f("flux-tiny", "Backbone: flux-tiny (built-in, CPU) or flux (diffusers FLUX, UNO-style).")
+    checkpoint: str | None = _f(None, "Base weights. flux-tiny: None = the base shipped with the package, or "
+                                      "a folder written by `focusdpo pretrain`. flux: a local diffusers "
+                                      "folder or hub id.")
+    patch: int = _f(2, "flux-tiny: pixels per token side (pixel codec patch size).")
+    num_layers: int = _f(2, "flux-tiny: double-stream blocks.")
+    num_single_layers: int = _f(4, "flux-tiny: single-stream blocks.")
+    num_heads: int = _f(4, "flux-tiny: attention heads.")
+    head_dim: int = _f(32, "flux-tiny: dimension per head.")
+    text_dim: int = _f(64, "flux-tiny: text-encoder width.")
+    max_text_tokens: int = _f(24, "Text tokens per prompt (padded or truncated).")
+    dtype: str = _f("float32", "Weight dtype of the frozen base: float32, bfloat16 or float16.")
+    lora_import: str | None = _f(None, "flux: a UNO-style LoRA (safetensors) merged into the base on load.")
+
+    def __post_init__(self) -> None:
+        _choice("model.backbone", self.backbone, ("flux-tiny", "flux"))
+        _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        for name in ("patch", "num_layers", "num_heads", "head_dim", "text_dim", "max_text_tokens"):
+            _check(getattr(self, name) >= 1, f"model.{name}", getattr(self, name), ">= 1")
+        _check(self.num_single_layers >= 0, "model.num_single_layers", self.num_single_layers, ">= 0")
+
+
+@dataclass
+class FocusConfig:
+    """Adaptive focus: SPAF (2.3), DPCE (2.4) and the dynamic weights (2.5)."""
+
+    spaf: bool = _f(True, "Use the Structure-Preserving Attention Field terms (M_s, A).")
+    dpce: bool = _f(True, "Use the Detail-Preserving Complexity Estimator term (M_d).")
+    dynamic: bool = _f(True, "Gate the detail term on alignment a >= tau; false: always on.")
+    tap_layer: int | None = _f(None, "Double-stream block whose hidden states feed SPAF; None: the middle one.")
+    rho: float = _f(1.0, "Top-k size factor: k_k = ceil(rho * |P_k|).")
+    top_k: int = _f(16, "Top-k size when the subject region P_k is unknown.")
+    alpha_s: float = _f(2.0, "Weight added on confused/unmatched subject tokens M_s.")
+    alpha_a: float = _f(0.5, "Weight removed on aligned tokens A.")
+    alpha_d: float = _f(1.0, "Weight of the detail term M_d.")
+    tau: float = _f(0.5, "Alignment threshold of the detail gate, in [0, 1].")
+    w_min: float = _f(0.1, "Lower clamp of the raw weights, >= 0.")
+    sigma: float = _f(1.0, "DPCE Gaussian blur sigma in pixels (0: no blur).")
+    bins: int = _f(32, "DPCE luminance quantisation levels, >= 2.")
+    ref_complexity_scale: float = _f(0.0, "Scale each subject's terms by its reference's complexity (0: off).")
+    weights_from: str = _f("positive", "Focus weights from the positive for both sides, or from each side.")
+
+    def __post_init__(self) -> None:
+        _check(self.rho > 0, "focus.rho", self.rho, "> 0")
+        _check(self.top_k >= 1, "focus.top_k", self.top_k, ">= 1")
+        _check(0 <= self.tau <= 1, "focus.tau", self.tau, "in [0, 1]")
+        _check(self.w_min >= 0, "focus.w_min", self.w_min, ">= 0")
+        _check(self.sigma >= 0, "focus.sigma", self.sigma, ">= 0")
+        _check(self.bins >= 2, "focus.bins", self.bins, ">= 2")
+        for name in ("alpha_s", "alpha_a", "alpha_d", "ref_complexity_scale"):
+            _check(getattr(self, name) >= 0, f"focus.{name}", getattr(self, name), ">= 0")
+        _choice("focus.weights_from", self.weights_from, ("positive", "each"))
+        if self.tap_layer is not None:
+            _check(self.tap_layer >= 0, "focus.tap_layer", self.tap_layer, ">= 0 or null")
+
+
+@dataclass
+class LossConfig:
+    """The objective's constants (DESIGN 2.2)."""
+
+    beta: float = _f(500.0, "DPO temperature beta (> 0). Velocity targets need their own value.")
+    lambda_sft: float = _f(0.0, "Weight of the added SFT term on the positive, >= 0.")
+    prediction: str = _f("flow", "Target type: flow (velocity eps - x0) or epsilon.")
+    logit_mean: float = _f(0.0, "Mean of the logit-normal timestep distribution.")
+    logit_std: float = _f(1.0, "Std of the logit-normal timestep distribution, > 0.")
+    time_shift: bool = _f(True, "Apply FLUX's resolution-dependent time shift to sampled timesteps.")
+
+    def __post_init__(self) -> None:
+        _check(self.beta > 0, "loss.beta", self.beta, "> 0")
+        _check(self.lambda_sft >= 0, "loss.lambda_sft", self.lambda_sft, ">= 0")
+        _choice("loss.prediction", self.prediction, ("flow", "epsilon"))
+        _check(self.logit_std > 0, "loss.logit_std", self.logit_std, "> 0")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters attached through peft."""
+
+    rank: int = _f(8, "LoRA rank, >= 1.")
+    alpha: float = _f(8.0, "LoRA alpha (scale = alpha / rank), > 0.")
+    dropout: float = _f(0.0, "LoRA dropout, in [0, 1).")
+    targets: list[str] = _f(["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                             "to_add_out"], "Module names (peft target_modules) that get adapters.")
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 1, "lora.rank", self.rank, ">= 1")
+        _check(self.alpha > 0, "lora.alpha", self.alpha, "> 0")
+        _check(0 <= self.dropout < 1, "lora.dropout", self.dropout, "in [0, 1)")
+        _check(len(self.targets) > 0, "lora.targets", self.targets, "a non-empty list")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop (DESIGN 2.2-2.6, 7)."""
+
+    objective: str = _f("focusdpo", "Objective: " + ", ".join(OBJECTIVES) + ".")
+    max_steps: int = _f(300, "Optimizer steps.")
+    lr: float = _f(1e-4, "AdamW learning rate.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    warmup_steps: int = _f(10, "Linear warm-up steps.")
+    schedule: str = _f("constant", "LR schedule after warm-up: constant, linear or cosine.")
+    grad_accum: int = _f(1, "Gradient accumulation steps.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0: off).")
+    mixed_precision: str = _f("auto", "auto (bf16 where the device has it, else fp32), no, bf16 or fp16.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    seed: int = _f(0, "Seed of everything in the run: LoRA init, data order, noise, timesteps.")
+    checkpoint_every: int = _f(100, "Checkpoint every N optimizer steps (0: only at the end and on signals).")
+    output_dir: str | None = _f(None, "The run folder. None: runs/<objective>-<time>.")
+    log_every: int = _f(1, "Log metrics every N optimizer steps.")
+    val_every: int = _f(0, "Write validation sample grids and focus strips every N steps (0: only at the end).")
+
+    def __post_init__(self) -> None:
+        _choice("train.objective", self.objective, OBJECTIVES)
+        _check(self.max_steps >= 1, "train.max_steps", self.max_steps, ">= 1")
+        _check(self.lr > 0, "train.lr", self.lr, "> 0")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, ">= 0")
+        _choice("train.schedule", self.schedule, ("constant", "linear", "cosine"))
+        _check(self.grad_accum >= 1, "train.grad_accum", self.grad_accum, ">= 1")
+        _check(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, ">= 0")
+        _choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every, ">= 0")
+        _check(self.log_every >= 1, "train.log_every", self.log_every, ">= 1")
+        _check(self.val_every >= 0, "train.val_every", self.val_every, ">= 0")
+
+
+@dataclass
+class SampleConfig:
+    """The flow-matching Euler sampler."""
+
+    steps: int = _f(20, "Euler steps.")
+    guidance: float = _f(1.0, "Classifier-free guidance scale (1: off).")
+    time_shift: bool = _f(True, "FLUX's resolution-dependent time shift of the schedule.")
+    seed: int = _f(0, "Seed of the initial noise.")
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "sample.steps", self.steps, ">= 1")
+        _check(self.guidance >= 0, "sample.guidance", self.guidance, ">= 0")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation (DESIGN section 6)."""
+
+    benchmark: str = _f("toy", "toy, dreambench-single or dreambench-multi.")
+    seeds: list[int] = _f([0, 1, 2], "Sampling seeds; mean and spread are over these.")
+    n_scenes: int = _f(32, "Toy: held-out scenes per subject count.")
+    subject_counts: list[int] = _f([2, 3], "Toy: numbers of subjects per scene.")
+    samples_per_prompt: int = _f(1, "Samples per prompt and seed.")
+    dino_model: str = _f("facebook/dino-vits16", "DreamBench: DINO ViT-S/16 path or hub id.")
+    clip_model: str = _f("openai/clip-vit-base-patch32", "DreamBench: CLIP ViT-B/32 path or hub id.")
+
+    def __post_init__(self) -> None:
+        _choice("eval.benchmark", self.benchmark, ("toy", "dreambench-single", "dreambench-multi"))
+        _check(len(self.seeds) >= 1, "eval.seeds", self.seeds, "a non-empty list")
+        _check(self.n_scenes >= 1, "eval.n_scenes", self.n_scenes, ">= 1")
+        _check(all(k in (1, 2, 3) for k in self.subject_counts) and self.subject_counts,
+               "eval.subject_counts", self.subject_counts, "a non-empty list of 1, 2, 3")
+        _check(self.samples_per_prompt >= 1, "eval.samples_per_prompt", self.samples_per_prompt, ">= 1")
+
+
+@dataclass
+class Config:
+    """The whole resolved configuration of a run."""
+
+    world: WorldConfig = field(default_factory=WorldConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    focus: FocusConfig = field(default_factory=FocusConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        return _build(cls, data or {}, "")
+
+    @classmethod
+    def from_yaml(cls, text: str) -> Config:
+        return cls.from_dict(yaml.safe_load(text) or {})
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats, nothing else is cast."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, name)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{name}={value!r} is invalid: expected {tp}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}={value!r} is invalid: expected a list")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(inner, v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}={value!r} is invalid: expected a mapping")
+        kt, vt = typing.get_args(tp)
+        return {_coerce(kt, k, name): _coerce(vt, v, f"{name}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp in (int, float, str) and isinstance(value, tp) and not isinstance(value, bool):
+        return value
+    raise ConfigError(f"{name}={value!r} is invalid: expected {getattr(tp, '__name__', tp)}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}={data!r} is invalid: expected a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}: "
+                          f"allowed under {prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(names))}")
+    kwargs = {}
+    for key, value in data.items():
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(tp, value, prefix + key)
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.max_steps=50"`` -> ``("train.max_steps", 50)``; the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is invalid: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    if not key:
+        raise ConfigError(f"override {text!r} is invalid: empty key")
+    return key, yaml.safe_load(raw) if raw.strip() else None
+
+
+def default_config_text(name: str = "toy") -> str:
+    """The text of a config shipped inside the package (``focusdpo/configs/<name>.yaml``)."""
+    return resources.files("focusdpo").joinpath("configs", f"{name}.yaml").read_text()
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML config (None: the packaged ``toy.yaml``), apply dotted overrides, validate."""
+    text = default_config_text() if path is None else Path(path).read_text()
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path or 'toy.yaml'} must be a mapping at the top level")
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(data, key, value)
+    return Config.from_dict(data)
