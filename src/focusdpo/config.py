@@ -253,9 +253,24 @@ class EvalConfig:
     samples_per_prompt: int = _f(1, "Samples per prompt and seed.")
     dino_model: str = _f("facebook/dino-vits16", "DreamBench: DINO ViT-S/16 path or hub id.")
     clip_model: str = _f("openai/clip-vit-base-patch32", "DreamBench: CLIP ViT-B/32 path or hub id.")
+    batch_size: int = _f(16, "Images per forward pass when sampling (toy) or scoring (DreamBench).")
+    grid_scenes: int = _f(6, "Toy: scenes shown in each PNG comparison grid (0: no grids).")
+    dreambench_size: int = _f(512, "DreamBench generate: side of the generated square images (UNO: 512).")
+    dreambench_ref_size: int | None = _f(None, "DreamBench generate: longest side of the references; None: the "
+                                               "UNO defaults, 512 for one subject and 320 for several.")
+    dreambench_seed: int = _f(3407, "DreamBench generate: image j of a prompt uses seed dreambench_seed + j (UNO).")
+    dreambench_images: int = _f(1, "DreamBench generate: images per prompt (UNO reports 1 single, 6 multi).")
 
     def __post_init__(self) -> None:
         _choice("eval.benchmark", self.benchmark, ("toy", "dreambench-single", "dreambench-multi"))
+        _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, ">= 1")
+        _check(self.grid_scenes >= 0, "eval.grid_scenes", self.grid_scenes, ">= 0")
+        _check(self.dreambench_size >= 16 and self.dreambench_size % 16 == 0, "eval.dreambench_size",
+               self.dreambench_size, "a multiple of 16, >= 16")
+        if self.dreambench_ref_size is not None:
+            _check(self.dreambench_ref_size >= 16, "eval.dreambench_ref_size", self.dreambench_ref_size,
+                   ">= 16 or null")
+        _check(self.dreambench_images >= 1, "eval.dreambench_images", self.dreambench_images, ">= 1")
         _check(len(self.seeds) >= 1, "eval.seeds", self.seeds, "a non-empty list")
         _check(self.n_scenes >= 1, "eval.n_scenes", self.n_scenes, ">= 1")
         _check(all(k in (1, 2, 3) for k in self.subject_counts) and self.subject_counts,
