@@ -1,0 +1,151 @@
+"""The backbone contract (DESIGN section 3): the only thing the trainer and the sampler use.
+
+A backbone turns images into tokens and back, prompts into text conditioning, and predicts the flow-matching
+velocity of noisy target tokens given text and K reference token blocks, optionally returning the hidden
+states of one block (the SPAF tap) from the same forward pass. LoRA adapters attach to ``trainable()``;
+``reference()`` switches them off for the frozen reference model of DPO.
+
+Conventions (FLUX flow matching): ``x_t = (1 - s) x_0 + s eps`` with ``s`` (``sigma``) in ``[0, 1]``,
+``s = 1`` pure noise, and the model predicts ``v = eps - x_0``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Tokens:
+    """Image tokens on a grid.
+
+    tokens: ``float [B, N, C]`` with ``N = h * w`` in row-major order; grid: ``(h, w)``.
+    """
+
+    tokens: torch.Tensor
+    grid: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        h, w = self.grid
+        if self.tokens.ndim != 3 or self.tokens.shape[1] != h * w:
+            raise ValueError(f"Tokens: tokens of shape {tuple(self.tokens.shape)} do not fit grid {self.grid}: "
+                             f"expected [B, {h * w}, C]")
+
+    def to(self, *args: Any, **kwargs: Any) -> Tokens:
+        return Tokens(self.tokens.to(*args, **kwargs), self.grid)
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+
+@dataclass
+class TextCond:
+    """Text conditioning: per-token features ``tokens [B, L, D_txt]`` and a pooled vector ``pooled [B, P]``."""
+
+    tokens: torch.Tensor
+    pooled: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.tokens.ndim != 3 or self.pooled.ndim != 2 or self.tokens.shape[0] != self.pooled.shape[0]:
+            raise ValueError(f"TextCond: expected tokens [B, L, D] and pooled [B, P], got "
+                             f"{tuple(self.tokens.shape)} and {tuple(self.pooled.shape)}")
+
+    def to(self, *args: Any, **kwargs: Any) -> TextCond:
+        return TextCond(self.tokens.to(*args, **kwargs), self.pooled.to(*args, **kwargs))
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def repeat(self, n: int) -> TextCond:
+        """Each prompt repeated ``n`` times along the batch (``[B*n, ...]``, prompt-major)."""
+        return TextCond(self.tokens.repeat_interleave(n, 0), self.pooled.repeat_interleave(n, 0))
+
+    @staticmethod
+    def cat(conds: Sequence[TextCond]) -> TextCond:
+        return TextCond(torch.cat([c.tokens for c in conds]), torch.cat([c.pooled for c in conds]))
+
+
+@runtime_checkable
+class Codec(Protocol):
+    """Images <-> tokens. The tiny model patchifies pixels; a full FLUX loader plugs in its VAE here."""
+
+    patch: int  # pixels per token side
+
+    @property
+    def channels(self) -> int:
+        """Channels per token ``C``."""
+
+    def token_grid(self, size: tuple[int, int]) -> tuple[int, int]:
+        """``(H, W)`` pixels -> ``(h, w)`` tokens; raises if ``H`` or ``W`` is not a multiple of ``patch``."""
+
+    def encode(self, images: torch.Tensor) -> Tokens:
+        """``float [B, 3, H, W]`` in ``[0, 1]`` -> :class:`Tokens`."""
+
+    def decode(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """``float [B, N, C]`` on ``grid`` -> images ``float [B, 3, H, W]`` clamped to ``[0, 1]``."""
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """Prompts -> :class:`TextCond`. The tiny model has a small learned encoder; FLUX uses T5 + CLIP."""
+
+    @property
+    def dim(self) -> int:
+        """Per-token feature width ``D_txt``."""
+
+    @property
+    def pooled_dim(self) -> int:
+        """Pooled vector width ``P``."""
+
+    def encode(self, prompts: Sequence[str]) -> TextCond:
+        """A batch of prompts -> ``TextCond`` on the encoder's device."""
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """An in-context personalized generator (DESIGN section 3, docs/architecture.md)."""
+
+    patch: int  # pixels per token side
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def tap_layer(self) -> int:
+        """Index of the block whose hidden states ``predict(..., tap=True)`` returns."""
+
+    def encode_images(self, images: torch.Tensor) -> Tokens:
+        """``float [B, 3, H, W]`` in ``[0, 1]`` -> ``Tokens [B, N, C]``."""
+
+    def decode_tokens(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """``float [B, N, C]`` -> images ``float [B, 3, H, W]`` in ``[0, 1]``."""
+
+    def encode_prompts(self, prompts: Sequence[str]) -> TextCond: ...
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, text: TextCond, refs: Sequence[Tokens],
+                grid: tuple[int, int], tap: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Velocity of the noisy target tokens.
+
+        x_t: ``[B, N, C]``; t: ``[B]`` sigma in ``[0, 1]``; refs: K >= 1 clean reference blocks of
+        ``[B, M_k, C]``. Returns ``pred [B, N, C]`` and, with ``tap``, ``feats [B, N + sum M_k, D]``
+        (target tokens first, then each reference in order), detached; else ``None``.
+        """
+
+    def token_grid(self, size: tuple[int, int]) -> tuple[int, int]: ...
+
+    def trainable(self) -> nn.Module:
+        """The module LoRA attaches to."""
+
+    def reference(self) -> AbstractContextManager[None]:
+        """Adapters off inside the block, restored in ``finally`` (the frozen DPO reference model)."""
+
+    def add_lora(self, cfg: Any) -> None: ...
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_lora_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None: ...
