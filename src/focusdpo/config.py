@@ -138,7 +138,8 @@ class FocusConfig:
     alpha_a: float = _f(0.5, "Weight removed on aligned tokens A.")
     alpha_d: float = _f(1.0, "Weight of the detail term M_d.")
     tau: float = _f(0.5, "Alignment threshold of the detail gate, in [0, 1].")
-    w_min: float = _f(0.1, "Lower clamp of the raw weights, >= 0.")
+    w_min: float = _f(0.1, "Floor of the focus weights, in [0, 1): W_raw is clamped at it and W stays >= it "
+                           "after normalising to mean 1.")
     sigma: float = _f(1.0, "DPCE Gaussian blur sigma in pixels (0: no blur).")
     bins: int = _f(32, "DPCE luminance quantisation levels, >= 2.")
     ref_complexity_scale: float = _f(0.0, "Scale each subject's terms by its reference's complexity (0: off).")
@@ -148,7 +149,7 @@ class FocusConfig:
         _check(self.rho > 0, "focus.rho", self.rho, "> 0")
         _check(self.top_k >= 1, "focus.top_k", self.top_k, ">= 1")
         _check(0 <= self.tau <= 1, "focus.tau", self.tau, "in [0, 1]")
-        _check(self.w_min >= 0, "focus.w_min", self.w_min, ">= 0")
+        _check(0 <= self.w_min < 1, "focus.w_min", self.w_min, "in [0, 1) (W has mean 1)")
         _check(self.sigma >= 0, "focus.sigma", self.sigma, ">= 0")
         _check(self.bins >= 2, "focus.bins", self.bins, ">= 2")
         for name in ("alpha_s", "alpha_a", "alpha_d", "ref_complexity_scale"):
