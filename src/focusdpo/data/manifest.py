@@ -1,0 +1,217 @@
+"""Real data: a JSONL manifest of file paths, validated record by record.
+
+One line per record::
+
+    {"prompt": str, "target": path, "target_masks": [path, ...one per subject],
+     "references": [{"image": path, "mask": path (optional)}, ...], "id": str (optional)}
+
+Paths are relative to the manifest's folder (the root) and may not leave it. K = the number of references;
+``target_masks`` gives ``P_k`` in reference order. When masks are missing and ``auto_masks`` is on, a GrabCut
+foreground (:mod:`focusdpo.data.masks`) is used: for a reference without a mask, and for the target of a
+one-subject record without ``target_masks``. Without ``auto_masks`` a reference without a mask gets an
+all-ones mask (unknown) and a record without ``target_masks`` is rejected.
+
+Every problem raises :class:`BadRecord` with a reason that names the file and the fix; the builder lists it in
+``rejected.jsonl`` and goes on. The target and its masks are centre-cropped to a multiple of the token patch
+(the crop is recorded in the record's provenance).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+
+class BadRecord(ValueError):
+    """A manifest record cannot be used; ``str(err)`` is the reason (file, problem, fix)."""
+
+
+@dataclass
+class ManifestEntry:
+    """One parsed manifest line, paths resolved inside the root."""
+
+    line: int
+    id: str
+    prompt: str
+    target: Path
+    target_masks: list[Path] | None
+    references: list[Path]
+    ref_masks: list[Path | None]
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoadedEntry:
+    """The pixels of an entry.
+
+    Attributes:
+        image: uint8 ``[H, W, 3]`` target (cropped to multiples of the patch).
+        regions: bool ``[K, H, W]``.
+        references: K uint8 ``[h_k, w_k, 3]``; ref_masks: K bool ``[h_k, w_k]``.
+        provenance: JSON-serialisable: relative paths, mask origins (file, grabcut, unknown), crop box.
+    """
+
+    image: np.ndarray
+    regions: np.ndarray
+    references: list[np.ndarray]
+    ref_masks: list[np.ndarray]
+    provenance: dict[str, Any]
+
+
+def read_manifest(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | str, ManifestEntry | BadRecord]]:
+    """Yield ``(line number, raw object or text, entry or the BadRecord)`` for each non-empty line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {path} does not exist; give a JSONL file (one record per line)")
+    root = path.resolve().parent
+    seen: set[str] = set()
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for n, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield n, text.rstrip("\n"), BadRecord(f"line {n} is not valid JSON ({e.msg}); fix the line")
+                continue
+            try:
+                entry = parse_entry(obj, n, root)
+                if entry.id in seen:
+                    raise BadRecord(f"id {entry.id!r} is used by an earlier line; give each record a unique id")
+                seen.add(entry.id)
+                yield n, obj, entry
+            except BadRecord as e:
+                yield n, obj, e
+
+
+def parse_entry(obj: Any, line: int, root: Path) -> ManifestEntry:
+    """Check one manifest object's keys and types and resolve its paths inside ``root``."""
+    if not isinstance(obj, dict):
+        raise BadRecord(f"line {line} is a {type(obj).__name__}; each line must be a JSON object")
+    unknown = set(obj) - {"prompt", "target", "target_masks", "references", "id"}
+    if unknown:
+        raise BadRecord(f"unknown key(s) {sorted(unknown)}; allowed: prompt, target, target_masks, references, id")
+    if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
+        raise BadRecord("'prompt' must be a non-empty string")
+    refs = obj.get("references")
+    if not isinstance(refs, list) or not refs or not all(isinstance(r, dict) and "image" in r for r in refs):
+        raise BadRecord("'references' must be a non-empty list of {\"image\": path, \"mask\": path (optional)}")
+    masks = obj.get("target_masks")
+    if masks is not None and (not isinstance(masks, list) or len(masks) != len(refs)):
+        raise BadRecord(f"'target_masks' must list one mask per reference ({len(refs)}), got {masks!r}")
+    rid = obj.get("id", f"line{line:06d}")
+    if not isinstance(rid, str) or not rid:
+        raise BadRecord(f"'id' must be a non-empty string, got {rid!r}")
+    return ManifestEntry(
+        line=line, id=rid, prompt=obj["prompt"], target=resolve_inside(root, obj.get("target"), "target"),
+        target_masks=None if masks is None else [resolve_inside(root, m, f"target_masks[{i}]")
+                                                 for i, m in enumerate(masks)],
+        references=[resolve_inside(root, r["image"], f"references[{i}].image") for i, r in enumerate(refs)],
+        ref_masks=[None if r.get("mask") is None else resolve_inside(root, r["mask"], f"references[{i}].mask")
+                   for i, r in enumerate(refs)],
+        raw=obj)
+
+
+def resolve_inside(root: Path, rel: Any, name: str) -> Path:
+    """``root / rel`` resolved (symlinks followed); raises unless it stays inside ``root``."""
+    if not isinstance(rel, str) or not rel:
+        raise BadRecord(f"{name} must be a path string, got {rel!r}")
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root):
+        raise BadRecord(f"{name} {rel!r} leaves the manifest's folder {root}; keep every file under it")
+    return path
+
+
+def load_image(path: Path, name: str, max_pixels: int) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` of an image file; raises :class:`BadRecord` when missing, unreadable or too big."""
+    if not path.is_file():
+        raise BadRecord(f"{name} {path} is missing; fix the path or add the file")
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise BadRecord(f"{name} {path} has {w}x{h} = {w * h} pixels, over the limit {max_pixels}; "
+                                "downscale it or raise data.max_pixels")
+            im.load()
+            return np.asarray(im.convert("RGB")).copy()
+    except BadRecord:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise BadRecord(f"{name} {path} cannot be read ({e}); replace the file with a valid image") from e
+
+
+def load_mask(path: Path, name: str, size: tuple[int, int], max_pixels: int) -> np.ndarray:
+    """bool ``[H, W]`` (pixel > 127) of a mask file that must have ``size`` (H, W) and be non-empty."""
+    img = load_image(path, name, max_pixels)
+    mask = img.max(axis=-1) > 127
+    if mask.shape != tuple(size):
+        raise BadRecord(f"{name} {path} is {mask.shape[1]}x{mask.shape[0]}, its image is {size[1]}x{size[0]}; "
+                        "give a mask of the image's size")
+    if not mask.any():
+        raise BadRecord(f"{name} {path} is empty (no pixel > 127); give a mask that covers the subject")
+    return mask
+
+
+def load_entry(entry: ManifestEntry, root: Path, patch: int, max_pixels: int, auto_masks: bool) -> LoadedEntry:
+    """Read and check every file of ``entry``; raises :class:`BadRecord` on the first problem."""
+    image = load_image(entry.target, "target", max_pixels)
+    size = image.shape[:2]
+    origins = {"target_masks": "file"}
+    if entry.target_masks is not None:
+        regions = np.stack([load_mask(p, f"target_masks[{i}]", size, max_pixels)
+                            for i, p in enumerate(entry.target_masks)])
+    elif auto_masks and len(entry.references) == 1:
+        regions = _auto_mask(image, "target")[None]
+        origins["target_masks"] = "grabcut"
+    else:
+        raise BadRecord("no 'target_masks'; give one mask per reference, or pass --auto-masks "
+                        "(automatic masks cover one-subject records only)")
+    refs, ref_masks, ref_origin = [], [], []
+    for i, (rp, mp) in enumerate(zip(entry.references, entry.ref_masks, strict=True)):
+        ref = load_image(rp, f"references[{i}].image", max_pixels)
+        if mp is not None:
+            ref_masks.append(load_mask(mp, f"references[{i}].mask", ref.shape[:2], max_pixels))
+            ref_origin.append("file")
+        elif auto_masks:
+            ref_masks.append(_auto_mask(ref, f"references[{i}]"))
+            ref_origin.append("grabcut")
+        else:
+            ref_masks.append(np.ones(ref.shape[:2], bool))
+            ref_origin.append("unknown")
+        refs.append(ref)
+    image, regions, crop = _crop_to_patch(image, regions, patch)
+    rel = lambda p: str(p.relative_to(root))  # noqa: E731
+    prov = {"builder": "manifest", "line": entry.line, "target": rel(entry.target),
+            "references": [rel(p) for p in entry.references], "mask_origin": origins | {"references": ref_origin},
+            "crop": crop}
+    return LoadedEntry(image, regions, refs, ref_masks, prov)
+
+
+def _auto_mask(image: np.ndarray, name: str) -> np.ndarray:
+    from focusdpo.data.masks import grabcut_mask
+
+    mask = grabcut_mask(image)
+    if not mask.any():
+        raise BadRecord(f"GrabCut found no foreground in {name}; give a mask in the manifest")
+    return mask
+
+
+def _crop_to_patch(image: np.ndarray, regions: np.ndarray, patch: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Centre-crop to multiples of ``patch``; returns the crop box [top, left, height, width]."""
+    h, w = image.shape[:2]
+    ch, cw = h // patch * patch, w // patch * patch
+    if ch == 0 or cw == 0:
+        raise BadRecord(f"target is {w}x{h}, smaller than one {patch}x{patch} token; use a larger image")
+    top, left = (h - ch) // 2, (w - cw) // 2
+    regions = regions[:, top:top + ch, left:left + cw]
+    empty = [i for i in range(regions.shape[0]) if not regions[i].any()]
+    if empty:
+        raise BadRecord(f"target mask(s) {empty} are empty after cropping to multiples of {patch} px; "
+                        "give masks that cover the subject away from the border")
+    return image[top:top + ch, left:left + cw], regions, [top, left, ch, cw]

@@ -1,0 +1,194 @@
+"""Parquet storage of DIP records: PNG bytes for images and masks, plain columns for metadata.
+
+A built set is a folder ``DIR`` with ``data-00000.parquet, ...`` (shards), ``card.json`` and
+``rejected.jsonl``. ``datasets.load_dataset("parquet", data_files=str(DIR / "data-*.parquet"))`` reads it.
+
+Columns (one row per record):
+
+==================  =====================  ==========================================================
+column              type                   content
+==================  =====================  ==========================================================
+id, prompt          string
+num_subjects        int32                  K
+height, width       int32                  H, W of the positive
+positive, negative  binary                 RGB PNG
+m_prior             binary                 greyscale PNG, 255 inside M_prior, 0 outside
+regions             list<binary>           K greyscale PNGs (P_k), reference order
+references          list<binary>           K RGB PNGs
+ref_masks           list<binary>           K greyscale PNGs
+ref_heights/widths  list<int32>            sizes of the references (bucketing reads only these)
+m_d                 list<float32>          DPCE map, row-major, shape (m_d_height, m_d_width)
+m_d_height/width    int32
+m_d_patch           int32                  pixels per token side of m_d
+disruption          string                 name
+disrupted           list<int32>            disrupted subject indices
+params, source      string                 JSON
+==================  =====================  ==========================================================
+
+Masks are written as 0/255 and read back as ``> 127``, so bool masks round-trip exactly; PNG is lossless, so
+images do; ``m_d`` is stored as float32, so it round-trips bit for bit.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from focusdpo.data.records import DipRecord
+
+SHARD_PATTERN = "data-*.parquet"
+
+SCHEMA = pa.schema([
+    ("id", pa.string()), ("prompt", pa.string()), ("num_subjects", pa.int32()),
+    ("height", pa.int32()), ("width", pa.int32()),
+    ("positive", pa.binary()), ("negative", pa.binary()), ("m_prior", pa.binary()),
+    ("regions", pa.list_(pa.binary())), ("references", pa.list_(pa.binary())),
+    ("ref_masks", pa.list_(pa.binary())), ("ref_heights", pa.list_(pa.int32())),
+    ("ref_widths", pa.list_(pa.int32())),
+    ("m_d", pa.list_(pa.float32())), ("m_d_height", pa.int32()), ("m_d_width", pa.int32()),
+    ("m_d_patch", pa.int32()), ("disruption", pa.string()), ("disrupted", pa.list_(pa.int32())),
+    ("params", pa.string()), ("source", pa.string()),
+])
+
+# Columns small enough to read for a whole set when building the loader's index.
+INDEX_COLUMNS = ["id", "num_subjects", "height", "width", "ref_heights", "ref_widths"]
+
+
+def encode_png(arr: np.ndarray, compress_level: int = 1) -> bytes:
+    """PNG bytes of uint8 ``[H, W, 3]`` (RGB) or bool ``[H, W]`` (stored as 0/255 greyscale)."""
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
+        raise ValueError(f"encode_png takes uint8 [H, W, 3] or bool [H, W], got {arr.dtype} {arr.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes, mask: bool = False) -> np.ndarray:
+    """Inverse of :func:`encode_png`: uint8 ``[H, W, 3]``, or bool ``[H, W]`` when ``mask``."""
+    with Image.open(io.BytesIO(data)) as im:
+        if mask:
+            return np.asarray(im.convert("L")) > 127
+        return np.asarray(im.convert("RGB")).copy()
+
+
+def record_to_row(rec: DipRecord) -> dict[str, Any]:
+    """One Parquet row (a dict matching :data:`SCHEMA`) from a record."""
+    return {
+        "id": rec.id, "prompt": rec.prompt, "num_subjects": rec.num_subjects,
+        "height": rec.size[0], "width": rec.size[1],
+        "positive": encode_png(rec.positive), "negative": encode_png(rec.negative),
+        "m_prior": encode_png(rec.m_prior), "regions": [encode_png(r) for r in rec.regions],
+        "references": [encode_png(r) for r in rec.references], "ref_masks": [encode_png(m) for m in rec.ref_masks],
+        "ref_heights": [int(r.shape[0]) for r in rec.references],
+        "ref_widths": [int(r.shape[1]) for r in rec.references],
+        "m_d": rec.m_d.astype(np.float32).ravel().tolist(), "m_d_height": int(rec.m_d.shape[0]),
+        "m_d_width": int(rec.m_d.shape[1]), "m_d_patch": int(rec.m_d_patch),
+        "disruption": rec.disruption, "disrupted": [int(s) for s in rec.disrupted],
+        "params": json.dumps(rec.params, sort_keys=True), "source": json.dumps(rec.source, sort_keys=True),
+    }
+
+
+def row_to_record(row: dict[str, Any]) -> DipRecord:
+    """Inverse of :func:`record_to_row`."""
+    m_d = np.asarray(row["m_d"], dtype=np.float32).reshape(row["m_d_height"], row["m_d_width"])
+    return DipRecord(
+        id=row["id"], prompt=row["prompt"],
+        positive=decode_png(row["positive"]), negative=decode_png(row["negative"]),
+        regions=np.stack([decode_png(r, mask=True) for r in row["regions"]]),
+        m_prior=decode_png(row["m_prior"], mask=True),
+        references=[decode_png(r) for r in row["references"]],
+        ref_masks=[decode_png(m, mask=True) for m in row["ref_masks"]],
+        m_d=m_d, m_d_patch=int(row["m_d_patch"]), disruption=row["disruption"],
+        disrupted=[int(s) for s in row["disrupted"]],
+        params=json.loads(row["params"]), source=json.loads(row["source"]),
+    )
+
+
+class ShardWriter:
+    """Writes records into ``out_dir/data-XXXXX.parquet`` shards of ``shard_records`` rows each.
+
+    Rows are buffered and written in row groups of ``row_group`` rows, the unit the training Dataset reads.
+    Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, out_dir: str | Path, shard_records: int = 1000, row_group: int = 32) -> None:
+        if shard_records < 1 or row_group < 1:
+            raise ValueError(f"shard_records={shard_records} and row_group={row_group} must be >= 1")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.shard_records, self.row_group = shard_records, row_group
+        self._rows: list[dict[str, Any]] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._in_shard = 0
+        self.shards: list[Path] = []
+        self.count = 0
+
+    def write(self, rec: DipRecord) -> None:
+        """Append one record (validated first, so a broken record never reaches a shard)."""
+        rec.validate()
+        self._rows.append(record_to_row(rec))
+        self.count += 1
+        if len(self._rows) >= self.row_group or self._in_shard + len(self._rows) >= self.shard_records:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._rows:
+            return
+        if self._writer is None:
+            path = self.out_dir / f"data-{len(self.shards):05d}.parquet"
+            self._writer = pq.ParquetWriter(path, SCHEMA)
+            self.shards.append(path)
+        self._writer.write_table(pa.Table.from_pylist(self._rows, schema=SCHEMA), row_group_size=self.row_group)
+        self._in_shard += len(self._rows)
+        self._rows = []
+        if self._in_shard >= self.shard_records:
+            self._writer.close()
+            self._writer, self._in_shard = None, 0
+
+    def close(self) -> None:
+        """Flush the buffered rows and close the open shard."""
+        self._flush()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def shard_paths(path: str | Path) -> list[Path]:
+    """The sorted shards of a built set (a folder) or a single shard file; raises when there are none."""
+    p = Path(path)
+    files = sorted(p.glob(SHARD_PATTERN)) if p.is_dir() else [p]
+    if not files or not all(f.is_file() for f in files):
+        raise FileNotFoundError(f"no DIP shards ({SHARD_PATTERN}) at {p}; build them with `focusdpo dip build`")
+    return files
+
+
+def write_records(records: Iterable[DipRecord], out_dir: str | Path, shard_records: int = 1000) -> list[Path]:
+    """Write records into shards under ``out_dir``; returns the shard paths."""
+    with ShardWriter(out_dir, shard_records) as w:
+        for rec in records:
+            w.write(rec)
+    return w.shards
+
+
+def read_records(path: str | Path) -> Iterator[DipRecord]:
+    """Stream the records of a built set (folder) or shard file, one row group at a time."""
+    for shard in shard_paths(path):
+        pf = pq.ParquetFile(shard)
+        for g in range(pf.num_row_groups):
+            yield from (row_to_record(r) for r in pf.read_row_group(g).to_pylist())

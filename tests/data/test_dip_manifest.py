@@ -1,0 +1,158 @@
+"""Manifest import: parsing, path containment, every bad-input case names the problem."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from dip_fixtures import make_scene
+from PIL import Image
+
+from focusdpo.data.manifest import BadRecord, load_entry, read_manifest
+
+
+def write_good_set(root: Path, n: int = 3, k: int = 2) -> list[dict]:
+    """n records with K subjects: target, target masks, references (first one with a mask)."""
+    lines = []
+    for i in range(n):
+        img, regions = make_scene(i, k, size=36)  # 36 is not a multiple of 8: exercises the crop
+        Image.fromarray(img).save(root / f"t{i}.png")
+        for j in range(k):
+            Image.fromarray(regions[j].astype(np.uint8) * 255).save(root / f"t{i}_m{j}.png")
+            Image.fromarray(img[:16, :16]).save(root / f"t{i}_r{j}.png")
+        Image.fromarray(np.full((16, 16), 255, np.uint8)).save(root / f"t{i}_rm0.png")
+        refs = [{"image": f"t{i}_r{j}.png"} for j in range(k)]
+        refs[0]["mask"] = f"t{i}_rm0.png"
+        lines.append({"prompt": f"scene {i}", "target": f"t{i}.png",
+                      "target_masks": [f"t{i}_m{j}.png" for j in range(k)], "references": refs, "id": f"s{i}"})
+    return lines
+
+
+def dump(root: Path, lines: list) -> Path:
+    path = root / "manifest.jsonl"
+    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    return path
+
+
+def test_good_manifest_loads(tmp_path):
+    path = dump(tmp_path, write_good_set(tmp_path))
+    rows = list(read_manifest(path))
+    assert [e.id for _, _, e in rows] == ["s0", "s1", "s2"]
+    loaded = load_entry(rows[0][2], tmp_path.resolve(), patch=8, max_pixels=10**6, auto_masks=False)
+    img, regions = make_scene(0, 2, size=36)
+    assert loaded.image.shape == (32, 32, 3) and loaded.provenance["crop"] == [2, 2, 32, 32]
+    assert np.array_equal(loaded.image, img[2:34, 2:34]) and np.array_equal(loaded.regions, regions[:, 2:34, 2:34])
+    assert loaded.provenance["mask_origin"]["references"] == ["file", "unknown"]
+    assert loaded.ref_masks[1].all() and loaded.provenance["target"] == "t0.png"
+
+
+def _reason(tmp_path: Path, mutate, auto_masks: bool = False) -> str:
+    lines = write_good_set(tmp_path, n=1)
+    mutate(tmp_path, lines[0])
+    (_, _, entry), = list(read_manifest(dump(tmp_path, lines)))
+    with pytest.raises(BadRecord) as err:
+        if isinstance(entry, BadRecord):
+            raise entry
+        load_entry(entry, tmp_path.resolve(), patch=8, max_pixels=40 * 40, auto_masks=auto_masks)
+    return str(err.value)
+
+
+def test_unreadable_image(tmp_path):
+    def m(root, rec):
+        (root / "t0.png").write_bytes(b"not an image at all")
+    assert "cannot be read" in _reason(tmp_path, m)
+
+
+def test_truncated_image(tmp_path):
+    def m(root, rec):
+        data = (root / "t0.png").read_bytes()
+        (root / "t0.png").write_bytes(data[: len(data) // 2])
+    assert "cannot be read" in _reason(tmp_path, m)
+
+
+def test_mask_of_another_size(tmp_path):
+    def m(root, rec):
+        Image.fromarray(np.full((20, 20), 255, np.uint8)).save(root / "t0_m1.png")
+    r = _reason(tmp_path, m)
+    assert "target_masks[1]" in r and "20x20" in r and "36x36" in r
+
+
+def test_empty_mask(tmp_path):
+    def m(root, rec):
+        Image.fromarray(np.zeros((36, 36), np.uint8)).save(root / "t0_m0.png")
+    assert "target_masks[0]" in (r := _reason(tmp_path, m)) and "empty" in r
+
+
+def test_missing_reference(tmp_path):
+    def m(root, rec):
+        (root / "t0_r1.png").unlink()
+    assert "references[1].image" in (r := _reason(tmp_path, m)) and "missing" in r
+
+
+def test_path_leaving_root(tmp_path):
+    sub = tmp_path / "set"
+    sub.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "outside.png")
+
+    def m(root, rec):
+        rec["references"][0]["image"] = "../outside.png"
+    lines = write_good_set(sub, n=1)
+    m(sub, lines[0])
+    (_, _, entry), = list(read_manifest(dump(sub, lines)))
+    assert isinstance(entry, BadRecord) and "leaves the manifest's folder" in str(entry)
+
+
+def test_symlink_leaving_root(tmp_path):
+    sub = tmp_path / "set"
+    sub.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "outside.png")
+    lines = write_good_set(sub, n=1)
+    (sub / "link.png").symlink_to(tmp_path / "outside.png")
+    lines[0]["target"] = "link.png"
+    (_, _, entry), = list(read_manifest(dump(sub, lines)))
+    assert isinstance(entry, BadRecord) and "leaves" in str(entry)
+
+
+def test_image_over_pixel_limit(tmp_path):
+    def m(root, rec):
+        Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(root / "t0_r0.png")
+    r = _reason(tmp_path, m)
+    assert "references[0].image" in r and "over the limit 1600" in r
+
+
+def test_structural_problems(tmp_path):
+    lines = write_good_set(tmp_path, n=4)
+    lines[1]["target_masks"] = lines[1]["target_masks"][:1]
+    del lines[2]["prompt"]
+    lines[3]["id"] = "s0"
+    rows = list(read_manifest(dump(tmp_path, lines + ["{not json", "[1, 2]"])))
+    reasons = [str(e) if isinstance(e, BadRecord) else None for _, _, e in rows]
+    assert reasons[0] is None
+    assert "one mask per reference (2)" in reasons[1]
+    assert "'prompt'" in reasons[2]
+    assert "used by an earlier line" in reasons[3]
+    assert "not valid JSON" in reasons[4] and "JSON object" in reasons[5]
+
+
+def test_missing_target_masks_needs_auto_masks(tmp_path):
+    def m(root, rec):
+        del rec["target_masks"]
+    assert "--auto-masks" in _reason(tmp_path, m)
+
+
+def test_auto_masks_for_one_subject(tmp_path):
+    pytest.importorskip("cv2")
+    size = 48
+    yy, xx = np.mgrid[:size, :size]
+    img = np.full((size, size, 3), 230, np.uint8)
+    disc = (yy - 24) ** 2 + (xx - 24) ** 2 <= 12 ** 2
+    img[disc] = (200, 30, 30)
+    Image.fromarray(img).save(tmp_path / "t.png")
+    path = dump(tmp_path, [{"prompt": "a red disc", "target": "t.png", "references": [{"image": "t.png"}]}])
+    (_, _, entry), = list(read_manifest(path))
+    loaded = load_entry(entry, tmp_path.resolve(), patch=8, max_pixels=10**6, auto_masks=True)
+    iou = (loaded.regions[0] & disc).sum() / (loaded.regions[0] | disc).sum()
+    assert iou > 0.9 and loaded.provenance["mask_origin"]["target_masks"] == "grabcut"
+    assert (loaded.ref_masks[0] == loaded.regions[0]).mean() > 0.98
