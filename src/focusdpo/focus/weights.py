@@ -11,6 +11,9 @@ Sets at token resolution (all ``[B, N]`` bool):
 
 Weights: ``W_raw = 1 + alpha_s M_s - alpha_a A + g alpha_d (M_d * U)``, ``g = [a >= tau]`` (``g = 1`` when
 ``cfg.dynamic`` is false), clamped at ``w_min`` and divided by its mean per sample so ``mean_n W = 1``.
+Deviation: where that division would push tokens below ``w_min`` (only possible with non-default alphas,
+``min W_raw / mean W_raw < w_min``), those tokens are held at ``w_min`` and the others rescaled so the mean
+stays 1 (``normalise_floor``); the design's two promises, mean 1 and ``W >= w_min``, then both hold.
 ``cfg.spaf = false`` drops the ``M_s`` and ``A`` terms, ``cfg.dpce = false`` drops the detail term; with every
 term dropped ``W`` is exactly 1 (bit for bit), which reproduces plain Diffusion-DPO.
 
@@ -126,15 +129,42 @@ def focus_weights(matches: torch.Tensor | None, regions: torch.Tensor, m_d: torc
         if cfg.dpce:
             # + g * alpha_d * M_d, with M_d kept inside union_k P_k
             terms = terms + cfg.alpha_d * gate.to(dt)[:, None] * (m_d.to(dt) * union.to(dt))
-        # W_raw = 1 + terms, clamped at w_min, then W = W_raw / mean(W_raw)
+        # W_raw = 1 + terms, clamped at w_min, then W = W_raw / mean(W_raw) (floor kept, see normalise_floor)
         w_raw = (1 + factor * terms).clamp_min(cfg.w_min)
-        mean = w_raw.mean(dim=1, keepdim=True)
-        if (mean <= 0).any():
-            raise ValueError("focus weights are all 0 in a sample (focus.w_min=0 with focus.alpha_a >= 1 on a "
-                             "fully aligned sample): set focus.w_min > 0 or focus.alpha_a < 1")
-        w = w_raw / mean
+        w = normalise_floor(w_raw, cfg.w_min)
         stats = _stats(w, sets, gate)
     return w, stats
+
+
+def normalise_floor(w_raw: torch.Tensor, w_min: float) -> torch.Tensor:
+    """``W = max(w_min, c * W_raw)`` per sample with ``c > 0`` such that ``mean_n W = 1``.
+
+    When ``min(W_raw) / mean(W_raw) >= w_min`` (always with the default alphas) this is exactly
+    ``W_raw / mean(W_raw)``; otherwise plain division would push floor tokens below ``w_min``, and the
+    tokens under the floor are held at it while the rest share the remaining mass. Solved exactly with one
+    sort: if the ``j`` smallest tokens sit at the floor, ``c_j = (N - j w_min) / sum_{i >= j} v_i`` (``v``
+    sorted ascending), and the answer is the smallest ``j`` with ``c_j v_j >= w_min`` (it exists for
+    ``w_min <= 1``: ``j = N - 1`` satisfies it).
+
+    Args:
+        w_raw: ``[B, N]`` raw weights ``>= w_min``, not all 0 in a sample.
+        w_min: floor in ``[0, 1]``.
+
+    Returns:
+        ``[B, N]`` weights ``>= w_min`` with mean 1 per sample (up to rounding).
+    """
+    if not 0 <= w_min <= 1:
+        raise ValueError(f"w_min={w_min!r} is invalid: expected [0, 1] (the weights have mean 1)")
+    if (w_raw.sum(dim=1) <= 0).any():
+        raise ValueError("focus weights are all 0 in a sample (focus.w_min=0 with focus.alpha_a >= 1 on a "
+                         "fully aligned sample): set focus.w_min > 0 or focus.alpha_a < 1")
+    n = w_raw.shape[1]
+    v = torch.sort(w_raw, dim=1).values
+    suffix = v.flip(1).cumsum(dim=1).flip(1)  # S_j = sum_{i >= j} v_i
+    j = torch.arange(n, device=w_raw.device, dtype=w_raw.dtype)
+    c = (n - j * w_min) / suffix
+    first = (c * v >= w_min).to(torch.uint8).argmax(dim=1, keepdim=True)  # smallest valid j
+    return (c.gather(1, first) * w_raw).clamp_min(w_min)
 
 
 def _masked_mean(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
