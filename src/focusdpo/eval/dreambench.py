@@ -1,0 +1,305 @@
+"""DreamBench scoring: DINO, CLIP-I and CLIP-T of a folder of generated images against the references.
+
+Protocol (published practice, ``/work/shared/data/dreambench/README.md``):
+
+- DINO: DINO v1 ViT-S/16, CLS token of the last layer; resize the shorter side to 256 (bicubic), center-crop
+  224, ImageNet mean/std. (The crop is the model's ``image_size``; the resize keeps the 256/224 ratio.)
+- CLIP-I / CLIP-T: CLIP ViT-B/32 image and text embeddings; resize the shorter side to 224 (bicubic),
+  center-crop 224, CLIP mean/std; CLIP-T uses the list's prompt, which already names the class noun.
+- Similarities are cosines of L2-normalised embeddings. For one generated image and one subject of its prompt,
+  the score is the mean over that subject's references, in two reference settings: ``original`` (every photo of
+  the subject in ``dataset/<subject>/``) and ``kosmos`` (the one fixed photo the UNO list names, the Kosmos-G
+  setting). Multi-subject images are scored against each subject separately (one row per image and subject).
+- Averaging: image score = mean over its subjects; group score = mean over the images of one reference group
+  (a subject for the single-subject list, a subject pair for the multi-subject list); benchmark score = mean
+  over groups. With the balanced lists this is "per subject, then over subjects" (single) and "each reference
+  subject separately, then averaged" (multi). Per-subject means over all rows of a subject are reported too.
+
+Generated-image naming scheme (written by ``focusdpo generate``, read here)::
+
+    <index:03d>_<subject>[+<subject>...]_<seed>.png     e.g. 017_backpack_dog+bear_plushie_3407.png
+
+``index`` is the entry's position in the UNO list; the subjects are checked against the list. UNO's own
+``<index>_<j>.png`` names (``inference.py --eval_json_path``) are accepted too, without the subject check.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from focusdpo.eval.dreambench_data import IMAGE_SUFFIXES, Entry, load_entries, subject_images
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SETTINGS = ("original", "kosmos")
+
+_OURS = re.compile(r"^(\d+)_([A-Za-z0-9_]+(?:\+[A-Za-z0-9_]+)*)_(\d+)$")
+_UNO = re.compile(r"^(\d+)_(\d+)$")
+
+
+class DreamBenchError(ValueError):
+    """A generated-image folder or scorer model is unusable; the message names the file and the fix."""
+
+
+def image_name(entry: Entry, seed: int) -> str:
+    """The file name ``focusdpo generate`` writes for ``entry`` sampled with ``seed``."""
+    return f"{entry.index:03d}_{'+'.join(entry.subjects)}_{seed}.png"
+
+
+def _resize_center_crop(image: Image.Image, resize: int, crop: int) -> np.ndarray:
+    """Shorter side -> ``resize`` (bicubic), then the central ``crop`` x ``crop``; float [crop, crop, 3] in [0, 1]."""
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = resize / min(w, h)
+    nw, nh = max(resize, round(w * scale)), max(resize, round(h * scale))
+    image = image.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = int(round((nw - crop) / 2.0)), int(round((nh - crop) / 2.0))
+    image = image.crop((left, top, left + crop, top + crop))
+    return np.asarray(image, dtype=np.float32) / 255.0
+
+
+def _open(item: Image.Image | Path) -> Image.Image:
+    if isinstance(item, Image.Image):
+        return item
+    try:
+        with Image.open(item) as im:
+            return im.convert("RGB")
+    except OSError as e:
+        raise DreamBenchError(f"{item}: unreadable image ({e}); regenerate or remove it") from e
+
+
+def preprocess(images: Sequence[Image.Image | Path], kind: str, crop: int) -> torch.Tensor:
+    """Protocol preprocessing for ``kind`` ``dino`` or ``clip`` -> float [B, 3, crop, crop], mean/std normalised.
+
+    ``images``: PIL images or paths (opened here, so a batch at a time is in memory).
+    """
+    if kind == "dino":
+        resize, mean, std = round(crop * 256 / 224), IMAGENET_MEAN, IMAGENET_STD
+    elif kind == "clip":
+        resize, mean, std = crop, CLIP_MEAN, CLIP_STD
+    else:
+        raise ValueError(f"kind={kind!r} is invalid: allowed dino, clip")
+    arr = np.stack([_resize_center_crop(_open(im), resize, crop) for im in images])
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2)
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+@dataclass
+class Scorer:
+    """DINO and CLIP embedders; every ``embed_*`` returns L2-normalised float [B, D] on the CPU."""
+
+    dino: torch.nn.Module
+    clip: torch.nn.Module
+    tokenizer: Callable
+    device: torch.device
+    batch_size: int = 16
+
+    def _batched(self, items: Sequence, fn: Callable[[Sequence], torch.Tensor]) -> torch.Tensor:
+        outs = [fn(items[i:i + self.batch_size]) for i in range(0, len(items), self.batch_size)]
+        return torch.nn.functional.normalize(torch.cat(outs).float().cpu(), dim=-1)
+
+    @torch.no_grad()
+    def embed_dino(self, images: Sequence[Image.Image | Path]) -> torch.Tensor:
+        """DINO CLS embeddings of images or paths -> [B, D_dino]."""
+        crop = self.dino.config.image_size
+
+        def fn(chunk: Sequence) -> torch.Tensor:
+            x = preprocess(chunk, "dino", crop).to(self.device)
+            return self.dino(pixel_values=x).last_hidden_state[:, 0]
+        return self._batched(images, fn)
+
+    @torch.no_grad()
+    def embed_clip_images(self, images: Sequence[Image.Image | Path]) -> torch.Tensor:
+        """CLIP image embeddings (after the visual projection) -> [B, D_clip]."""
+        crop = self.clip.config.vision_config.image_size
+
+        def fn(chunk: Sequence) -> torch.Tensor:
+            x = preprocess(chunk, "clip", crop).to(self.device)
+            return self.clip.get_image_features(pixel_values=x).pooler_output
+        return self._batched(images, fn)
+
+    @torch.no_grad()
+    def embed_clip_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """CLIP text embeddings (after the text projection) -> [B, D_clip]."""
+        max_len = self.clip.config.text_config.max_position_embeddings
+
+        def fn(chunk: Sequence[str]) -> torch.Tensor:
+            tok = self.tokenizer(list(chunk), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+            tok = {k: v.to(self.device) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
+            return self.clip.get_text_features(**tok).pooler_output
+        return self._batched(texts, fn)
+
+
+def load_scorer(dino_model: str, clip_model: str, device: str | torch.device = "cpu", batch_size: int = 16) -> Scorer:
+    """Load DINO (a transformers ViT ``AutoModel``) and CLIP (``CLIPModel`` + tokenizer) from paths or hub ids."""
+    from transformers import AutoModel, AutoTokenizer, CLIPModel
+
+    device = torch.device(device)
+    try:
+        dino = AutoModel.from_pretrained(dino_model)
+    except OSError as e:
+        raise DreamBenchError(f"eval.dino_model={dino_model!r} could not be loaded ({e}); give a local folder "
+                              "saved by save_pretrained or a hub id reachable from this machine") from e
+    try:
+        clip = CLIPModel.from_pretrained(clip_model)
+        tokenizer = AutoTokenizer.from_pretrained(clip_model)
+    except OSError as e:
+        raise DreamBenchError(f"eval.clip_model={clip_model!r} could not be loaded ({e}); give a local CLIP folder "
+                              "(model + tokenizer) or a hub id reachable from this machine") from e
+    if not hasattr(dino.config, "image_size"):
+        raise DreamBenchError(f"eval.dino_model={dino_model!r} is a {type(dino).__name__} without image_size; "
+                              "use a DINO ViT (facebook/dino-vits16)")
+    return Scorer(dino.eval().to(device), clip.eval().to(device), tokenizer, device, batch_size)
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One generated image: its file, the list entry it answers and its sample id (seed or UNO's j)."""
+
+    path: Path
+    entry: Entry
+    sample: int
+
+
+def _parse(path: Path, entries: Sequence[Entry]) -> Generated:
+    m_ours, m_uno = _OURS.match(path.stem), _UNO.match(path.stem)
+    if not (m_ours or m_uno):
+        raise DreamBenchError(f"{path.name}: not a generated-image name; expected <index>_<subjects>_<seed>.png "
+                              "(focusdpo generate) or <index>_<j>.png (UNO inference.py)")
+    m = m_ours or m_uno
+    index = int(m.group(1))
+    if index >= len(entries):
+        raise DreamBenchError(f"{path.name}: index {index} is past the list's {len(entries)} entries; "
+                              "was it generated for the other DreamBench list?")
+    entry = entries[index]
+    if m_ours and m_ours.group(2) != "+".join(entry.subjects):
+        raise DreamBenchError(f"{path.name}: subjects {m_ours.group(2)!r} do not match entry {index} "
+                              f"({'+'.join(entry.subjects)}); was it generated for the other DreamBench list?")
+    return Generated(path, entry, int(m.group(m.lastindex)))
+
+
+def index_generated(images_dir: str | Path, entries: Sequence[Entry], allow_partial: bool = False) -> list[Generated]:
+    """Pair every image in ``images_dir`` with its list entry, sorted by (index, sample).
+
+    Files that are not images (UNO's ``.json`` sidecars) are ignored. Unless ``allow_partial``, every entry
+    must have at least one image.
+    """
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise DreamBenchError(f"--images {images_dir} is not a folder")
+    files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    generated = sorted((_parse(p, entries) for p in files), key=lambda g: (g.entry.index, g.sample))
+    if not generated:
+        raise DreamBenchError(f"--images {images_dir} holds no images; run `focusdpo generate` first")
+    missing = sorted(set(range(len(entries))) - {g.entry.index for g in generated})
+    if missing and not allow_partial:
+        raise DreamBenchError(f"{len(missing)} of {len(entries)} entries have no image in {images_dir} (first: "
+                              f"{missing[:5]}); generate them or pass --allow-partial to score the rest")
+    return generated
+
+
+def score_generated(generated: Sequence[Generated], data_dir: str | Path, scorer: Scorer) -> list[dict]:
+    """One row per (generated image, subject of its prompt): DINO and CLIP-I in both settings, and CLIP-T.
+
+    Row keys: image, index, sample, slot, subject, group, dino_original, dino_kosmos, clip_i_original,
+    clip_i_kosmos, clip_t (cosines in [-1, 1]); ``group`` is the entry's subjects joined by ``+``.
+    """
+    paths = [g.path for g in generated]
+    gen = {"dino": scorer.embed_dino(paths), "clip_i": scorer.embed_clip_images(paths)}
+    prompts = sorted({g.entry.prompt for g in generated})
+    text = dict(zip(prompts, scorer.embed_clip_texts(prompts), strict=True))
+    fixed = sorted({r for g in generated for r in g.entry.references})
+    subjects = sorted({s for g in generated for s in g.entry.subjects})
+    every = {s: subject_images(data_dir, s) for s in subjects}
+    all_refs = sorted(set(fixed) | {p for ps in every.values() for p in ps})
+    ref = {"dino": dict(zip(all_refs, scorer.embed_dino(all_refs), strict=True)),
+           "clip_i": dict(zip(all_refs, scorer.embed_clip_images(all_refs), strict=True))}
+    rows = []
+    for i, g in enumerate(generated):
+        clip_t = float(gen["clip_i"][i] @ text[g.entry.prompt])
+        for slot, (subject, fixed_ref) in enumerate(zip(g.entry.subjects, g.entry.references, strict=True)):
+            row = {"image": g.path.name, "index": g.entry.index, "sample": g.sample, "slot": slot,
+                   "subject": subject, "group": "+".join(g.entry.subjects)}
+            for metric in ("dino", "clip_i"):
+                orig = torch.stack([ref[metric][p] for p in every[subject]])
+                row[f"{metric}_original"] = float((orig @ gen[metric][i]).mean())
+                row[f"{metric}_kosmos"] = float(ref[metric][fixed_ref] @ gen[metric][i])
+            row["clip_t"] = clip_t
+            rows.append(row)
+    return rows
+
+
+METRICS = ("dino_original", "dino_kosmos", "clip_i_original", "clip_i_kosmos", "clip_t")
+
+
+def summarize(rows: Sequence[dict]) -> dict:
+    """Protocol averaging of :func:`score_generated` rows (image -> group -> benchmark; see the module docstring).
+
+    Returns {"n_images", "n_entries", "n_groups", "dino": {"original", "kosmos"}, "clip_i": {...}, "clip_t",
+    "per_group": {group: {metric: mean}}, "per_subject": {subject: {metric: mean}}}.
+    """
+    if not rows:
+        raise DreamBenchError("no scored rows to summarise")
+    per_image: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        per_image[(r["group"], r["image"])].append(r)
+    per_group: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for (group, _), image_rows in per_image.items():
+        for m in METRICS:
+            per_group[group][m].append(float(np.mean([r[m] for r in image_rows])))
+    groups = {g: {m: float(np.mean(v)) for m, v in ms.items()} for g, ms in sorted(per_group.items())}
+    overall = {m: float(np.mean([gm[m] for gm in groups.values()])) for m in METRICS}
+    by_subject: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        for m in METRICS:
+            by_subject[r["subject"]][m].append(r[m])
+    return {
+        "n_images": len(per_image), "n_entries": len({r["index"] for r in rows}), "n_groups": len(groups),
+        "dino": {s: overall[f"dino_{s}"] for s in SETTINGS},
+        "clip_i": {s: overall[f"clip_i_{s}"] for s in SETTINGS},
+        "clip_t": overall["clip_t"],
+        "per_group": groups,
+        "per_subject": {s: {m: float(np.mean(v)) for m, v in ms.items()} for s, ms in sorted(by_subject.items())},
+    }
+
+
+def write_rows(rows: Sequence[dict], path: str | Path) -> None:
+    """Write :func:`score_generated` rows as CSV (one line per image and subject)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def evaluate_dreambench(benchmark: str, images_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
+                        scorer: Scorer, method: str | None = None, allow_partial: bool = False) -> dict:
+    """Score ``images_dir`` on ``benchmark`` and write ``out_dir/{metrics.json, scores.csv, report.md}``.
+
+    ``metrics.json`` is ``{method: summary}`` (see :func:`summarize`, plus "benchmark"); ``method`` defaults to
+    the images folder's name. Returns that dict.
+    """
+    from focusdpo.eval.report import dreambench_markdown
+
+    entries = load_entries(data_dir, benchmark)
+    generated = index_generated(images_dir, entries, allow_partial=allow_partial)
+    rows = score_generated(generated, data_dir, scorer)
+    method = method or Path(images_dir).resolve().name
+    metrics = {method: {"benchmark": benchmark, "n_list_entries": len(entries), **summarize(rows)}}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_rows(rows, out / "scores.csv")
+    (out / "report.md").write_text(dreambench_markdown(metrics))
+    return metrics
