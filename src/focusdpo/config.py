@@ -58,6 +58,8 @@ class WorldConfig:
     ref_size: int = _f(16, "Side of a reference image in pixels.")
     min_subjects: int = _f(2, "Fewest subjects in a scene.")
     max_subjects: int = _f(3, "Most subjects in a scene.")
+    share_prob: float = _f(0.3, "Probability that each further subject of a scene shares the class or the body "
+                                "colour of an earlier one (makes leakage possible), in [0, 1].")
 
     def __post_init__(self) -> None:
         _check(self.n_identities >= 20, "world.n_identities", self.n_identities, ">= 20")
@@ -68,6 +70,7 @@ class WorldConfig:
                "a multiple of 8, >= 8")
         _check(1 <= self.min_subjects <= self.max_subjects <= 3, "world.min_subjects/max_subjects",
                (self.min_subjects, self.max_subjects), "1 <= min <= max <= 3")
+        _check(0 <= self.share_prob <= 1, "world.share_prob", self.share_prob, "in [0, 1]")
 
 
 @dataclass
