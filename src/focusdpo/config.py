@@ -216,6 +216,10 @@ class TrainConfig:
     output_dir: str | None = _f(None, "The run folder. None: runs/<objective>-<time>.")
     log_every: int = _f(1, "Log metrics every N optimizer steps.")
     val_every: int = _f(0, "Write validation sample grids and focus strips every N steps (0: only at the end).")
+    val_records: int = _f(4, "DIP records (one subject count and size) in the validation grids, >= 1.")
+    keep_checkpoints: int = _f(0, "Keep only the N newest checkpoints (0: keep all).")
+    deterministic: bool = _f(False, "torch.use_deterministic_algorithms: bit-exact resume on GPU at some speed "
+                                    "cost (CUDA needs CUBLAS_WORKSPACE_CONFIG=:4096:8); CPU runs are exact anyway.")
 
     def __post_init__(self) -> None:
         _choice("train.objective", self.objective, OBJECTIVES)
@@ -230,6 +234,8 @@ class TrainConfig:
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every, ">= 0")
         _check(self.log_every >= 1, "train.log_every", self.log_every, ">= 1")
         _check(self.val_every >= 0, "train.val_every", self.val_every, ">= 0")
+        _check(self.val_records >= 1, "train.val_records", self.val_records, ">= 1")
+        _check(self.keep_checkpoints >= 0, "train.keep_checkpoints", self.keep_checkpoints, ">= 0")
 
 
 @dataclass

@@ -1,0 +1,204 @@
+"""Atomic training checkpoints and exact resume (DESIGN section 7, issue 6 point 3).
+
+A checkpoint is a folder ``<run>/checkpoints/step-<NNNNNNNN>/`` holding
+
+- ``lora.safetensors``: the adapter weights (the only trained parameters),
+- ``optimizer.pt``, ``scheduler.pt``: their ``state_dict`` (read back with ``weights_only=True``),
+- ``rng.pt``: the Python, NumPy, torch CPU and accelerator RNG states of every process (rank order),
+- ``state.json``: the optimizer step, the data position (epoch, batch within the epoch) and the world size,
+- ``config.yaml``: the resolved config of the run.
+
+Atomicity: everything is written into a hidden sibling ``.tmp-step-<N>-<pid>`` folder, flushed to disk and
+then renamed to its final name in one ``os.replace``. A reader only ever sees complete folders, so a process
+killed at any moment (``kill -9`` included) leaves the previous checkpoints intact; leftover temp folders are
+removed by :func:`clean_stale`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not fit the run; the message says which and the fix."""
+
+
+@dataclass
+class TrainState:
+    """Where the run stands after ``step`` optimizer steps.
+
+    ``epoch`` and ``batch_in_epoch`` locate the next global batch the data loader yields; ``world_size`` is
+    the number of processes that wrote the checkpoint.
+    """
+
+    step: int
+    epoch: int
+    batch_in_epoch: int
+    world_size: int
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    """``<run>/checkpoints``."""
+    return Path(run_dir) / "checkpoints"
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    """The final folder of the checkpoint taken after ``step`` optimizer steps."""
+    return checkpoint_dir(run_dir) / f"{PREFIX}{step:08d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run as ``(step, folder)``, oldest first (temp folders are ignored)."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        if path.is_dir() and path.name.startswith(PREFIX) and path.name[len(PREFIX):].isdigit():
+            found.append((int(path.name[len(PREFIX):]), path))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint folder, or None when the run has none."""
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def clean_stale(run_dir: str | Path) -> list[Path]:
+    """Remove temp folders left by a process killed while writing; returns what was removed."""
+    root = checkpoint_dir(run_dir)
+    removed = []
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.name.startswith(TMP_PREFIX):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def prune(run_dir: str | Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest checkpoints (``keep <= 0``: keep all)."""
+    if keep <= 0:
+        return
+    for _, path in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------- RNG states
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's RNG states as tensors and plain Python values (loadable with ``weights_only=True``)."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng`."""
+    random.setstate(_as_tuple(state["python"]))
+    npst = state["numpy"]
+    np.random.set_state((npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
+                         npst["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value: Any) -> Any:
+    """``random.setstate`` needs nested tuples; lists may come back from serialisation."""
+    if isinstance(value, list | tuple):
+        return tuple(_as_tuple(v) for v in value)
+    return value
+
+
+# ------------------------------------------------------------------------------------------ save and load
+
+
+def save_checkpoint(run_dir: str | Path, state: TrainState, lora: Mapping[str, torch.Tensor],
+                    optimizer: Mapping[str, Any], scheduler: Mapping[str, Any], rng: Sequence[Mapping[str, Any]],
+                    config_yaml: str) -> Path:
+    """Write one checkpoint atomically and return its final folder.
+
+    ``lora``: adapter tensors; ``optimizer``/``scheduler``: their ``state_dict()``; ``rng``: one
+    :func:`capture_rng` dict per process in rank order. Call on the main process only. A complete checkpoint
+    of the same step is kept as it is (it holds the same state) and returned.
+    """
+    final = step_dir(run_dir, state.step)
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in lora.items()}, str(tmp / "lora.safetensors"))
+    torch.save(dict(optimizer), tmp / "optimizer.pt")
+    torch.save(dict(scheduler), tmp / "scheduler.pt")
+    torch.save([dict(r) for r in rng], tmp / "rng.pt")
+    (tmp / "config.yaml").write_text(config_yaml)
+    (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1))
+    _fsync_tree(tmp)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    return final
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint folder: ``state`` (:class:`TrainState`), ``lora``, ``optimizer``, ``scheduler``,
+    ``rng`` (list per rank) and ``config_yaml``. Tensors load on the CPU with ``weights_only=True``."""
+    path = Path(path)
+    needed = ("state.json", "lora.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "config.yaml")
+    missing = [n for n in needed if not (path / n).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}): resume from "
+                              f"another folder under {path.parent} or delete this one")
+    state = TrainState(**json.loads((path / "state.json").read_text()))
+    return {
+        "state": state,
+        "lora": load_file(str(path / "lora.safetensors")),
+        "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
+        "scheduler": torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True),
+        "rng": torch.load(path / "rng.pt", map_location="cpu", weights_only=True),
+        "config_yaml": (path / "config.yaml").read_text(),
+    }
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        with open(path, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # platforms without directory handles (Windows): rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,124 @@
+"""What a run writes while it trains (main process only): ``metrics.csv``, TensorBoard events, progress bar.
+
+``metrics.csv`` has one row per logged optimizer step; the columns are fixed (:data:`COLUMNS`, ``step`` and
+``loss`` first) so runs of different objectives line up; a metric an objective does not have is empty (NaN).
+On resume the file is cut back to the rows of steps the checkpoint covers and TensorBoard purges later events,
+so a run killed after its last checkpoint logs every step exactly once.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# DESIGN 2.2's step metrics, then optimisation and timing.
+COLUMNS = (
+    "step", "loss", "implicit_acc", "margin", "err_w", "err_l", "ref_err_w", "ref_err_l",
+    "w_in_prior", "w_out_prior", "a", "gate", "lr", "grad_norm",
+    "time_data", "time_forward", "time_backward", "time_optim", "steps_per_s",
+)
+
+
+class RunLog:
+    """Appends step metrics to ``<run>/metrics.csv`` and TensorBoard (``<run>/tb``) and drives a progress bar.
+
+    Args:
+        run_dir: the run folder. start_step: steps already done (0, or the resumed checkpoint's step).
+        max_steps: the last step (progress bar total). enabled: False on non-main processes (writes nothing).
+    """
+
+    def __init__(self, run_dir: Path, start_step: int, max_steps: int, enabled: bool = True,
+                 progress: bool = True) -> None:
+        self.enabled = enabled
+        self.csv_path = run_dir / "metrics.csv"
+        self._writer = None
+        self._bar = None
+        self._last_time = time.perf_counter()
+        if not enabled:
+            return
+        _truncate_csv(self.csv_path, start_step)
+        new = not self.csv_path.exists()
+        self._fh = open(self.csv_path, "a", newline="")  # noqa: SIM115 - closed in close()
+        self._csv = csv.writer(self._fh)
+        if new:
+            self._csv.writerow(COLUMNS)
+            self._fh.flush()
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=max_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        """One optimizer step's metrics (floats; missing columns are written empty)."""
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        metrics = {**metrics, "steps_per_s": 1.0 / max(now - self._last_time, 1e-9)}
+        self._last_time = now
+        row = [step] + [_fmt(metrics.get(c)) for c in COLUMNS[1:]]
+        self._csv.writerow(row)
+        self._fh.flush()
+        for key, value in metrics.items():
+            if value is not None and math.isfinite(value):
+                self._writer.add_scalar(f"train/{key}", value, step)
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('implicit_acc', math.nan):.2f}",
+                                  sps=f"{metrics['steps_per_s']:.2f}")
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """A ``uint8 [H, W, 3]`` image into TensorBoard."""
+        if self.enabled:
+            self._writer.add_image(tag, torch.from_numpy(image).permute(2, 0, 1), step)
+
+    def message(self, text: str) -> None:
+        """A line that does not break the progress bar."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._fh.close()
+        self._writer.close()
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.8g}"
+
+
+def _truncate_csv(path: Path, last_step: int) -> None:
+    """Keep the header and the rows of steps ``<= last_step`` (all of them are covered by the checkpoint)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    if not rows:
+        path.unlink()
+        return
+    kept = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        csv.writer(fh).writerows(kept)
+    tmp.replace(path)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
+    """``metrics.csv`` of a run as a list of rows (column -> float, NaN for empty)."""
+    with open(Path(run_dir) / "metrics.csv", newline="") as fh:
+        return [{k: (float(v) if v != "" else math.nan) for k, v in row.items()} for row in csv.DictReader(fh)]

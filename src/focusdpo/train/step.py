@@ -1,0 +1,256 @@
+"""One training step on a batch of DIP pairs, in the order of DESIGN section 3's data flow:
+
+encode -> shared noise and timestep per pair -> reference prediction (no grad, adapters off) -> policy
+prediction with the feature tap -> SPAF + stored ``M_d`` + gating -> ``W`` -> objective.
+
+The step knows only the backbone contract (:mod:`focusdpo.backbones.base`). The policy forward goes through
+``policy`` (a callable with ``Backbone.predict``'s signature), so that the trainer can route it through the
+module accelerate wrapped (DDP/FSDP/DeepSpeed) while the frozen reference calls ``backbone.predict`` directly.
+
+Both sides of a pair go through one forward of batch ``2B`` (positives first, then negatives): same text,
+same references, same ``eps`` and the same ``s`` (DESIGN 2.2). Noise and timesteps are drawn by the caller
+(:func:`draw_noise`), which makes the step a pure function of its inputs (exact resume, equal results for
+any number of processes).
+
+Flow matching (FLUX convention): ``x_t = (1 - s) x_0 + s eps``, target ``v = eps - x_0``; ``s`` drawn
+logit-normal then shifted as FLUX does for the token count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from focusdpo.backbones.base import Backbone, TextCond, Tokens
+from focusdpo.config import Config, FocusConfig, LossConfig
+from focusdpo.focus import focus_sets, focus_weights, match_subjects, pool_to_tokens, subject_top_k
+from focusdpo.losses import needs_negative, needs_reference, objective_loss, token_errors
+from focusdpo.sampling import shift_mu, time_shift
+
+Policy = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+
+
+
+@dataclass
+class PairInputs:
+    """A batch encoded by the backbone: ``x0_w``/``x0_l`` ``[B, N, C]`` on ``grid``, ``text``, K ``refs``."""
+
+    x0_w: torch.Tensor
+    x0_l: torch.Tensor
+    grid: tuple[int, int]
+    text: TextCond
+    refs: list[Tokens]
+
+
+@dataclass
+class FocusResult:
+    """The adaptive focus of one batch at token resolution (``N = h * w``).
+
+    ``W`` ``[B, N]`` mean 1; ``matches``/``scores`` ``[B, K, N]`` (SPAF ``M'_k`` and ``S_k``); ``regions``
+    ``[B, K, N]`` area fractions; ``m_prior`` ``[B, N]`` area fraction; ``m_d`` ``[B, N]`` in [0, 1];
+    ``sets``: ``aligned``/``confused``/``union`` ``[B, N]`` bool and ``a`` ``[B]``; ``stats``: ``[B]`` tensors
+    of :func:`focusdpo.focus.focus_weights`.
+    """
+
+    W: torch.Tensor
+    matches: torch.Tensor
+    scores: torch.Tensor
+    regions: torch.Tensor
+    m_prior: torch.Tensor
+    m_d: torch.Tensor
+    sets: dict[str, torch.Tensor]
+    stats: dict[str, torch.Tensor]
+
+
+@dataclass
+class StepOutput:
+    """``loss``: scalar to back-propagate (mean over pairs); ``metrics``: name -> ``[B]`` detached values;
+    ``focus``: the focus maps when the objective computed them (None for plain baselines without a tap)."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+    focus: FocusResult | None
+
+
+# ------------------------------------------------------------------------------------------ noise and time
+
+
+def draw_noise(generator: torch.Generator, n_pairs: int, shape: tuple[int, int], n_tokens: int,
+               cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise and timesteps of ``n_pairs`` pairs, drawn on the CPU from ``generator``.
+
+    shape: ``(N, C)`` tokens per image. Returns ``eps`` ``[n_pairs, N, C]`` standard normal and ``s``
+    ``[n_pairs]`` in ``(0, 1)``: logit-normal(``cfg.logit_mean``, ``cfg.logit_std``), FLUX-shifted when
+    ``cfg.time_shift``. One value per pair: the positive and the negative share them.
+    """
+    eps = torch.randn((n_pairs, *shape), generator=generator)
+    u = torch.randn((n_pairs,), generator=generator) * cfg.logit_std + cfg.logit_mean
+    s = torch.sigmoid(u).clamp(1e-4, 1 - 1e-4)
+    if cfg.time_shift:
+        s = time_shift(s, shift_mu(n_tokens))
+    return eps, s
+
+
+def noisy(x0: torch.Tensor, eps: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x_t = (1 - s) x_0 + s eps`` and the velocity target ``v = eps - x_0`` (all ``[B, N, C]``, s ``[B]``)."""
+    s = s.to(x0.dtype)[:, None, None]
+    return (1 - s) * x0 + s * eps, eps - x0
+
+
+# ------------------------------------------------------------------------------------------------ encoding
+
+
+def encode_batch(backbone: Backbone, batch: Mapping[str, Any]) -> PairInputs:
+    """Collated batch (docs/architecture.md, DIP data) -> tokens on the backbone's device. No gradients."""
+    with torch.no_grad():
+        w = backbone.encode_images(batch["positive"])
+        neg = backbone.encode_images(batch["negative"])
+        refs = [backbone.encode_images(r) for r in batch["references"]]
+        text = backbone.encode_prompts(batch["prompt"])
+    return PairInputs(w.tokens, neg.tokens, w.grid, text, refs)
+
+
+def _double(inputs: PairInputs) -> tuple[TextCond, list[Tokens]]:
+    """Text and references repeated for the ``[positives; negatives]`` batch of ``2B``."""
+    text = TextCond.cat([inputs.text, inputs.text])
+    refs = [Tokens(torch.cat([r.tokens, r.tokens]), r.grid) for r in inputs.refs]
+    return text, refs
+
+
+# --------------------------------------------------------------------------------------------------- focus
+
+
+def token_masks(batch: Mapping[str, Any], patch: int, ref_grids: Sequence[tuple[int, int]], device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """The batch's masks at token resolution (area fractions in [0, 1]).
+
+    Returns ``regions [B, K, N]``, ``m_prior [B, N]``, K reference masks ``[B, M_k]`` and ``m_d [B, N]``.
+    ``m_d`` is the stored DPCE map; it must have been computed at the backbone's patch size.
+    """
+    regions = pool_to_tokens(batch["regions"].to(device), patch).flatten(2)
+    m_prior = pool_to_tokens(batch["m_prior"].to(device), patch).flatten(1)
+    ref_masks = [pool_to_tokens(m.to(device), patch).flatten(1) for m in batch["ref_masks"]]
+    for k, (m, grid) in enumerate(zip(ref_masks, ref_grids, strict=True)):
+        if m.shape[1] != grid[0] * grid[1]:
+            raise ValueError(f"ref_masks[{k}] pools to {m.shape[1]} tokens but reference {k} has {grid} tokens")
+    m_d = batch["m_d"].to(device)
+    if int(batch["m_d_patch"]) != patch or m_d.flatten(1).shape[1] != regions.shape[2]:
+        raise ValueError(f"the DIP set's m_d was computed with {batch['m_d_patch']} px per token but the backbone "
+                         f"uses patch={patch}: rebuild the DIP set for this model (focusdpo dip build)")
+    return regions, m_prior, ref_masks, m_d.flatten(1).float()
+
+
+def compute_focus(feats: torch.Tensor, n_target: int, ref_grids: Sequence[tuple[int, int]],
+                  masks: tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor],
+                  cfg: FocusConfig) -> FocusResult:
+    """SPAF + stored DPCE + gating -> ``W`` (DESIGN 2.3-2.5), from tapped policy features.
+
+    feats: ``[B, N + sum M_k, D]`` (target tokens first, then each reference in order), detached.
+    masks: the output of :func:`token_masks`.
+    """
+    regions, m_prior, ref_masks, m_d = masks
+    tgt = feats[:, :n_target]
+    sizes = [h * w for h, w in ref_grids]
+    ref_feats = list(torch.split(feats[:, n_target:], sizes, dim=1))
+    top_k = subject_top_k(regions, cfg.rho)  # k_k = ceil(rho * |P_k|)
+    matches, scores = match_subjects(tgt, ref_feats, ref_masks, top_k)
+    W, stats = focus_weights(matches, regions.float(), m_d if cfg.dpce else None, cfg)
+    sets = focus_sets(matches, regions.float())
+    return FocusResult(W, matches, scores, regions, m_prior, m_d, sets, stats)
+
+
+# ---------------------------------------------------------------------------------------------------- step
+
+
+def _reference_errors(backbone: Backbone, x_t: torch.Tensor, s: torch.Tensor, text: TextCond, refs: list[Tokens],
+                      grid: tuple[int, int], target: torch.Tensor) -> torch.Tensor:
+    """Token errors ``[2B, N]`` of the frozen reference (adapters off, no grad) on ``[x_t^w; x_t^l]``."""
+    with torch.no_grad(), backbone.reference():
+        pred, _ = backbone.predict(x_t, s, text, refs, grid, tap=False)
+    return token_errors(pred, target).detach()
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    if not torch.isfinite(t).all():
+        raise NonFiniteError(name)
+
+
+class NonFiniteError(FloatingPointError):
+    """A tensor of the step is NaN or infinite; ``metric`` names it (the trainer adds the step)."""
+
+    def __init__(self, metric: str) -> None:
+        super().__init__(f"non-finite {metric}")
+        self.metric = metric
+
+
+def pair_step(policy: Policy, backbone: Backbone, batch: Mapping[str, Any], eps: torch.Tensor, s: torch.Tensor,
+              cfg: Config) -> StepOutput:
+    """Loss and metrics of ``cfg.train.objective`` on one batch of pairs.
+
+    Args:
+        policy: ``Backbone.predict``-like callable of the trainable model (possibly wrapped for DDP).
+        backbone: the backbone (encoders, reference switch, token grid).
+        batch: a collated DIP batch (docs/architecture.md); images ``[B, 3, H, W]`` in [0, 1].
+        eps: ``[B, N, C]`` noise shared by both sides of each pair; s: ``[B]`` timesteps in (0, 1).
+        cfg: the run config (objective, loss constants, focus config).
+
+    Returns:
+        :class:`StepOutput` with a scalar loss (mean over the B pairs) and ``[B]`` metrics. Raises
+        :class:`NonFiniteError` when a prediction or the loss is NaN/inf.
+    """
+    objective = cfg.train.objective
+    inputs = encode_batch(backbone, batch)
+    device = inputs.x0_w.device
+    b, n = inputs.x0_w.shape[:2]
+    sides = 2 if needs_negative(objective) else 1
+    eps, s = eps.to(device, inputs.x0_w.dtype).repeat(sides, 1, 1), s.to(device).repeat(sides)
+    # one batch of [positives; negatives] with the same eps and s on both sides (DESIGN 2.2)
+    x0 = torch.cat([inputs.x0_w, inputs.x0_l][:sides])
+    x_t, target = noisy(x0, eps, s)
+    text, refs = _double(inputs) if sides == 2 else (inputs.text, inputs.refs)
+    ref_err = None
+    if needs_reference(objective):
+        ref_err = _reference_errors(backbone, x_t, s, text, refs, inputs.grid, target)
+        _check_finite("reference prediction", ref_err)
+    pred, feats = policy(x_t, s, text, refs, inputs.grid, tap=True)
+    err = token_errors(pred, target)  # [sides * B, N]
+    _check_finite("policy prediction", err)
+    masks = token_masks(batch, backbone.patch, [r.grid for r in inputs.refs], device)
+    focus = compute_focus(feats[:b], n, [r.grid for r in inputs.refs], masks, cfg.focus)
+    weights = _objective_weights(objective, focus, feats, b, n, [r.grid for r in inputs.refs], masks, cfg)
+    loss, metrics = objective_loss(
+        objective, err[:b], err[b:] if sides == 2 else None, None if ref_err is None else ref_err[:b],
+        None if ref_err is None else ref_err[b:], weights=weights, m_prior_tok=masks[1], beta=cfg.loss.beta,
+        lambda_sft=cfg.loss.lambda_sft)
+    _check_finite("loss", loss)
+    metrics = {**metrics, **_focus_metrics(focus, masks[1], objective)}
+    return StepOutput(loss.mean(), {k: v.detach() for k, v in metrics.items()}, focus)
+
+
+def _objective_weights(objective: str, focus: FocusResult, feats: torch.Tensor, b: int, n: int,
+                       ref_grids: list[tuple[int, int]], masks: tuple, cfg: Config
+                       ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
+    """``W`` for ``focusdpo`` (from the positive, or ``(W_w, W_l)`` with ``focus.weights_from=each``)."""
+    if objective != "focusdpo":
+        return None
+    if cfg.focus.weights_from == "each":
+        return focus.W, compute_focus(feats[b:], n, ref_grids, masks, cfg.focus).W
+    return focus.W
+
+
+def _focus_metrics(focus: FocusResult, m_prior: torch.Tensor, objective: str) -> dict[str, torch.Tensor]:
+    """Alignment ``a``, gate and the mean weight inside / outside ``M_prior`` (``[B]`` each).
+
+    For objectives other than ``focusdpo`` the loss uses no focus weights, so the logged weights are 1.
+    """
+    w = focus.W if objective == "focusdpo" else torch.ones_like(focus.W)
+    inside = m_prior >= 0.5
+    out = {"a": focus.stats["a"], "gate": focus.stats["gate"]}
+    for key, mask in (("w_in_prior", inside), ("w_out_prior", ~inside)):
+        count = mask.sum(dim=1)
+        total = (w.float() * mask).sum(dim=1)
+        out[key] = torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan")))
+    return out
