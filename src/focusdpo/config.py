@@ -118,6 +118,12 @@ class ModelConfig:
     max_text_tokens: int = _f(24, "Text tokens per prompt (padded or truncated).")
     dtype: str = _f("float32", "Weight dtype of the frozen base: float32, bfloat16 or float16.")
     lora_import: str | None = _f(None, "flux: a UNO-style LoRA (safetensors) merged into the base on load.")
+    guidance: float | None = _f(None, "flux: guidance-embedding value of guidance-distilled FLUX.1-dev (UNO: 4.0); "
+                                      "null for models without one (FLUX.1-schnell, flux-tiny).")
+    offload_encoders: bool = _f(False, "flux: keep the frozen VAE and T5/CLIP on the CPU, moved to the device only "
+                                       "while they encode (saves accelerator memory, costs transfers).")
+    latent_cache: str | None = _f(None, "flux: folder caching VAE latents by image content (e.g. <dataset>/latents); "
+                                        "null: encode every time.")
 
     def __post_init__(self) -> None:
         _choice("model.backbone", self.backbone, ("flux-tiny", "flux"))
@@ -125,6 +131,8 @@ class ModelConfig:
         for name in ("patch", "num_layers", "num_heads", "head_dim", "text_dim", "max_text_tokens"):
             _check(getattr(self, name) >= 1, f"model.{name}", getattr(self, name), ">= 1")
         _check(self.num_single_layers >= 0, "model.num_single_layers", self.num_single_layers, ">= 0")
+        if self.guidance is not None:
+            _check(self.guidance >= 0, "model.guidance", self.guidance, ">= 0 or null")
 
 
 @dataclass
