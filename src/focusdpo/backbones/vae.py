@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -136,7 +137,8 @@ class FluxVAECodec:
     def fingerprint(self) -> str:
         """A short hash of the VAE config, dtype and weights: latents cached under it match this VAE only."""
         h = hashlib.blake2b(digest_size=8)
-        h.update(json.dumps(dict(self.vae.config), sort_keys=True, default=str).encode())
+        config = {k: v for k, v in dict(self.vae.config).items() if not k.startswith("_")}  # not paths/versions
+        h.update(json.dumps(config, sort_keys=True, default=str).encode())
         h.update(str(self.dtype).encode())
         for name, p in sorted(self.vae.state_dict().items()):
             h.update(name.encode())
@@ -200,7 +202,7 @@ class LatentCache:
             fresh = self.codec.encode(images[missing]).tokens
             for j, i in enumerate(missing):
                 out[i] = fresh[j].detach().cpu().contiguous()
-                tmp = self.dir / f"{keys[i]}.tmp"
+                tmp = self.dir / f"{keys[i]}.{os.getpid()}.tmp"  # one writer per file, even across processes
                 save_file({"tokens": out[i]}, tmp)
                 tmp.replace(self.dir / f"{keys[i]}.safetensors")  # atomic: a killed run leaves no torn file
         return Tokens(torch.stack(out).to(self.codec.device), grid)
