@@ -44,6 +44,154 @@ def config_cmd(config: Path | None = ConfigOpt, overrides: list[str] | None = Ov
     typer.echo(_load(config, overrides).to_yaml(), nl=False)
 
 
+dip_app = typer.Typer(help="DIP datasets: build (toy world or JSONL manifest) and show.", no_args_is_help=True)
+app.add_typer(dip_app, name="dip")
+
+
+@dip_app.command("build")
+def dip_build_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (Parquet shards, card.json, rejected.jsonl)."),
+    world: str | None = typer.Option(None, "--world", help="Build from the built-in world: 'toy'."),
+    manifest: Path | None = typer.Option(None, "--manifest", help="Build from a JSONL manifest of file paths."),
+    n: int | None = typer.Option(None, "--n", help="Toy: number of records (default data.n_records)."),
+    seed: int | None = typer.Option(None, "--seed", help="Build seed (default data.seed)."),
+    patch: int | None = typer.Option(None, "--patch", help="Pixels per token side of M_d (default model.patch)."),
+    auto_masks: bool = typer.Option(False, "--auto-masks", help="Manifest: GrabCut masks where none are given."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing build in --out."),
+    config: Path | None = ConfigOpt,
+    overrides: list[str] | None = OverridesArg,
+) -> None:
+    """Build a DIP set: positives, disrupted negatives, M_prior and M_d, as Parquet shards."""
+    from focusdpo.data import build_manifest_dip, build_toy_dip
+
+    cfg = _load(config, overrides)
+    if (world is None) == (manifest is None) or world not in (None, "toy"):
+        typer.secho("give exactly one of --world toy or --manifest FILE.jsonl", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    try:
+        if world is not None:
+            s = build_toy_dip(cfg, out, n=n, seed=seed, patch=patch, overwrite=overwrite, progress=True)
+        else:
+            s = build_manifest_dip(cfg, manifest, out, seed=seed, patch=patch, auto_masks=auto_masks,
+                                   overwrite=overwrite, progress=True)
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        typer.secho(f"dip build: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from e
+    typer.echo(f"wrote {s.written} records to {s.out_dir} in {s.seconds:.1f} s ({s.records_per_s:.0f} records/s); "
+               f"rejected {s.rejected} (listed in {s.out_dir / 'rejected.jsonl'})")
+    typer.echo(f"disruptions: {s.disruptions}; subjects: {s.subjects}")
+    if s.written == 0:
+        raise typer.Exit(1)
+
+
+@dip_app.command("show")
+def dip_show_cmd(
+    path: Path = typer.Argument(..., help="A built DIP folder."),
+    out: Path = typer.Option(Path("sheet.png"), "--out", "-o", help="Output PNG."),
+    n: int = typer.Option(6, "--n", help="Records to show."),
+    start: int = typer.Option(0, "--start", help="Index of the first record shown."),
+) -> None:
+    """Contact sheet: references | positive | negative | M_prior | M_d for a few records."""
+    from focusdpo.data.sheet import render_sheet
+
+    try:
+        render_sheet(path, out, n=n, start=start)
+    except (FileNotFoundError, ValueError) as e:
+        typer.secho(f"dip show: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from e
+    typer.echo(f"wrote {out}")
+
+
+# --- evaluation: eval, generate, data dreambench (engineer "eval") ------------------------------------------
+
+
+def _fail(command: str, e: Exception) -> None:
+    typer.secho(f"{command}: {e}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2) from e
+
+
+@app.command("eval")
+def eval_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: metrics.json, report.md, PNG grids/plots."),
+    benchmark: str | None = typer.Option(None, "--benchmark", help="toy, dreambench-single or dreambench-multi "
+                                                                   "(default: eval.benchmark)."),
+    run: list[Path] | None = typer.Option(None, "--run", help="Toy: a trained run folder (repeatable)."),
+    base: bool = typer.Option(False, "--base", help="Toy: evaluate the base model too (method 'base')."),
+    images: Path | None = typer.Option(None, "--images", help="DreamBench: folder of generated images."),
+    data: Path | None = typer.Option(None, "--data", help="DreamBench: folder with dataset/ and the UNO lists."),
+    name: str | None = typer.Option(None, "--name", help="DreamBench: method name (default: the images folder)."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="DreamBench: score a folder that lacks "
+                                                                      "some list entries."),
+    device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda:0."),
+    config: Path | None = ConfigOpt,
+    overrides: list[str] | None = OverridesArg,
+) -> None:
+    """Evaluate: the toy benchmark (base and/or runs) or DreamBench scores of a folder of generated images."""
+    cfg = _load(config, overrides)
+    benchmark = benchmark or cfg.eval.benchmark
+    if benchmark == "toy":
+        from focusdpo.eval.toy import run_toy_command
+
+        try:
+            summary = run_toy_command(cfg, run or [], base, out, device=device, log=typer.echo)
+        except (ValueError, FileNotFoundError) as e:
+            _fail("eval", e)
+    elif benchmark in ("dreambench-single", "dreambench-multi"):
+        from focusdpo.eval.dreambench import run_dreambench_command
+
+        if images is None or data is None:
+            _fail("eval", ValueError(f"--benchmark {benchmark} needs --images DIR and --data DIR"))
+        try:
+            summary = run_dreambench_command(cfg, benchmark, images, data, out, name, allow_partial, device)
+        except (ValueError, FileNotFoundError) as e:
+            _fail("eval", e)
+    else:
+        _fail("eval", ValueError(f"--benchmark {benchmark!r} is invalid: allowed toy, dreambench-single, "
+                                 "dreambench-multi"))
+    typer.echo(summary)
+
+
+@app.command("generate")
+def generate_cmd(
+    benchmark: str = typer.Option(..., "--benchmark", help="dreambench-single or dreambench-multi."),
+    data: Path = typer.Option(..., "--data", help="DreamBench folder with dataset/ and the UNO lists."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder of <index>_<subjects>_<seed>.png images."),
+    run: Path | None = typer.Option(None, "--run", help="A trained run folder (default: the base model)."),
+    limit: int | None = typer.Option(None, "--limit", help="Only the first N list entries (smoke test)."),
+    device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda:0."),
+    config: Path | None = ConfigOpt,
+    overrides: list[str] | None = OverridesArg,
+) -> None:
+    """Generate the DreamBench images (the protocol's prompts, seeds and sizes) that `focusdpo eval` scores."""
+    from focusdpo.eval.generate import generate_dreambench
+
+    cfg = _load(config, overrides)
+    try:
+        paths = generate_dreambench(cfg, benchmark, data, out, run_dir=run, device=device, limit=limit,
+                                    progress=typer.echo)
+    except (ValueError, FileNotFoundError) as e:
+        _fail("generate", e)
+    typer.echo(f"{len(paths)} images in {out}")
+
+
+data_app = typer.Typer(help="Public evaluation data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("dreambench")
+def data_dreambench_cmd(
+    dest: Path = typer.Option(..., "--dest", help="Folder to write dataset/, the text files and the UNO lists."),
+) -> None:
+    """Download DreamBench (google/dreambooth, CC BY 4.0) and UNO's evaluation lists (needs a network)."""
+    from focusdpo.eval.dreambench_data import fetch_dreambench
+
+    try:
+        counts = fetch_dreambench(dest)
+    except (OSError, ValueError) as e:
+        _fail("data dreambench", e)
+    typer.echo(f"DreamBench in {dest}: {counts}")
+
+
 def main() -> None:
     app()
 

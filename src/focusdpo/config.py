@@ -88,9 +88,14 @@ class DataConfig:
     batch_size: int = _f(8, "Pairs per batch per process.")
     num_workers: int = _f(0, "DataLoader worker processes.")
     cache_dir: str = _f("~/.cache/focusdpo", "Where the toy DIP set built on demand is cached.")
+    shard_records: int = _f(1000, "Records per Parquet shard of a DIP build.")
+    max_pixels: int = _f(4096 * 4096, "Largest image (width x height) a manifest build accepts; bigger ones are "
+                                      "rejected (also guards against decompression bombs).")
 
     def __post_init__(self) -> None:
         _check(self.n_records >= 1, "data.n_records", self.n_records, ">= 1")
+        _check(self.shard_records >= 1, "data.shard_records", self.shard_records, ">= 1")
+        _check(self.max_pixels >= 1, "data.max_pixels", self.max_pixels, ">= 1")
         _check(self.batch_size >= 1, "data.batch_size", self.batch_size, ">= 1")
         _check(self.num_workers >= 0, "data.num_workers", self.num_workers, ">= 0")
         _check(isinstance(self.disruptions, dict) and len(self.disruptions) > 0, "data.disruptions",

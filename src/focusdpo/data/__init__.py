@@ -1,5 +1,10 @@
-"""DIP data (DESIGN 2.7): records, disruptions, the builder, Parquet IO, manifest import, training loader."""
+"""DIP data (DESIGN 2.7): records, disruptions, the builder, Parquet IO, manifest import, training loader.
 
+Heavy parts (the world, torch loaders) are imported by the functions that need them.
+"""
+
+from focusdpo.data.builder import BuildSummary
+from focusdpo.data.dataset import BucketBatchSampler, DipDataLoader, DipDataset, collate_dip, make_dataloader
 from focusdpo.data.disruptions import (
     DisruptionContext,
     DisruptionError,
@@ -7,14 +12,29 @@ from focusdpo.data.disruptions import (
     register_disruption,
     registered_disruptions,
 )
+from focusdpo.data.manifest import BadRecord
+from focusdpo.data.parquet import read_records, write_records
 from focusdpo.data.records import DipRecord, RecordError
+from focusdpo.data.sources import build_manifest_dip, build_toy_dip, ensure_toy_dip
 
 __all__ = [
+    "BadRecord",
+    "BucketBatchSampler",
+    "BuildSummary",
+    "DipDataLoader",
+    "DipDataset",
     "DipRecord",
     "DisruptionContext",
     "DisruptionError",
     "RecordError",
     "apply_disruption",
+    "build_manifest_dip",
+    "build_toy_dip",
+    "collate_dip",
+    "ensure_toy_dip",
+    "make_dataloader",
+    "read_records",
     "register_disruption",
     "registered_disruptions",
+    "write_records",
 ]

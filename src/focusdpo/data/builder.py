@@ -1,0 +1,294 @@
+"""The DIP builder: positives (toy world scenes or manifest photos) -> disruption -> M_d -> Parquet shards.
+
+``build_toy_dip`` and ``build_manifest_dip`` write ``out_dir/data-*.parquet``, ``card.json`` and
+``rejected.jsonl`` (one JSON line per record that could not be used: its line or index, id, the record and
+the reason). A bad record never stops a build: it is listed and the others are written.
+
+Determinism: record ``i`` of a toy build depends only on ``(seed, i)`` and the world (its own
+``numpy.random.Generator`` seeded with ``[seed, i]`` draws K, the scene, the disruption and its parameters);
+a manifest record depends only on ``(seed, line)``. The shards are therefore identical across runs.
+
+Per record: the disruption is drawn from the mix renormalised over the disruptions that apply (two-subject
+disruptions need K >= 2, ``identity_swap`` needs the world); a draw that leaves every pixel of ``M_prior``
+unchanged (e.g. shuffling a flat region) is redrawn, up to ``MAX_TRIES`` times, then the record is rejected.
+``M_d = complexity_map(positive, patch, focus.sigma, focus.bins)`` is computed on the unmasked positive, in
+batches of records of one size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from focusdpo.data.disruptions import (
+    DisruptionContext,
+    DisruptionError,
+    apply_disruption,
+    check_mix,
+    draw_disruption,
+)
+from focusdpo.data.parquet import SHARD_PATTERN, ShardWriter
+from focusdpo.data.records import DipRecord
+
+MAX_TRIES = 4
+FORMAT = "focusdpo-dip/1"
+MD_BATCH = 64
+
+
+@dataclass
+class Candidate:
+    """A positive and its subjects, before disruption.
+
+    Attributes:
+        id, prompt: the record's id and prompt.
+        image: uint8 ``[H, W, 3]``; regions: bool ``[K, H, W]``.
+        references: K uint8 ``[h_k, w_k, 3]``; ref_masks: K bool ``[h_k, w_k]``.
+        ctx: what the disruptions may use; rng: the record's generator; source: provenance.
+    """
+
+    id: str
+    prompt: str
+    image: np.ndarray
+    regions: np.ndarray
+    references: list[np.ndarray]
+    ref_masks: list[np.ndarray]
+    ctx: DisruptionContext
+    rng: np.random.Generator
+    source: dict[str, Any]
+
+
+@dataclass
+class Rejection:
+    """A record that cannot be used: where it came from (``where``: line or index), its raw form, the reason."""
+
+    where: dict[str, Any]
+    record: Any
+    reason: str
+
+
+@dataclass
+class BuildSummary:
+    """What a build wrote: counts, timing and the paths."""
+
+    out_dir: Path
+    written: int = 0
+    rejected: int = 0
+    seconds: float = 0.0
+    disruptions: dict[str, int] = field(default_factory=dict)
+    subjects: dict[int, int] = field(default_factory=dict)
+    shards: list[str] = field(default_factory=list)
+
+    @property
+    def records_per_s(self) -> float:
+        """Written records per second of wall time."""
+        return self.written / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class BuildSettings:
+    """Settings shared by both builders.
+
+    Attributes:
+        mix: disruption name -> weight (``DataConfig.disruptions``).
+        seed: build seed.
+        patch: pixels per token side of ``M_d``.
+        sigma, bins: DPCE parameters (``FocusConfig``).
+        shard_records: records per Parquet shard.
+        extras: plug-in capabilities given to every disruption context (e.g. ``{"backbone": ...}``).
+        progress: show a progress bar on stderr.
+        command: the command line recorded in the card.
+    """
+
+    mix: dict[str, float]
+    seed: int = 0
+    patch: int = 2
+    sigma: float = 1.0
+    bins: int = 32
+    shard_records: int = 1000
+    extras: dict[str, Any] = field(default_factory=dict)
+    progress: bool = False
+    command: str = ""
+
+
+def prepare_out_dir(out_dir: str | Path, overwrite: bool) -> Path:
+    """Create ``out_dir``; refuse to mix with an existing build unless ``overwrite`` (then its files go)."""
+    out = Path(out_dir).expanduser()
+    old = sorted(out.glob(SHARD_PATTERN)) + [p for p in (out / "card.json", out / "rejected.jsonl") if p.exists()]
+    if old and not overwrite:
+        raise FileExistsError(f"{out} already holds a DIP build ({old[0].name}); pass --overwrite or another --out")
+    for p in old:
+        p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def disrupt(cand: Candidate, mix: dict[str, float]) -> tuple[str, Any]:
+    """Draw and apply a disruption that changes ``M_prior``; returns ``(name, DisruptionResult)``.
+
+    Raises :class:`DisruptionError` when no applicable draw changes a pixel in ``MAX_TRIES`` tries.
+    """
+    tried = []
+    for _ in range(MAX_TRIES):
+        name = draw_disruption(mix, cand.regions.shape[0], cand.ctx, cand.rng)
+        res = apply_disruption(name, cand.image, cand.regions, cand.rng, cand.ctx)
+        if res.changed > 0:
+            return name, res
+        tried.append(name)
+    raise DisruptionError(f"no drawn disruption changed the subject region (tried {tried}); "
+                          "the subject may be flat or tiny: check its mask")
+
+
+def compute_m_d(images: list[np.ndarray], patch: int, sigma: float, bins: int) -> list[np.ndarray]:
+    """DPCE maps of uint8 ``[H, W, 3]`` images (grouped by size): float32 ``[H / patch, W / patch]`` in [0, 1]."""
+    from focusdpo.focus import complexity_map
+
+    out: list[np.ndarray | None] = [None] * len(images)
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for i, im in enumerate(images):
+        by_size.setdefault(im.shape, []).append(i)
+    for idx in by_size.values():
+        x = torch.from_numpy(np.stack([images[i] for i in idx])).permute(0, 3, 1, 2).float().div_(255.0)
+        with torch.no_grad():
+            maps = complexity_map(x, patch, sigma=sigma, bins=bins).clamp_(0.0, 1.0).numpy().astype(np.float32)
+        for j, i in enumerate(idx):
+            out[i] = maps[j]
+    return out  # type: ignore[return-value]
+
+
+class _Rejected:
+    """Appends rejections to ``rejected.jsonl`` (created even when empty, so a reader knows it was checked)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.count = 0
+        path.write_text("")
+
+    def add(self, rej: Rejection) -> None:
+        self.count += 1
+        line = {**rej.where, "record": rej.record, "reason": rej.reason}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(line, default=str) + "\n")
+
+
+def _records(items: Iterable[Candidate | Rejection], s: BuildSettings,
+             rejected: _Rejected) -> Iterator[DipRecord]:
+    """Disrupt candidates, add M_d in batches, yield finished records (rejections go to ``rejected``)."""
+    pending: list[tuple[Candidate, str, Any]] = []
+
+    def flush() -> Iterator[DipRecord]:
+        maps = compute_m_d([c.image for c, _, _ in pending], s.patch, s.sigma, s.bins)
+        for (c, name, res), m_d in zip(pending, maps, strict=True):
+            yield DipRecord(id=c.id, prompt=c.prompt, positive=c.image, negative=res.negative, regions=c.regions,
+                            m_prior=res.m_prior, references=c.references, ref_masks=c.ref_masks, m_d=m_d,
+                            m_d_patch=s.patch, disruption=name, disrupted=res.subjects, params=res.params,
+                            source=c.source)
+        pending.clear()
+
+    for item in items:
+        if isinstance(item, Rejection):
+            rejected.add(item)
+            continue
+        try:
+            name, res = disrupt(item, s.mix)
+        except DisruptionError as e:
+            rejected.add(Rejection({"id": item.id}, item.source, str(e)))
+            continue
+        pending.append((item, name, res))
+        if len(pending) >= MD_BATCH:
+            yield from flush()
+    if pending:
+        yield from flush()
+
+
+def run_build(items: Iterable[Candidate | Rejection], out_dir: Path, s: BuildSettings, total: int | None,
+              card_extra: dict[str, Any]) -> BuildSummary:
+    """Write every good record of ``items`` into shards under ``out_dir``; list the bad ones; write the card."""
+    mix = check_mix(s.mix)
+    s = BuildSettings(**{**s.__dict__, "mix": mix})
+    summary = BuildSummary(out_dir)
+    rejected = _Rejected(out_dir / "rejected.jsonl")
+    disr: Counter[str] = Counter()
+    subj: Counter[int] = Counter()
+    start = time.perf_counter()
+    with ShardWriter(out_dir, s.shard_records) as writer, _progress(s.progress, total) as tick:
+        for rec in _records(items, s, rejected):
+            writer.write(rec)
+            disr[rec.disruption] += 1
+            subj[rec.num_subjects] += 1
+            tick(writer.count, rejected.count)
+    summary.seconds = time.perf_counter() - start
+    summary.written, summary.rejected = writer.count, rejected.count
+    summary.disruptions, summary.subjects = dict(sorted(disr.items())), dict(sorted(subj.items()))
+    summary.shards = [p.name for p in writer.shards]
+    card = {"format": FORMAT, **card_extra, "records": summary.written, "rejected": summary.rejected,
+            "shards": summary.shards, "disruption_mix": mix, "disruption_counts": summary.disruptions,
+            "subject_counts": {str(k): v for k, v in summary.subjects.items()}, "seed": s.seed,
+            "m_d_patch": s.patch, "dpce": {"sigma": s.sigma, "bins": s.bins}, "command": s.command,
+            "seconds": round(summary.seconds, 3), "records_per_s": round(summary.records_per_s, 1)}
+    (out_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    return summary
+
+
+class _progress:
+    """A rich progress bar with records/s (or a no-op), as a context manager yielding ``tick(done, bad)``."""
+
+    def __init__(self, enabled: bool, total: int | None) -> None:
+        self.enabled, self.total, self.bar = enabled, total, None
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda done, bad: None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("dip build"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[rate]:.0f} rec/s, {task.fields[bad]} rejected"),
+                            TimeElapsedColumn(), console=Console(file=sys.stderr))
+        task = self.bar.add_task("build", total=self.total, rate=0.0, bad=0)
+        t0 = time.perf_counter()
+        self.bar.start()
+
+        def tick(done: int, bad: int) -> None:
+            rate = done / max(time.perf_counter() - t0, 1e-9)
+            self.bar.update(task, completed=done + bad, rate=rate, bad=bad)
+        return tick
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def cache_key(cfg, patch: int) -> str:
+    """A short hash of everything a toy build depends on (world, data mix/size/seed, patch, DPCE settings)."""
+    blob = json.dumps({"format": FORMAT, "world": asdict(cfg.world), "n": cfg.data.n_records,
+                       "seed": cfg.data.seed, "mix": cfg.data.disruptions, "patch": patch,
+                       "sigma": cfg.focus.sigma, "bins": cfg.focus.bins}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def atomic_build(final: Path, build) -> Path:
+    """Run ``build(tmp_dir)`` into a sibling temp folder and rename it to ``final`` (never half a set)."""
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        build(tmp)
+        try:
+            tmp.rename(final)
+        except OSError:  # another process finished the same build first: keep theirs
+            if not (final / "card.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
