@@ -114,13 +114,14 @@ class ModelConfig:
     checkpoint: str | None = _f(None, "Base weights. flux-tiny: None = the base shipped with the package, or "
                                       "a folder written by `focusdpo pretrain`. flux: a local diffusers "
                                       "folder or hub id.")
-    patch: int = _f(2, "flux-tiny: pixels per token side (pixel codec patch size).")
-    num_layers: int = _f(2, "flux-tiny: double-stream blocks.")
+    patch: int = _f(4, "flux-tiny: pixels per token side (pixel codec patch size); 4 on 32 px scenes = 64 "
+                       "target tokens + 16 per 16 px reference.")
+    num_layers: int = _f(3, "flux-tiny: double-stream blocks.")
     num_single_layers: int = _f(4, "flux-tiny: single-stream blocks.")
     num_heads: int = _f(4, "flux-tiny: attention heads.")
     head_dim: int = _f(32, "flux-tiny: dimension per head.")
     text_dim: int = _f(64, "flux-tiny: text-encoder width.")
-    max_text_tokens: int = _f(24, "Text tokens per prompt (padded or truncated).")
+    max_text_tokens: int = _f(20, "flux-tiny: words per prompt (padded; a longer prompt is an error).")
     dtype: str = _f("float32", "Weight dtype of the frozen base: float32, bfloat16 or float16.")
     lora_import: str | None = _f(None, "flux: a UNO-style LoRA (safetensors) merged into the base on load.")
     guidance: float | None = _f(None, "flux: guidance-embedding value of guidance-distilled FLUX.1-dev (UNO: 4.0); "
