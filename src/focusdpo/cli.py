@@ -8,6 +8,7 @@ overrides.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 
@@ -105,7 +106,7 @@ def dip_show_cmd(
 # --- evaluation: eval, generate, data dreambench (engineer "eval") ------------------------------------------
 
 
-def _fail(command: str, e: Exception) -> None:
+def _fail(command: str, e: Exception) -> NoReturn:
     typer.secho(f"{command}: {e}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2) from e
 

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from focusdpo.config import Config
 from focusdpo.eval.dreambench_data import IMAGE_SUFFIXES, Entry, load_entries, subject_images
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -147,6 +148,11 @@ def load_scorer(dino_model: str, clip_model: str, device: str | torch.device = "
     from transformers import AutoModel, AutoTokenizer, CLIPModel
 
     device = torch.device(device)
+    for name, value in (("eval.dino_model", dino_model), ("eval.clip_model", clip_model)):
+        looks_local = value.startswith(("/", ".", "~")) or Path(value).is_absolute()
+        if looks_local and not Path(value).expanduser().is_dir():
+            raise DreamBenchError(f"{name}={value!r} is not a folder: give a folder saved by save_pretrained "
+                                  "or a hub id such as facebook/dino-vits16")
     try:
         dino = AutoModel.from_pretrained(dino_model)
     except OSError as e:
@@ -303,3 +309,14 @@ def evaluate_dreambench(benchmark: str, images_dir: str | Path, data_dir: str | 
     write_rows(rows, out / "scores.csv")
     (out / "report.md").write_text(dreambench_markdown(metrics))
     return metrics
+
+
+def run_dreambench_command(cfg: Config, benchmark: str, images_dir: Path, data_dir: Path, out_dir: Path,
+                           method: str | None, allow_partial: bool, device: str) -> str:
+    """``focusdpo eval --benchmark dreambench-*``: load the scorers of ``cfg.eval``, score, return a summary line."""
+    scorer = load_scorer(cfg.eval.dino_model, cfg.eval.clip_model, device, cfg.eval.batch_size)
+    metrics = evaluate_dreambench(benchmark, images_dir, data_dir, out_dir, scorer, method, allow_partial)
+    name, m = next(iter(metrics.items()))
+    return (f"{name} on {benchmark} ({m['n_images']} images): DINO {m['dino']['original']:.4f} / "
+            f"{m['dino']['kosmos']:.4f}, CLIP-I {m['clip_i']['original']:.4f} / {m['clip_i']['kosmos']:.4f} "
+            f"(original / kosmos), CLIP-T {m['clip_t']:.4f}; wrote {Path(out_dir) / 'metrics.json'}")
