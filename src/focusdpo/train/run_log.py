@@ -57,8 +57,9 @@ class RunLog:
 
             self._bar = tqdm(total=max_steps, initial=start_step, desc="train", dynamic_ncols=True)
 
-    def log(self, step: int, metrics: Mapping[str, float]) -> None:
-        """One optimizer step's metrics (floats; missing columns are written empty)."""
+    def log(self, step: int, metrics: Mapping[str, float], scalars: bool = True) -> None:
+        """One optimizer step's metrics (floats; missing columns are written empty) into ``metrics.csv``;
+        into TensorBoard too when ``scalars`` (``train.log_every``)."""
         if not self.enabled:
             return
         now = time.perf_counter()
@@ -67,7 +68,7 @@ class RunLog:
         row = [step] + [_fmt(metrics.get(c)) for c in COLUMNS[1:]]
         self._csv.writerow(row)
         self._fh.flush()
-        for key, value in metrics.items():
+        for key, value in metrics.items() if scalars else ():
             if value is not None and math.isfinite(value):
                 self._writer.add_scalar(f"train/{key}", value, step)
         if self._bar is not None:

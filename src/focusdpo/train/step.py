@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from focusdpo.backbones.base import Backbone, TextCond, Tokens
@@ -92,6 +93,27 @@ def draw_noise(generator: torch.Generator, n_pairs: int, shape: tuple[int, int],
     if cfg.time_shift:
         s = time_shift(s, shift_mu(n_tokens))
     return eps, s
+
+
+@dataclass
+class NoiseKey:
+    """The noise of one micro-batch: a generator seeded by ``(seed, step, micro)`` draws it for the whole
+    global batch (``batch * world`` pairs) and each process takes its contiguous slice (rank order), so the
+    pairs get the same noise for any number of processes and after a resume."""
+
+    seed: int
+    step: int
+    micro: int = 0
+    rank: int = 0
+    world: int = 1
+
+    def draw(self, b: int, n_tokens: int, channels: int, cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """``eps [b, N, C]`` and ``s [b]`` of this process's ``b`` pairs (CPU)."""
+        state = np.random.SeedSequence([self.seed, self.step, self.micro]).generate_state(2, dtype=np.uint64)
+        gen = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+        eps, s = draw_noise(gen, b * self.world, (n_tokens, channels), n_tokens, cfg)
+        part = slice(self.rank * b, (self.rank + 1) * b)
+        return eps[part], s[part]
 
 
 def noisy(x0: torch.Tensor, eps: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,15 +208,15 @@ class NonFiniteError(FloatingPointError):
         self.metric = metric
 
 
-def pair_step(policy: Policy, backbone: Backbone, batch: Mapping[str, Any], eps: torch.Tensor, s: torch.Tensor,
-              cfg: Config) -> StepOutput:
+def pair_step(policy: Policy, backbone: Backbone, batch: Mapping[str, Any], noise: NoiseKey, cfg: Config
+              ) -> StepOutput:
     """Loss and metrics of ``cfg.train.objective`` on one batch of pairs.
 
     Args:
         policy: ``Backbone.predict``-like callable of the trainable model (possibly wrapped for DDP).
         backbone: the backbone (encoders, reference switch, token grid).
         batch: a collated DIP batch (docs/architecture.md); images ``[B, 3, H, W]`` in [0, 1].
-        eps: ``[B, N, C]`` noise shared by both sides of each pair; s: ``[B]`` timesteps in (0, 1).
+        noise: which noise and timesteps the pairs get (both sides of a pair share them).
         cfg: the run config (objective, loss constants, focus config).
 
     Returns:
@@ -206,6 +228,7 @@ def pair_step(policy: Policy, backbone: Backbone, batch: Mapping[str, Any], eps:
     device = inputs.x0_w.device
     b, n = inputs.x0_w.shape[:2]
     sides = 2 if needs_negative(objective) else 1
+    eps, s = noise.draw(b, n, inputs.x0_w.shape[2], cfg.loss)
     eps, s = eps.to(device, inputs.x0_w.dtype).repeat(sides, 1, 1), s.to(device).repeat(sides)
     # one batch of [positives; negatives] with the same eps and s on both sides (DESIGN 2.2)
     x0 = torch.cat([inputs.x0_w, inputs.x0_l][:sides])

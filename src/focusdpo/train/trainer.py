@@ -1,0 +1,494 @@
+"""The FocusDPO post-training loop (DESIGN 2.2-2.6 and 7, issue 6): accelerate + peft LoRA, resumable.
+
+``train(cfg, resume=False) -> run_dir`` wires the parts; each optimizer step is
+:func:`focusdpo.train.step.pair_step` on ``train.grad_accum`` micro-batches, then clipping and AdamW.
+
+Choices made here:
+
+- The trainable module is ``backbone.trainable()`` inside a thin ``nn.Module`` whose ``forward`` is
+  ``backbone.predict``; accelerate wraps that module (DDP/FSDP/DeepSpeed), so the policy forward goes through
+  the wrapper while the frozen reference calls ``backbone.predict`` directly (adapters off, no grad).
+- Data order: :mod:`focusdpo.train.batches` rather than ``make_dataloader``'s round-robin sharding, so a step
+  sees the same *global* batch (``data.batch_size * num_processes`` pairs) for any number of processes and the
+  noise of a pair is keyed by ``(train.seed, step, micro-batch)`` (:class:`focusdpo.train.step.NoiseKey`).
+  A 2-process run therefore reproduces a 1-process run with twice the batch size, and a resumed run the run
+  it continues.
+- The LR scheduler is stepped by hand once per optimizer step (accelerate's prepared scheduler steps once per
+  process, which would make the schedule depend on the process count).
+- Gradient accumulation is done by hand (``no_sync`` on all but the last micro-batch).
+- A non-finite loss, prediction or gradient norm raises :class:`TrainingError` naming the step and the
+  metric before the optimizer moves; no checkpoint is written after it, so the last good one stays intact.
+- SIGINT/SIGTERM: the current optimizer step finishes, a checkpoint is written, :class:`TrainingInterrupted`.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from focusdpo.config import Config, ConfigError
+from focusdpo.train import checkpoint as ckpt
+from focusdpo.train.batches import Position, ShardedBatches
+from focusdpo.train.run_log import RunLog
+from focusdpo.train.step import NoiseKey, NonFiniteError, StepOutput, pair_step
+
+# Config keys that may change when a run is resumed (they do not change what a step computes).
+RESUMABLE_CHANGES = ("train.max_steps", "train.checkpoint_every", "train.log_every", "train.val_every",
+                     "train.val_records", "train.keep_checkpoints", "data.num_workers", "train.output_dir")
+
+
+class TrainingError(RuntimeError):
+    """Training stopped: a non-finite value or a run folder that does not fit; the message says what to do."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM stopped the run after writing a checkpoint; ``focusdpo train --resume`` continues it."""
+
+    def __init__(self, run_dir: Path, step: int) -> None:
+        super().__init__(f"interrupted after step {step}; checkpoint written. Continue with: focusdpo train "
+                         f"--resume train.output_dir={run_dir}")
+        self.run_dir, self.step = run_dir, step
+
+
+class PolicyModule(nn.Module):
+    """``backbone.trainable()`` as a module whose forward is ``backbone.predict`` (what accelerate wraps)."""
+
+    def __init__(self, backbone: Any) -> None:
+        super().__init__()
+        self.net = backbone.trainable()
+        self._backbone = [backbone]  # a list: not registered as a submodule
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self._backbone[0].predict(*args, **kwargs)
+
+
+@dataclass
+class _Run:
+    """Everything the loop touches."""
+
+    cfg: Config
+    accelerator: Any
+    run_dir: Path
+    backbone: Any
+    module: Any
+    optimizer: Any
+    scheduler: Any
+    data: ShardedBatches
+    dataset: Any
+    state: ckpt.TrainState
+    log: RunLog
+    params: list[nn.Parameter] = field(default_factory=list)
+    last_saved: int = -1
+
+
+# --------------------------------------------------------------------------------------------- entry point
+
+
+def train(cfg: Config, resume: bool = False) -> Path:
+    """Post-train the backbone's LoRA with ``cfg.train.objective``; returns the run folder.
+
+    The run folder gets ``config.yaml``, ``metrics.csv``, ``tb/`` (TensorBoard), ``val/`` (sample grids and
+    focus strips), ``checkpoints/step-N/`` and, at the end, ``lora.safetensors``. ``resume=True`` continues
+    from the newest checkpoint of ``train.output_dir`` exactly (same per-step losses).
+    """
+    check_config(cfg, resume)
+    accelerator = make_accelerator(cfg)
+    run_dir = _run_dir(cfg, accelerator, resume)
+    run = _setup(cfg, accelerator, run_dir, resume)
+    try:
+        with _stop_on_signals() as stop:
+            _loop(run, stop)
+        _finish(run)
+    finally:
+        run.log.close()
+    return run_dir
+
+
+def check_config(cfg: Config, resume: bool) -> None:
+    """Reject what cannot train before any work starts (:class:`ConfigError` naming the field and the fix)."""
+    if cfg.loss.prediction != "flow":
+        raise ConfigError(f"loss.prediction={cfg.loss.prediction!r} is invalid for model.backbone="
+                          f"{cfg.model.backbone!r}, a flow-matching model: allowed flow")
+    if resume and cfg.train.output_dir is None:
+        raise ConfigError("train.output_dir=None is invalid with --resume: allowed the folder of the run to resume")
+    if cfg.focus.tap_layer is not None and cfg.model.backbone == "flux-tiny" \
+            and cfg.focus.tap_layer >= cfg.model.num_layers:
+        raise ConfigError(f"focus.tap_layer={cfg.focus.tap_layer} is invalid: allowed 0..{cfg.model.num_layers - 1} "
+                          f"(model.num_layers={cfg.model.num_layers}) or null")
+    if cfg.train.mixed_precision in ("bf16", "fp16") and not torch.cuda.is_available() \
+            and cfg.train.mixed_precision == "fp16":
+        raise ConfigError("train.mixed_precision='fp16' is invalid without a CUDA device: allowed auto, no, bf16")
+
+
+def make_accelerator(cfg: Config) -> Any:
+    """An ``accelerate.Accelerator`` for the run (process group, device, mixed precision)."""
+    from accelerate import Accelerator
+
+    mp = cfg.train.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    return Accelerator(mixed_precision=mp, gradient_accumulation_steps=1)
+
+
+def _run_dir(cfg: Config, accelerator: Any, resume: bool) -> Path:
+    from accelerate.utils import broadcast_object_list
+
+    if cfg.train.output_dir is not None:
+        run_dir = Path(cfg.train.output_dir).expanduser()
+    else:
+        stamp = [datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(stamp)  # every process names the same folder
+        run_dir = Path("runs") / f"{cfg.train.objective}-{stamp[0]}"
+    has_ckpt = ckpt.latest_checkpoint(run_dir) is not None
+    if resume and not has_ckpt:
+        raise TrainingError(f"--resume: {ckpt.checkpoint_dir(run_dir)} holds no complete checkpoint: start the "
+                            f"run without --resume")
+    if not resume and has_ckpt:
+        raise TrainingError(f"{run_dir} already holds checkpoints: continue it with --resume or choose another "
+                            f"train.output_dir")
+    return run_dir
+
+
+# ------------------------------------------------------------------------------------------------- set-up
+
+
+def _data_path(cfg: Config, accelerator: Any) -> Path:
+    """``data.path``, or the cached toy DIP set, built by the main process while the others wait."""
+    from focusdpo.data import ensure_toy_dip
+
+    with accelerator.main_process_first():
+        return Path(ensure_toy_dip(cfg))
+
+
+def _setup(cfg: Config, accelerator: Any, run_dir: Path, resume: bool) -> _Run:
+    from accelerate.utils import set_seed
+
+    from focusdpo.backbones import load_backbone
+    from focusdpo.data.dataset import DipDataset, collate_dip
+
+    set_seed(cfg.train.seed)  # LoRA init and every global RNG; noise and data order have their own keys
+    dataset = DipDataset(_data_path(cfg, accelerator))
+    data = ShardedBatches(dataset, collate_dip, dataset.keys, cfg.data.batch_size, accelerator.process_index,
+                          accelerator.num_processes, cfg.train.seed, cfg.data.num_workers,
+                          pin_memory=accelerator.device.type == "cuda")
+    backbone = load_backbone(cfg.model, device=accelerator.device)
+    if cfg.focus.tap_layer is not None:
+        backbone.tap_layer = cfg.focus.tap_layer
+    backbone.add_lora(cfg.lora)
+    module = PolicyModule(backbone)
+    params = _lora_params(module)
+    if cfg.train.gradient_checkpointing:
+        _enable_gradient_checkpointing(module.net)
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
+    module, optimizer = accelerator.prepare(module, optimizer)
+    module.train()
+    state = ckpt.TrainState(0, 0, 0, accelerator.num_processes)
+    if resume:
+        state = _restore(cfg, accelerator, run_dir, backbone, optimizer, scheduler)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_stale(run_dir)
+        cfg.save(run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    log = RunLog(run_dir, state.step, cfg.train.max_steps, enabled=accelerator.is_main_process)
+    return _Run(cfg, accelerator, run_dir, backbone, module, optimizer, scheduler, data, dataset, state, log,
+                params, last_saved=state.step if resume else -1)
+
+
+def _lora_params(module: PolicyModule) -> list[nn.Parameter]:
+    """The trainable parameters, which must all be LoRA adapters (the base stays frozen)."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    other = [n for n, _ in named if ".lora_A." not in n and ".lora_B." not in n]
+    if other or not named:
+        raise TrainingError(f"the backbone must train LoRA adapters only, found trainable {other[:3] or 'nothing'}: "
+                            f"check lora.targets")
+    return [p for _, p in named]
+
+
+def _enable_gradient_checkpointing(net: nn.Module) -> None:
+    enable = getattr(net, "enable_gradient_checkpointing", None)
+    if enable is None:
+        raise ConfigError(f"train.gradient_checkpointing=True is invalid: {type(net).__name__} has no "
+                          f"enable_gradient_checkpointing(); allowed false for this backbone")
+    enable()
+
+
+def lr_factor(cfg: Config) -> Any:
+    """LR multiplier of optimizer step ``i`` (0-based): linear warm-up to 1, then constant, linear or cosine
+    decay to 0 at ``train.max_steps``."""
+    warm, total, kind = cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.schedule
+
+    def factor(i: int) -> float:
+        if i < warm:
+            return (i + 1) / (warm + 1)
+        if kind == "constant":
+            return 1.0
+        frac = min(1.0, (i - warm) / max(1, total - warm))
+        return 1.0 - frac if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return factor
+
+
+# ------------------------------------------------------------------------------------------------- resume
+
+
+def _restore(cfg: Config, accelerator: Any, run_dir: Path, backbone: Any, optimizer: Any, scheduler: Any
+             ) -> ckpt.TrainState:
+    """Load the newest checkpoint of ``run_dir`` into the model, optimizer, scheduler and RNGs."""
+    path = ckpt.latest_checkpoint(run_dir)
+    saved = ckpt.load_checkpoint(path)
+    _check_resumable(cfg, Config.from_yaml(saved["config_yaml"]), path)
+    state: ckpt.TrainState = saved["state"]
+    if state.step >= cfg.train.max_steps:
+        raise TrainingError(f"{path} is at step {state.step} >= train.max_steps={cfg.train.max_steps}: "
+                            f"raise train.max_steps to train further")
+    if state.world_size != accelerator.num_processes:
+        raise TrainingError(f"{path} was written by {state.world_size} process(es), this run has "
+                            f"{accelerator.num_processes}: resume with the same number of processes")
+    backbone.load_lora_state_dict({k: v.to(backbone.device) for k, v in saved["lora"].items()})
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    ckpt.restore_rng(saved["rng"][accelerator.process_index])
+    return state
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "disruptions":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _check_resumable(cfg: Config, saved: Config, path: Path) -> None:
+    now, then = _flat(cfg.to_dict()), _flat(saved.to_dict())
+    changed = sorted(k for k in now if now[k] != then.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        pairs = ", ".join(f"{k}: {then.get(k)!r} -> {now[k]!r}" for k in changed[:6])
+        raise TrainingError(f"the config differs from the one of {path} in {pairs}: resume with the saved "
+                            f"config ({path / 'config.yaml'}); only {', '.join(RESUMABLE_CHANGES)} may change")
+    if cfg.train.max_steps != saved.train.max_steps and cfg.train.schedule != "constant":
+        raise TrainingError(f"train.max_steps changed ({saved.train.max_steps} -> {cfg.train.max_steps}) but "
+                            f"train.schedule={cfg.train.schedule!r} depends on it: keep train.max_steps or "
+                            f"start a new run")
+
+
+# --------------------------------------------------------------------------------------------------- loop
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """SIGINT/SIGTERM set the returned event (the loop checkpoints and stops); a second SIGINT aborts at once."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.set()
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _any_process(accelerator: Any, flag: bool) -> bool:
+    """True when ``flag`` is true on any process (one tiny all-reduce when distributed)."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+def _loop(run: _Run, stop: threading.Event) -> None:
+    cfg = run.cfg
+    batches = run.data.iterate(Position(run.state.epoch, run.state.batch_in_epoch))
+    while run.state.step < cfg.train.max_steps:
+        metrics = _optimizer_step(run, batches)
+        run.state.step += 1
+        step = run.state.step
+        run.log.log(step, metrics, scalars=step % cfg.train.log_every == 0)
+        stop_now = _any_process(run.accelerator, stop.is_set())
+        if stop_now or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
+            _save(run)
+        if stop_now:
+            raise TrainingInterrupted(run.run_dir, step)
+        if cfg.train.val_every and step % cfg.train.val_every == 0 and step < cfg.train.max_steps:
+            _validate(run)
+
+
+def _sync_time(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _optimizer_step(run: _Run, batches: Iterator[tuple[Position, Any]]) -> dict[str, float]:
+    """``train.grad_accum`` micro-batches, clipping, AdamW and the LR schedule; returns the step's metrics."""
+    acc, cfg, step = run.accelerator, run.cfg, run.state.step + 1
+    times = {"time_data": 0.0, "time_forward": 0.0, "time_backward": 0.0}
+    outs: list[StepOutput] = []
+    for micro in range(cfg.train.grad_accum):
+        t0 = time.perf_counter()
+        position, batch = next(batches)
+        t1 = _sync_time(acc.device)
+        last = micro == cfg.train.grad_accum - 1
+        with nullcontext() if last else acc.no_sync(run.module):
+            out = _forward(run, batch, NoiseKey(cfg.train.seed, step, micro, acc.process_index, acc.num_processes),
+                           step)
+            t2 = _sync_time(acc.device)
+            acc.backward(out.loss / cfg.train.grad_accum)
+            t3 = _sync_time(acc.device)
+        times["time_data"] += t1 - t0
+        times["time_forward"] += t2 - t1
+        times["time_backward"] += t3 - t2
+        outs.append(out)
+    t4 = time.perf_counter()
+    max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
+    grad_norm = float(acc.clip_grad_norm_(run.params, max_norm))
+    if not math.isfinite(grad_norm):
+        run.optimizer.zero_grad(set_to_none=True)
+        raise TrainingError(_non_finite_message(run, step, "gradient norm", grad_norm))
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.state.epoch, run.state.batch_in_epoch = position.epoch, position.batch
+    times["time_optim"] = _sync_time(acc.device) - t4
+    return {**_reduce_metrics(acc, outs), "lr": lr, "grad_norm": grad_norm, **times}
+
+
+def _forward(run: _Run, batch: Any, noise: NoiseKey, step: int) -> StepOutput:
+    """One micro-batch's :func:`pair_step`; a non-finite value on any process stops every process."""
+    bad, out = None, None
+    try:
+        with run.accelerator.autocast():
+            out = pair_step(run.module, run.backbone, batch, noise, run.cfg)
+    except NonFiniteError as e:
+        bad = e.metric
+    if _any_process(run.accelerator, bad is not None):
+        raise TrainingError(_non_finite_message(run, step, bad or "value on another process", math.nan))
+    return out
+
+
+def _non_finite_message(run: _Run, step: int, metric: str, value: float) -> str:
+    last = ckpt.latest_checkpoint(run.run_dir)
+    kept = f"the last good checkpoint {last} is intact" if last else "no checkpoint was written yet"
+    return (f"step {step}: non-finite {metric} ({value}); the step was not applied and {kept}. Lower train.lr "
+            f"or loss.beta, or set train.max_grad_norm > 0, then resume")
+
+
+def _reduce_metrics(acc: Any, outs: list[StepOutput]) -> dict[str, float]:
+    """Per-pair metrics of all micro-batches and processes -> their mean over the global batch (NaN-aware)."""
+    keys = sorted(outs[0].metrics)
+    local = torch.stack([torch.cat([o.metrics[k].float().reshape(-1) for o in outs]) for k in keys])
+    if acc.num_processes > 1:
+        local = acc.gather(local[None].contiguous()).permute(1, 0, 2).reshape(len(keys), -1)
+    means = torch.nanmean(local.cpu(), dim=1)
+    return {k: float(v) for k, v in zip(keys, means, strict=True)}
+
+
+# ------------------------------------------------------------------------------------ checkpoints and end
+
+
+def _save(run: _Run) -> None:
+    """Checkpoint the current step (a collective: every process calls it; the main process writes)."""
+    from accelerate.utils import gather_object
+
+    acc = run.accelerator
+    rng = [ckpt.capture_rng()]
+    if acc.num_processes > 1:
+        rng = gather_object(rng)
+    if acc.is_main_process:
+        path = ckpt.save_checkpoint(run.run_dir, run.state, run.backbone.lora_state_dict(),
+                                    run.optimizer.state_dict(), run.scheduler.state_dict(), rng, run.cfg.to_yaml())
+        ckpt.prune(run.run_dir, run.cfg.train.keep_checkpoints)
+        run.log.message(f"checkpoint {path}")
+    run.last_saved = run.state.step
+    acc.wait_for_everyone()
+
+
+def _finish(run: _Run) -> None:
+    """Last checkpoint, the final LoRA (``lora.safetensors``) and the final validation grids."""
+    from focusdpo.train.lora import save_lora
+
+    if run.last_saved != run.state.step:
+        _save(run)
+    if run.accelerator.is_main_process:
+        cfg = run.cfg
+        meta = {"format": "focusdpo-lora", "objective": cfg.train.objective, "step": str(run.state.step),
+                "rank": str(cfg.lora.rank), "alpha": str(cfg.lora.alpha), "targets": ",".join(cfg.lora.targets),
+                "base": str(cfg.model.checkpoint), "backbone": cfg.model.backbone}
+        save_lora(run.run_dir / "lora.safetensors", run.backbone.lora_state_dict(), metadata=meta)
+    _validate(run)
+    if run.accelerator.is_main_process:
+        run.log.message(f"done: {run.run_dir / 'lora.safetensors'}")
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def validation_batch(dataset: Any, n: int) -> dict[str, Any]:
+    """The first ``n`` records sharing record 0's (subjects, sizes) key, collated (a fixed validation set)."""
+    from focusdpo.data.dataset import collate_dip
+
+    key = dataset.keys[0]
+    idx = [i for i, k in enumerate(dataset.keys) if k == key][:n]
+    return collate_dip([dataset[i] for i in idx])
+
+
+def _validate(run: _Run) -> None:
+    """Sample grids (references | positive | base | post-trained) and a focus strip into ``val/`` and TensorBoard."""
+    if run.accelerator.is_main_process:
+        _write_validation(run)
+    run.accelerator.wait_for_everyone()
+
+
+def _write_validation(run: _Run) -> None:
+    from PIL import Image
+
+    from focusdpo.sampling import generate, sample_grid
+    from focusdpo.train.focus_strip import focus_strip
+
+    cfg, backbone, step = run.cfg, run.backbone, run.state.step
+    batch = validation_batch(run.dataset, cfg.train.val_records)
+    out_dir = run.run_dir / "val"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    net = backbone.trainable()
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad(), run.accelerator.autocast():
+            size = (batch["positive"].shape[-2], batch["positive"].shape[-1])
+            post = generate(backbone, batch["prompt"], batch["references"], size, cfg.sample)
+            with backbone.reference():
+                base = generate(backbone, batch["prompt"], batch["references"], size, cfg.sample)
+            grid = sample_grid(batch["references"], [batch["positive"], base.float().cpu(), post.float().cpu()])
+            strip = focus_strip(backbone, batch, cfg, out_dir / f"focus-step-{step:08d}.png")
+    finally:
+        net.train(was_training)
+    Image.fromarray(grid).save(out_dir / f"samples-step-{step:08d}.png")
+    run.log.image("val/samples", grid, step)
+    run.log.image("val/focus", strip, step)
