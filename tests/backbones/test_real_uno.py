@@ -28,7 +28,7 @@ RANK = 4
 
 
 def uno_state_dict(transformer: FluxTransformer2DModel, seed: int = 0, rank: int = RANK) -> dict[str, torch.Tensor]:
-    """What UNO's ``set_lora`` + ``train.py`` save for this transformer: every block, down ``[r, in]``, up ``[out, r]``."""
+    """What UNO's ``set_lora`` + ``train.py`` save for this transformer: all blocks, down [r, in], up [out, r]."""
     g = torch.Generator().manual_seed(seed)
     d = transformer.config.num_attention_heads * transformer.config.attention_head_dim
     mlp = transformer.single_transformer_blocks[0].mlp_hidden_dim
