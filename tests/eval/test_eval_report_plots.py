@@ -64,7 +64,8 @@ def test_comparison_grid_places_images_under_their_labels(tmp_path):
         y = header + 2 * (2 + row * 18 + 8)
         assert tuple(again[y, 2 * 30]) == (255, 0, 0)
         assert tuple(again[y, 2 * 48]) == (0, 255, 0)
-        assert tuple(again[y, 2 * 6]) == (0, 0, 0)
+        assert tuple(again[y, 2 * 6]) == (255, 255, 255)  # references are 8 px tall, top-aligned
+        assert tuple(again[y - 2 * 6, 2 * 6]) == (0, 0, 0)
     assert again.shape == (header + 2 * (2 * 18 + 2), 2 * (2 + 8 + 2 + 8 + 2 + 16 + 2 + 16 + 2), 3)
 
 
