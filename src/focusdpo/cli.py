@@ -225,6 +225,61 @@ def pretrain_cmd(
     typer.echo(f"wrote {path}")
 
 
+# --- training: train, focus-map (engineer "trainer") ------------------------------------------------------------
+
+
+@app.command("train")
+def train_cmd(
+    resume: bool = typer.Option(False, "--resume", help="Continue train.output_dir from its newest checkpoint."),
+    config: Path | None = ConfigOpt,
+    overrides: list[str] | None = OverridesArg,
+) -> None:
+    """Post-train the LoRA (train.objective: sft, dpo, patchdpo, focusdpo) on DIP data; works under
+    `accelerate launch -m focusdpo train`."""
+    from focusdpo.config import ConfigError
+    from focusdpo.train.checkpoint import CheckpointError
+    from focusdpo.train.trainer import TrainingError, TrainingInterrupted, train
+
+    cfg = _load(config, overrides)
+    try:
+        run_dir = train(cfg, resume=resume)
+    except TrainingInterrupted as e:
+        typer.secho(str(e), fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130) from e
+    except TrainingError as e:
+        typer.secho(f"train: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from e
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        _fail("train", e)
+    typer.echo(f"run folder: {run_dir}")
+
+
+@app.command("focus-map")
+def focus_map_cmd(
+    run: Path | None = typer.Option(None, "--run", help="A run folder (its config.yaml and LoRA); default: the "
+                                                        "base model of --config."),
+    record: str = typer.Option("0", "--record", help="DIP record id, or index in the run's DIP set."),
+    out: Path = typer.Option(Path("focus-map.png"), "--out", "-o", help="Output PNG."),
+    sigmas: str = typer.Option("0.9,0.7,0.5,0.3,0.1", "--sigmas", help="Timesteps s in (0, 1], comma-separated."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the noise shared by all timesteps."),
+    device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda:0."),
+    config: Path | None = ConfigOpt,
+    overrides: list[str] | None = OverridesArg,
+) -> None:
+    """PNG strip of M', M_s/A, M_d, the gate and W across timesteps for one DIP record: where the method looks."""
+    from focusdpo.train.focus_strip import focus_map_command
+
+    if run is not None and config is None:
+        config = run / "config.yaml"
+    cfg = _load(config, overrides)
+    try:
+        values = [float(v) for v in sigmas.split(",") if v.strip()]
+        path = focus_map_command(cfg, run, record, out, values, seed, device)
+    except (ValueError, FileNotFoundError) as e:
+        _fail("focus-map", e)
+    typer.echo(f"wrote {path}")
+
+
 def main() -> None:
     app()
 

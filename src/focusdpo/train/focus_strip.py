@@ -161,3 +161,54 @@ def focus_strip(backbone: Backbone, batch: Mapping[str, Any], cfg: Config, out_p
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(out_path)
     return image
+
+
+def load_run_backbone(cfg: Config, run_dir: str | Path | None, device: torch.device | str = "cpu") -> Backbone:
+    """The backbone of ``cfg`` with the run's LoRA: ``lora.safetensors``, else its newest checkpoint's.
+
+    ``run_dir`` None: the base model (no adapters).
+    """
+    from focusdpo.backbones import load_backbone
+    from focusdpo.train import checkpoint as ckpt
+    from focusdpo.train.lora import load_lora
+
+    backbone = load_backbone(cfg.model, device=device)
+    if cfg.focus.tap_layer is not None:
+        backbone.tap_layer = cfg.focus.tap_layer
+    if run_dir is None:
+        return backbone
+    path = Path(run_dir) / "lora.safetensors"
+    if not path.is_file():
+        latest = ckpt.latest_checkpoint(run_dir)
+        if latest is None:
+            raise FileNotFoundError(f"--run {run_dir}: no lora.safetensors and no checkpoint; pass a folder "
+                                    f"written by `focusdpo train`")
+        path = latest / "lora.safetensors"
+    backbone.add_lora(cfg.lora)
+    backbone.load_lora_state_dict({k: v.to(backbone.device) for k, v in load_lora(path).items()})
+    return backbone
+
+
+def record_batch(cfg: Config, record: str) -> dict[str, Any]:
+    """The DIP record ``record`` (an id, or an index) of the run's data set as a collated batch of one."""
+    from focusdpo.data import ensure_toy_dip
+    from focusdpo.data.dataset import DipDataset, collate_dip
+
+    dataset = DipDataset(ensure_toy_dip(cfg))
+    if record in dataset.ids:
+        index = dataset.ids.index(record)
+    elif record.isdigit() and int(record) < len(dataset):
+        index = int(record)
+    else:
+        raise ValueError(f"--record {record!r} is neither a record id nor an index below {len(dataset)} of the "
+                         f"DIP set (ids look like {dataset.ids[0]!r})")
+    return collate_dip([dataset[index]])
+
+
+def focus_map_command(cfg: Config, run_dir: str | Path | None, record: str, out: str | Path,
+                      sigmas: Sequence[float] = DEFAULT_SIGMAS, seed: int = 0, device: str = "cpu") -> Path:
+    """``focusdpo focus-map``: the strip of one record under a run's LoRA, written to ``out`` (PNG)."""
+    backbone = load_run_backbone(cfg, run_dir, device)
+    backbone.trainable().eval()
+    focus_strip(backbone, record_batch(cfg, record), cfg, out, sigmas, seed)
+    return Path(out)
