@@ -82,8 +82,9 @@ def test_weights_change_the_loss_where_they_should() -> None:
 
 def test_lower_policy_error_on_positive_lowers_loss() -> None:
     pol_w, pol_l, ref_w, ref_l = _errors(2)
-    losses = [objective_loss("focusdpo", pol_w * s, pol_l, ref_w, ref_l, weights=torch.rand_like(pol_w) + 0.5,
-                             beta=4.0)[0] for s in (1.0, 0.8, 0.5)]
+    weights = _errors(12)[0] + 0.5
+    losses = [objective_loss("focusdpo", pol_w * s, pol_l, ref_w, ref_l, weights=weights, beta=4.0)[0]
+              for s in (1.0, 0.8, 0.5)]
     assert (losses[1] < losses[0]).all() and (losses[2] < losses[1]).all()
     # and raising the error on the negative lowers it too
     higher_l, _ = objective_loss("dpo", pol_w, pol_l * 1.5, ref_w, ref_l, beta=4.0)
@@ -92,7 +93,7 @@ def test_lower_policy_error_on_positive_lowers_loss() -> None:
 
 def test_gradients_flow_through_policy_errors_only() -> None:
     pol_w, pol_l, ref_w, ref_l = (e.clone().requires_grad_() for e in _errors(3))
-    weights = (torch.rand(3, 16, dtype=torch.float64) + 0.5).requires_grad_()
+    weights = (_errors(13)[0] + 0.5).requires_grad_()
     loss, metrics = objective_loss("focusdpo", pol_w, pol_l, ref_w, ref_l, weights=weights, beta=2.0,
                                    lambda_sft=0.1)
     loss.sum().backward()
@@ -107,7 +108,7 @@ def test_gradients_flow_through_policy_errors_only() -> None:
 
 def test_lambda_sft_adds_the_weighted_positive_error() -> None:
     pol_w, pol_l, ref_w, ref_l = _errors(4)
-    w = torch.rand_like(pol_w) + 0.5
+    w = _errors(14)[0] + 0.5
     base, _ = objective_loss("focusdpo", pol_w, pol_l, ref_w, ref_l, weights=w, beta=2.0)
     with_sft, m = objective_loss("focusdpo", pol_w, pol_l, ref_w, ref_l, weights=w, beta=2.0, lambda_sft=0.3)
     torch.testing.assert_close(with_sft - base, 0.3 * weighted_error(pol_w, w))
