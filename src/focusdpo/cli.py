@@ -63,18 +63,23 @@ def dip_build_cmd(
     overrides: list[str] | None = OverridesArg,
 ) -> None:
     """Build a DIP set: positives, disrupted negatives, M_prior and M_d, as Parquet shards."""
+    import shlex
+    import sys
+
     from focusdpo.data import build_manifest_dip, build_toy_dip
 
     cfg = _load(config, overrides)
+    command = shlex.join(["focusdpo", *sys.argv[1:]])
     if (world is None) == (manifest is None) or world not in (None, "toy"):
         typer.secho("give exactly one of --world toy or --manifest FILE.jsonl", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
     try:
         if world is not None:
-            s = build_toy_dip(cfg, out, n=n, seed=seed, patch=patch, overwrite=overwrite, progress=True)
+            s = build_toy_dip(cfg, out, n=n, seed=seed, patch=patch, overwrite=overwrite, progress=True,
+                              command=command)
         else:
             s = build_manifest_dip(cfg, manifest, out, seed=seed, patch=patch, auto_masks=auto_masks,
-                                   overwrite=overwrite, progress=True)
+                                   overwrite=overwrite, progress=True, command=command)
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         typer.secho(f"dip build: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from e

@@ -35,10 +35,15 @@ from focusdpo.data.disruptions import DisruptionContext
 from focusdpo.data.manifest import BadRecord, load_entry, read_manifest
 
 
-def _settings(cfg, seed: int, patch: int | None, progress: bool, extras: dict[str, Any] | None) -> BuildSettings:
-    return BuildSettings(mix=dict(cfg.data.disruptions), seed=seed, patch=patch or cfg.model.patch,
-                         sigma=cfg.focus.sigma, bins=cfg.focus.bins, shard_records=cfg.data.shard_records,
-                         extras=dict(extras or {}), progress=progress, command=shlex.join(sys.argv))
+def _settings(cfg, seed: int, patch: int | None, progress: bool, extras: dict[str, Any] | None,
+              command: str | None, call: str) -> BuildSettings:
+    """Build settings from ``cfg``; ``command`` None records the Python call and the process's command line."""
+    patch = patch or cfg.model.patch
+    if command is None:
+        command = f"{call}(seed={seed}, patch={patch}) in `{shlex.join(sys.argv)}`"
+    return BuildSettings(mix=dict(cfg.data.disruptions), seed=seed, patch=patch, sigma=cfg.focus.sigma,
+                         bins=cfg.focus.bins, shard_records=cfg.data.shard_records, extras=dict(extras or {}),
+                         progress=progress, command=command)
 
 
 def _identity_swapper(world, scene, by_class: dict[str, list[int]]):
@@ -78,11 +83,12 @@ def toy_candidates(world, n: int, seed: int, extras: dict[str, Any]) -> Iterator
 
 
 def build_toy_dip(cfg, out_dir: str | Path, n: int | None = None, seed: int | None = None, patch: int | None = None,
-                  overwrite: bool = False, progress: bool = False,
-                  extras: dict[str, Any] | None = None) -> BuildSummary:
+                  overwrite: bool = False, progress: bool = False, extras: dict[str, Any] | None = None,
+                  command: str | None = None) -> BuildSummary:
     """Build a toy DIP set of ``n`` records (None: ``data.n_records``) into ``out_dir``; returns the summary.
 
-    ``seed`` None: ``data.seed``; ``patch`` None: ``model.patch``; ``extras`` go to plug-in disruptions.
+    ``seed`` None: ``data.seed``; ``patch`` None: ``model.patch``; ``extras`` go to plug-in disruptions;
+    ``command`` is recorded in the card (None: the Python call).
     """
     from focusdpo.world import World
 
@@ -90,7 +96,7 @@ def build_toy_dip(cfg, out_dir: str | Path, n: int | None = None, seed: int | No
     if n < 1:
         raise ValueError(f"n={n} must be >= 1")
     seed = cfg.data.seed if seed is None else seed
-    s = _settings(cfg, seed, patch, progress, extras)
+    s = _settings(cfg, seed, patch, progress, extras, command, f"build_toy_dip(n={n}")
     out = prepare_out_dir(out_dir, overwrite)
     world = World(cfg.world)
     return run_build(toy_candidates(world, n, seed, s.extras), out, s, n,
@@ -136,11 +142,12 @@ def manifest_candidates(path: Path, seed: int, patch: int, max_pixels: int, auto
 
 def build_manifest_dip(cfg, manifest: str | Path, out_dir: str | Path, seed: int | None = None,
                        patch: int | None = None, auto_masks: bool = False, overwrite: bool = False,
-                       progress: bool = False, extras: dict[str, Any] | None = None) -> BuildSummary:
+                       progress: bool = False, extras: dict[str, Any] | None = None,
+                       command: str | None = None) -> BuildSummary:
     """Build a DIP set from a JSONL manifest into ``out_dir``; bad lines go to ``rejected.jsonl``."""
     manifest = Path(manifest)
     seed = cfg.data.seed if seed is None else seed
-    s = _settings(cfg, seed, patch, progress, extras)
+    s = _settings(cfg, seed, patch, progress, extras, command, f"build_manifest_dip({str(manifest)!r}")
     out = prepare_out_dir(out_dir, overwrite)
     total = sum(1 for t in manifest.open(encoding="utf-8", errors="replace") if t.strip()) if manifest.is_file() else 0
     items = manifest_candidates(manifest, seed, s.patch, cfg.data.max_pixels, auto_masks, s.extras)
