@@ -21,28 +21,11 @@ from focusdpo.backbones.uno import (
     UnoLoraError,
     load_uno_lora_file,
     merge_uno_lora,
+    synthetic_uno_state_dict,
     uno_to_peft_state_dict,
 )
 
-RANK = 4
-
-
-def uno_state_dict(transformer: FluxTransformer2DModel, seed: int = 0, rank: int = RANK) -> dict[str, torch.Tensor]:
-    """What UNO's ``set_lora`` + ``train.py`` save for this transformer: all blocks, down [r, in], up [out, r]."""
-    g = torch.Generator().manual_seed(seed)
-    d = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    mlp = transformer.single_transformer_blocks[0].mlp_hidden_dim
-    shapes = {"qkv_lora1": (d, 3 * d), "proj_lora1": (d, d), "qkv_lora2": (d, 3 * d), "proj_lora2": (d, d),
-              "qkv_lora": (d, 3 * d), "proj_lora": (d + mlp, d)}
-    sd = {}
-    for kind, n, pairs in (("double_blocks", transformer.config.num_layers, DOUBLE_PAIRS),
-                           ("single_blocks", transformer.config.num_single_layers, SINGLE_PAIRS)):
-        for i in range(n):
-            for pair in pairs:
-                fan_in, fan_out = shapes[pair]
-                sd[f"{kind}.{i}.processor.{pair}.down.weight"] = torch.randn(rank, fan_in, generator=g) / rank
-                sd[f"{kind}.{i}.processor.{pair}.up.weight"] = torch.randn(fan_out, rank, generator=g) * 0.05
-    return sd
+RANK = 4  # synthetic_uno_state_dict's default rank
 
 
 @pytest.fixture()
@@ -55,7 +38,7 @@ def _fused(block_layers: list[torch.nn.Linear], x: torch.Tensor) -> torch.Tensor
 
 
 def test_merge_reproduces_unos_fused_layers(transformer: FluxTransformer2DModel) -> None:
-    sd = uno_state_dict(transformer)
+    sd = synthetic_uno_state_dict(transformer)
     original = copy.deepcopy(transformer)
     n = merge_uno_lora(transformer, sd)
     cfg = transformer.config
@@ -79,13 +62,13 @@ def test_merge_changes_the_model_output(transformer: FluxTransformer2DModel) -> 
     inputs = _inputs(transformer)
     with torch.no_grad():
         base = transformer(**inputs).sample
-        merge_uno_lora(transformer, uno_state_dict(transformer))
+        merge_uno_lora(transformer, synthetic_uno_state_dict(transformer))
         merged = transformer(**inputs).sample
     assert (merged - base).abs().max() > 1e-3
 
 
 def test_unknown_and_missing_keys_are_listed_and_nothing_changes(transformer: FluxTransformer2DModel) -> None:
-    sd = uno_state_dict(transformer)
+    sd = synthetic_uno_state_dict(transformer)
     del sd["double_blocks.1.processor.proj_lora2.up.weight"]
     sd["double_blocks.7.processor.qkv_lora1.down.weight"] = torch.zeros(RANK, 32)  # past the 2 double blocks
     sd["single_blocks.0.processor.qkv_lora.alpha"] = torch.tensor(4.0)
@@ -100,7 +83,7 @@ def test_unknown_and_missing_keys_are_listed_and_nothing_changes(transformer: Fl
 
 
 def test_partial_blocks_need_require_all_blocks_false(transformer: FluxTransformer2DModel) -> None:
-    sd = {k: v for k, v in uno_state_dict(transformer).items() if k.startswith("double_blocks.1.")}
+    sd = {k: v for k, v in synthetic_uno_state_dict(transformer).items() if k.startswith("double_blocks.1.")}
     with pytest.raises(UnoLoraError, match="missing key"):
         merge_uno_lora(transformer, sd)
     assert merge_uno_lora(transformer, sd, require_all_blocks=False) == 8
@@ -114,11 +97,11 @@ def test_lora_of_another_size_is_rejected(transformer: FluxTransformer2DModel) -
                                   num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32,
                                   axes_dims_rope=(4, 6, 6))
     with pytest.raises(UnoLoraError, match="another FLUX size"):
-        merge_uno_lora(transformer, uno_state_dict(wide))
+        merge_uno_lora(transformer, synthetic_uno_state_dict(wide))
 
 
 def test_file_loading_is_safetensors_only(transformer: FluxTransformer2DModel, tmp_path) -> None:
-    sd = uno_state_dict(transformer)
+    sd = synthetic_uno_state_dict(transformer)
     save_file(sd, tmp_path / "dit_lora.safetensors")
     loaded = load_uno_lora_file(tmp_path / "dit_lora.safetensors")
     assert loaded.keys() == sd.keys()
@@ -131,7 +114,7 @@ def test_file_loading_is_safetensors_only(transformer: FluxTransformer2DModel, t
 def test_peft_conversion_loads_in_flux_pipeline_like_the_merge(tmp_path) -> None:
     parts = tiny_flux_components(seed=0, guidance_embeds=False)
     pipe = FluxPipeline(**parts)
-    sd = uno_state_dict(pipe.transformer, seed=3)
+    sd = synthetic_uno_state_dict(pipe.transformer, seed=3)
     cfg = pipe.transformer.config
     peft_sd = uno_to_peft_state_dict(sd, cfg.num_layers, cfg.num_single_layers)
     FluxPipeline.save_lora_weights(tmp_path, transformer_lora_layers=peft_sd)

@@ -1,0 +1,90 @@
+"""The full FLUX loader on a tiny diffusers folder written locally (save_pretrained -> load_backbone)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel
+from safetensors.torch import save_file
+
+from focusdpo.backbones import load_backbone
+from focusdpo.backbones.base import Backbone
+from focusdpo.backbones.flux_pretrained import write_tiny_flux_folder
+from focusdpo.backbones.flux_text import FluxTextEncoder
+from focusdpo.backbones.uno import merge_uno_lora, synthetic_uno_state_dict
+from focusdpo.backbones.vae import FluxVAECodec, LatentCache
+from focusdpo.config import ModelConfig
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> str:
+    return str(write_tiny_flux_folder(tmp_path_factory.mktemp("flux"), seed=0))
+
+
+def _cfg(folder: str, **kw) -> ModelConfig:
+    return ModelConfig(**{"backbone": "flux", "checkpoint": folder, "guidance": 4.0, "max_text_tokens": 16, **kw})
+
+
+def test_load_backbone_gives_the_saved_frozen_models(folder: str) -> None:
+    bb = load_backbone(_cfg(folder))
+    assert isinstance(bb, Backbone)
+    assert isinstance(bb.codec, FluxVAECodec) and isinstance(bb.text_encoder, FluxTextEncoder)
+    assert bb.patch == 16 and bb.guidance == 4.0 and bb.tap_layer == 1
+    saved = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer")
+    for (name, p), (_, q) in zip(bb.transformer.state_dict().items(), saved.state_dict().items(), strict=True):
+        assert torch.equal(p, q), name
+    assert not any(p.requires_grad for p in bb.transformer.parameters())
+
+
+def test_encode_predict_decode_shapes(folder: str) -> None:
+    bb = load_backbone(_cfg(folder))
+    tgt = bb.encode_images(torch.rand(2, 3, 64, 32))
+    refs = [bb.encode_images(torch.rand(2, 3, 32, 32)), bb.encode_images(torch.rand(2, 3, 16, 48))]
+    assert tgt.tokens.shape == (2, 8, 64) and tgt.grid == (4, 2)
+    text = bb.encode_prompts(["a red dog", "a blue cat on the grass"])
+    pred, feats = bb.predict(torch.randn(2, 8, 64), torch.tensor([0.2, 0.9]), text, refs, tgt.grid, tap=True)
+    assert pred.shape == (2, 8, 64) and feats.shape == (2, 8 + 4 + 3, 32)
+    assert torch.isfinite(pred).all()
+    assert bb.decode_tokens(tgt.tokens, tgt.grid).shape == (2, 3, 64, 32)
+
+
+def test_guidance_must_match_the_model(folder: str, tmp_path) -> None:
+    with pytest.raises(ValueError, match="set model.guidance"):
+        load_backbone(_cfg(folder, guidance=None))
+    plain = write_tiny_flux_folder(tmp_path, seed=0, guidance_embeds=False)
+    with pytest.raises(ValueError, match="model.guidance=null"):
+        load_backbone(_cfg(str(plain)))
+    assert load_backbone(_cfg(str(plain), guidance=None)).guidance is None
+
+
+def test_checkpoint_is_required() -> None:
+    with pytest.raises(ValueError, match="model.checkpoint is required"):
+        load_backbone(ModelConfig(backbone="flux", guidance=4.0))
+
+
+def test_uno_lora_import_is_merged_on_load(folder: str, tmp_path) -> None:
+    base = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer")
+    sd = synthetic_uno_state_dict(base, seed=5)
+    save_file(sd, tmp_path / "dit_lora.safetensors")
+    bb = load_backbone(_cfg(folder, lora_import=str(tmp_path / "dit_lora.safetensors")))
+    merge_uno_lora(base, sd)
+    for (name, p), (_, q) in zip(bb.transformer.state_dict().items(), base.state_dict().items(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_offload_and_latent_cache_options(folder: str, tmp_path) -> None:
+    bb = load_backbone(_cfg(folder, offload_encoders=True, latent_cache=str(tmp_path / "latents")))
+    assert isinstance(bb.codec, LatentCache) and bb.codec.codec.offload and bb.text_encoder.offload
+    img = torch.rand(1, 3, 32, 32)
+    first, second = bb.encode_images(img), bb.encode_images(img)
+    assert (bb.codec.hits, bb.codec.misses) == (1, 1)
+    torch.testing.assert_close(first.tokens, second.tokens)
+    assert len(list((tmp_path / "latents").rglob("*.safetensors"))) == 1
+
+
+def test_bfloat16_weights(folder: str) -> None:
+    bb = load_backbone(_cfg(folder, dtype="bfloat16"))
+    assert bb.dtype == torch.bfloat16 and bb.codec.dtype == torch.bfloat16
+    tgt = bb.encode_images(torch.rand(1, 3, 32, 32))
+    pred, _ = bb.predict(tgt.tokens.float(), torch.tensor([0.5]), bb.encode_prompts(["a dog"]), [tgt], tgt.grid)
+    assert pred.dtype == torch.float32 and torch.isfinite(pred).all()
