@@ -78,7 +78,8 @@ def mark_mask(detail: str, a: np.ndarray, b: np.ndarray, unit: float) -> np.ndar
     half_w, half_h = {"dot": (1.0, 1.0), "hbar": (1.5, 0.5), "vbar": (0.5, 1.5)}.get(detail, (None, None))
     if half_w is None:
         raise ValueError(f"unknown detail {detail!r}: expected one of dot, hbar, vbar")
-    return (np.abs(a) < half_w * unit) & (np.abs(b) < half_h * unit)
+    # Half-open intervals: exactly 2 or 3 (or 1) units of pixel centres, even when the spot lies on a pixel edge.
+    return (a >= -half_w * unit) & (a < half_w * unit) & (b >= -half_h * unit) & (b < half_h * unit)
 
 
 def subject_frame(placement: Placement, side: int) -> tuple[np.ndarray, np.ndarray, float]:
