@@ -12,6 +12,9 @@ import torch
 
 from focusdpo.config import Config, load_config
 
+# one thread: the CI machine has 2 shared cores, and oversubscribed BLAS threads make steps 10x slower
+torch.set_num_threads(1)
+
 TINY_MODEL = ["model.num_layers=2", "model.num_single_layers=1", "model.num_heads=2", "model.head_dim=16",
               "model.text_dim=32", "model.max_text_tokens=24"]
 TINY_WORLD = ["world.scene_size=16", "world.ref_size=8", "world.n_identities=40", "world.max_subjects=2"]
