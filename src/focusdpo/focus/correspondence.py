@@ -8,6 +8,8 @@ Choices the design leaves open, made here:
 
 - Reference masks may be soft (area fractions); pooling is the mask-weighted mean, so a token with
   mask 0 never moves ``r_k``. A subject whose mask sums to 0 in some sample is an error, not a fallback.
+- Inputs are checked for NaN/inf through their results (pooled vectors, scores), which costs no extra pass
+  over the ``[B, N, D]`` features.
 - Scores are computed in float32 (float64 stays float64) whatever the features' dtype, so that bfloat16
   features rank tokens the same way their float32 originals do (up to the features' own rounding).
 - Top-k per (sample, subject) with a different ``k`` each: a stable descending sort gives each token its
@@ -103,9 +105,6 @@ def _validate(tgt_feats: torch.Tensor, ref_feats: Sequence[torch.Tensor], ref_ma
     for k, feats in enumerate(ref_feats):
         if feats.dim() != 3 or feats.shape[0] != b or feats.shape[2] != d:
             raise ValueError(f"ref_feats[{k}] has shape {tuple(feats.shape)}: expected [B={b}, M_k, D={d}]")
-        _check_finite(f"ref_feats[{k}]", feats)
-        _check_finite(f"ref_masks[{k}]", ref_masks[k].float())
-    _check_finite("tgt_feats", tgt_feats)
     if isinstance(top_k, torch.Tensor):
         if top_k.shape != (b, len(ref_feats)) or top_k.is_floating_point():
             raise ValueError(f"top_k has shape {tuple(top_k.shape)} and dtype {top_k.dtype}: expected an int "
@@ -133,9 +132,16 @@ def match_subjects(tgt_feats: torch.Tensor, ref_feats: Sequence[torch.Tensor], r
     _validate(tgt_feats, ref_feats, ref_masks, top_k)
     with torch.no_grad():
         pooled = pool_subjects(ref_feats, ref_masks)  # [B, K, D]
-        tgt = F.normalize(tgt_feats.to(pooled.dtype), dim=-1)
-        # S_k[n] = cos(T[n], r_k)
-        scores = torch.einsum("bnd,bkd->bkn", tgt, F.normalize(pooled, dim=-1))
+        for k, ok in enumerate(torch.isfinite(pooled).all(dim=2).all(dim=0).tolist()):
+            if not ok:  # NaN/inf anywhere in a reference reaches its pooled vector (0 * NaN = NaN)
+                raise ValueError(f"ref_feats[{k}] or ref_masks[{k}] contains NaN or inf values: check the "
+                                 "model's tapped features / the reference mask")
+        # S_k[n] = cos(T[n], r_k) = <T[n], r_k / |r_k|> / |T[n]|; no normalised copy of T is made
+        tgt = tgt_feats.to(pooled.dtype)
+        dots = torch.einsum("bnd,bkd->bkn", tgt, F.normalize(pooled, dim=-1))
+        scores = dots / torch.linalg.vector_norm(tgt, dim=-1).clamp_min(1e-12)[:, None, :]
+        if not torch.isfinite(scores).all():
+            raise ValueError("tgt_feats contains NaN or inf values: check the model's tapped features")
         b, k, n = scores.shape
         order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
         ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(n, device=order.device).expand(b, k, n))
