@@ -67,7 +67,7 @@ def _validate(matches: torch.Tensor | None, regions: torch.Tensor, m_d: torch.Te
 
 def _subject_factor(member: torch.Tensor, ref_complexity: torch.Tensor, scale: float) -> torch.Tensor:
     """``[B, N]`` factor ``1 + scale * max_{k: n in P_k} c_k`` (1 outside every region)."""
-    c = ref_complexity.to(torch.float64 if ref_complexity.dtype == torch.float64 else torch.float32)
+    c = ref_complexity.to(member.device, torch.float64 if ref_complexity.dtype == torch.float64 else torch.float32)
     per_subject = member.to(c.dtype) * c[..., None]  # [B, K, N]
     return 1 + scale * per_subject.amax(dim=1)
 
