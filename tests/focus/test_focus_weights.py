@@ -178,6 +178,12 @@ def test_dtype_follows_regions(dtype: torch.dtype) -> None:
     assert w.dtype == dtype
     torch.testing.assert_close(w.double(), focus_weights(matches, regions, m_d, FocusConfig())[0],
                                atol=2e-2, rtol=0)
+    # built in float32, then rounded: the mean stays 1 to the dtype's precision even over many tokens
+    big = torch.ones(1, 1, 4096, dtype=dtype)
+    big_matches = torch.zeros(1, 1, 4096, dtype=torch.bool)
+    big_matches[0, 0, :1000] = True
+    w_big, _ = focus_weights(big_matches, big, torch.rand(1, 4096).to(dtype), FocusConfig())
+    assert abs(w_big.double().mean().item() - 1) < 4e-3
 
 
 def test_bad_input_names_the_argument() -> None:

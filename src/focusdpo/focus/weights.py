@@ -101,13 +101,15 @@ def focus_weights(matches: torch.Tensor | None, regions: torch.Tensor, m_d: torc
         ref_complexity: ``[B, K]`` in ``[0, 1]``, needed only when ``cfg.ref_complexity_scale > 0``.
 
     Returns:
-        ``W`` ``[B, N]`` float (``regions``' dtype), ``>= 0``, mean exactly 1 per sample up to rounding, and
+        ``W`` ``[B, N]`` in ``regions``' dtype (computed in float32 or float64), ``>= w_min``, mean 1 per
+        sample up to rounding (exactly 1 everywhere when every term is off), and
         stats, each ``[B]`` float32: ``a``, ``gate`` (0/1), ``n_subject`` (``|U|``), ``n_aligned`` (``|A|``),
         ``n_confused`` (``|M_s|``), ``w_in`` / ``w_out`` (mean ``W`` inside / outside ``U``; NaN when empty).
     """
     _validate(matches, regions, m_d, cfg, ref_complexity)
     with torch.no_grad():
-        dt = regions.dtype
+        # half/bfloat16 weights are built in float32: a bfloat16 sum over N tokens is off by whole units
+        dt = torch.float64 if regions.dtype == torch.float64 else torch.float32
         no_matches = matches is None
         if no_matches:
             matches = torch.zeros(regions.shape, dtype=torch.bool, device=regions.device)
@@ -133,7 +135,7 @@ def focus_weights(matches: torch.Tensor | None, regions: torch.Tensor, m_d: torc
         w_raw = (1 + factor * terms).clamp_min(cfg.w_min)
         w = normalise_floor(w_raw, cfg.w_min)
         stats = _stats(w, sets, gate)
-    return w, stats
+    return w.to(regions.dtype), stats
 
 
 def normalise_floor(w_raw: torch.Tensor, w_min: float) -> torch.Tensor:
