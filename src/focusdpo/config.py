@@ -58,8 +58,8 @@ class WorldConfig:
     ref_size: int = _f(16, "Side of a reference image in pixels.")
     min_subjects: int = _f(2, "Fewest subjects in a scene.")
     max_subjects: int = _f(3, "Most subjects in a scene.")
-    share_prob: float = _f(0.3, "Probability that each further subject of a scene shares the class or the body "
-                                "colour of an earlier one (makes leakage possible), in [0, 1].")
+    share_prob: float = _f(0.3, "Probability that each further subject of a scene shares the class or the body-"
+                                "colour family of an earlier one (makes leakage possible), in [0, 1].")
 
     def __post_init__(self) -> None:
         _check(self.n_identities >= 20, "world.n_identities", self.n_identities, ">= 20")
@@ -186,9 +186,12 @@ class LossConfig:
     logit_mean: float = _f(0.0, "Mean of the logit-normal timestep distribution.")
     logit_std: float = _f(1.0, "Std of the logit-normal timestep distribution, > 0.")
     time_shift: bool = _f(True, "Apply FLUX's resolution-dependent time shift to sampled timesteps.")
+    patch_alpha: float = _f(1.0, "patchdpo objective: positive tokens inside M_prior weigh 1 + patch_alpha "
+                                 "(before normalising to mean 1), >= 0.")
 
     def __post_init__(self) -> None:
         _check(self.beta > 0, "loss.beta", self.beta, "> 0")
+        _check(self.patch_alpha >= 0, "loss.patch_alpha", self.patch_alpha, ">= 0")
         _check(self.lambda_sft >= 0, "loss.lambda_sft", self.lambda_sft, ">= 0")
         _choice("loss.prediction", self.prediction, ("flow", "epsilon"))
         _check(self.logit_std > 0, "loss.logit_std", self.logit_std, "> 0")
