@@ -205,7 +205,8 @@ def objective_loss(name: str, pol_w: torch.Tensor, pol_l: torch.Tensor | None = 
             for the DPO objectives it only adds the logged ``w_in_prior`` / ``w_out_prior``.
         beta: DPO temperature ``> 0`` (DPO objectives).
         lambda_sft: weight of the added ``E_theta(x^w)`` term (DPO objectives), ``>= 0``.
-        patch_alpha: ``patchdpo`` up-weighting of positive tokens inside ``M_prior``, ``>= 0``.
+        patch_alpha: ``patchdpo`` up-weighting of positive tokens inside ``M_prior``, ``>= 0``
+            (``cfg.loss.patch_alpha``).
 
     Returns:
         ``loss`` ``[B]`` and detached ``[B]`` metrics: always ``loss`` and ``err_w``; ``err_l`` for objectives
