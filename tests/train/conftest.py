@@ -1,7 +1,4 @@
-"""Shared fixtures of the trainer tests: a random tiny base and a tiny toy DIP set, built once per session.
-
-Everything is tiny (16 px scenes, 1+1 blocks, head dim 16) so a step takes milliseconds on a CPU.
-"""
+"""Fixtures of the trainer tests: a random tiny base and a tiny toy DIP set, built once per session."""
 
 from __future__ import annotations
 
@@ -9,30 +6,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_fixtures import tiny_overrides
 
-from focusdpo.config import Config, load_config
-
-# one thread: the CI machine has 2 shared cores, and oversubscribed BLAS threads make steps 10x slower
-torch.set_num_threads(1)
-
-TINY_MODEL = ["model.num_layers=2", "model.num_single_layers=1", "model.num_heads=2", "model.head_dim=16",
-              "model.text_dim=32", "model.max_text_tokens=24"]
-TINY_WORLD = ["world.scene_size=16", "world.ref_size=8", "world.n_identities=40", "world.max_subjects=2"]
+from focusdpo.config import load_config
 
 
-def tiny_overrides(root: Path, base: Path, **extra: object) -> list[str]:
-    """Overrides of the toy config for a tiny run under ``root`` (data cache shared through ``root``)."""
-    out = TINY_MODEL + TINY_WORLD + [
-        f"model.checkpoint={base}", f"data.cache_dir={root / 'cache'}", "data.n_records=16", "data.batch_size=2",
-        "train.max_steps=3", "train.warmup_steps=0", "train.checkpoint_every=0", "train.lr=0.001",
-        "sample.steps=2", "train.val_records=2", f"train.output_dir={root / 'run'}",
-    ]
-    out += [f"{k.replace('__', '.')}={v}" for k, v in extra.items()]
-    return out
-
-
-def tiny_config(root: Path, base: Path, **extra: object) -> Config:
-    return load_config(None, tiny_overrides(root, base, **extra))
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread inside these tests: on 2 shared cores oversubscribed BLAS threads are ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
+from train_fixtures import tiny_config
 
-from conftest import tiny_config
 from focusdpo.backbones import load_backbone
 from focusdpo.config import Config, LossConfig
 from focusdpo.data import ensure_toy_dip

@@ -79,7 +79,7 @@ class RunLog:
     def image(self, tag: str, image: np.ndarray, step: int) -> None:
         """A ``uint8 [H, W, 3]`` image into TensorBoard."""
         if self.enabled:
-            self._writer.add_image(tag, torch.from_numpy(image).permute(2, 0, 1), step)
+            self._writer.add_image(tag, torch.from_numpy(np.array(image)).permute(2, 0, 1), step)
 
     def message(self, text: str) -> None:
         """A line that does not break the progress bar."""

@@ -1,0 +1,27 @@
+"""Helpers of the trainer tests: tiny config overrides (16 px scenes, 2+1 blocks, head dim 16), so a
+training step takes milliseconds on a CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from focusdpo.config import Config, load_config
+
+TINY_MODEL = ["model.num_layers=2", "model.num_single_layers=1", "model.num_heads=2", "model.head_dim=16",
+              "model.text_dim=32", "model.max_text_tokens=24"]
+TINY_WORLD = ["world.scene_size=16", "world.ref_size=8", "world.n_identities=40", "world.max_subjects=2"]
+
+
+def tiny_overrides(root: Path, base: Path, **extra: object) -> list[str]:
+    """Overrides of the toy config for a tiny run under ``root`` (data cache shared through ``root``)."""
+    out = TINY_MODEL + TINY_WORLD + [
+        f"model.checkpoint={base}", f"data.cache_dir={root / 'cache'}", "data.n_records=16", "data.batch_size=2",
+        "train.max_steps=3", "train.warmup_steps=0", "train.checkpoint_every=0", "train.lr=0.001",
+        "sample.steps=2", "train.val_records=2", f"train.output_dir={root / 'run'}",
+    ]
+    out += [f"{k.replace('__', '.')}={v}" for k, v in extra.items()]
+    return out
+
+
+def tiny_config(root: Path, base: Path, **extra: object) -> Config:
+    return load_config(None, tiny_overrides(root, base, **extra))
