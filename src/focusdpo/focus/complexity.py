@@ -12,7 +12,8 @@
 
 A constant patch gives 0; a patch whose levels are uniformly spread gives 1 (only reachable when
 ``patch ** 2 >= bins``). The histogram is built with one ``scatter_add_`` over all pixels of the batch:
-no Python loop over patches or pixels, memory linear in the number of pixels.
+no Python loop over patches or pixels, memory linear in the number of pixels. The counts are whole numbers,
+so the unordered (atomic) scatter on GPUs still gives a deterministic result.
 
 Precision: half and bfloat16 inputs are computed in float32 (quantisation of a bfloat16 luminance would
 move pixels between levels), float64 stays float64; the map is returned in the input's dtype.
@@ -104,6 +105,8 @@ def _validate_images(images: torch.Tensor, bins: int) -> None:
                          "(divide uint8 images by 255)")
     if not isinstance(bins, int) or bins < 2:
         raise ValueError(f"bins={bins!r} is invalid: expected an int >= 2")
+    if images.numel() == 0:
+        raise ValueError(f"images has shape {tuple(images.shape)}: expected at least one non-empty image")
     lo, hi = (v.item() for v in torch.aminmax(images))  # min/max propagate NaN: one pass checks both
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError("images contains NaN or inf values: check the decoder or the data record")
