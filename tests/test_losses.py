@@ -162,6 +162,8 @@ def test_missing_or_bad_inputs_name_the_argument() -> None:
         objective_loss("patchdpo", pol_w, pol_l)
     with pytest.raises(ValueError, match="weights were given to objective 'dpo'"):
         objective_loss("dpo", pol_w, pol_l, ref_w, ref_l, weights=torch.ones_like(pol_w), beta=1.0)
+    with pytest.raises(ValueError, match="weights has negative entries"):
+        objective_loss("focusdpo", pol_w, pol_l, ref_w, ref_l, weights=pol_w - 0.5, beta=1.0)
     with pytest.raises(ValueError, match="beta is None"):
         objective_loss("dpo", pol_w, pol_l, ref_w, ref_l)
     with pytest.raises(ValueError, match=r"pol_l has shape \(3, 8\)"):

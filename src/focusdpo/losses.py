@@ -229,6 +229,8 @@ def objective_loss(name: str, pol_w: torch.Tensor, pol_l: torch.Tensor | None = 
     if name == "focusdpo":
         _require(name, pol_w.shape, weights=w_w)
         _require(name, pol_w.shape, weights=w_l)
+        if (w_w < 0).any() or (w_l < 0).any():
+            raise ValueError("weights has negative entries: expected focus weights >= 0 (focus_weights output)")
     elif weights is not None:
         raise ValueError("weights were given to objective 'dpo', which uses W = 1: drop them or use 'focusdpo'")
     if beta is None:
