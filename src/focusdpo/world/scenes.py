@@ -4,7 +4,7 @@ Everything is deterministic: the identities and the split depend only on ``World
 scenes depend only on the ``np.random.Generator`` passed in (and the world). Scenes are built to make
 attribute leakage *possible*, otherwise post-training has nothing to fix: the reference order is shuffled
 against the positions (only the prompt binds a reference to its place), two subjects may share a class or a
-body colour (``WorldConfig.share_prob``), and neighbours may touch or overlap slightly.
+body-colour family (``WorldConfig.share_prob``), and neighbours may touch or overlap slightly.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from focusdpo.world.subjects import (
     MARK_COLOURS,
     REFERENCE_BACKGROUND,
     Identity,
+    colour_family,
     make_identities,
     split_identities,
 )
@@ -110,8 +111,8 @@ class World:
                 for i, pos in enumerate(positions)]
 
     def sample_identities(self, rng: np.random.Generator, split: str, n: int) -> list[Identity]:
-        """``n`` distinct identities of ``split``; each after the first shares the class or the body colour of
-        an earlier one with probability ``cfg.share_prob`` (when the split has such an identity)."""
+        """``n`` distinct identities of ``split``; each after the first shares the class or the body-colour family
+        of an earlier one with probability ``cfg.share_prob`` (when the split has such an identity)."""
         pool = self.split_ids(split)
         if n > len(pool):
             raise ValueError(f"n_subjects={n} is more than the {len(pool)} identities of split {split!r}")
@@ -120,8 +121,11 @@ class World:
             free = [i for i in pool if i not in chosen]
             if rng.random() < self.cfg.share_prob:
                 anchor = self.identities[chosen[int(rng.integers(len(chosen)))]]
-                attr = ("cls", "body")[int(rng.integers(2))]
-                same = [i for i in free if getattr(self.identities[i], attr) == getattr(anchor, attr)]
+                if rng.random() < 0.5:
+                    same = [i for i in free if self.identities[i].cls == anchor.cls]
+                else:
+                    family = colour_family(anchor.body)
+                    same = [i for i in free if colour_family(self.identities[i].body) == family]
                 free = same or free
             chosen.append(int(rng.choice(free)))
         return [self.identities[i] for i in chosen]

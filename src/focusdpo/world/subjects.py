@@ -42,6 +42,14 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "brown": (125, 70, 35),
 }
 
+# Colour families: near colours, so that two subjects of one family are easy to confuse (leakage-prone).
+COLOUR_FAMILIES: dict[str, tuple[str, ...]] = {
+    "reds": ("red", "pink"),
+    "oranges": ("orange", "yellow", "brown"),
+    "greens": ("green", "cyan"),
+    "blues": ("blue", "purple"),
+}
+
 # Mark colours: white on dark bodies, black on light ones (luminance threshold 140).
 MARK_COLOURS: dict[str, tuple[int, int, int]] = {"white": (250, 250, 250), "black": (15, 15, 15)}
 
@@ -61,6 +69,14 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 
 # The plain background of reference images.
 REFERENCE_BACKGROUND: tuple[int, int, int] = (190, 190, 190)
+
+
+def colour_family(colour: str) -> str:
+    """Name of the family of a subject colour (see ``COLOUR_FAMILIES``)."""
+    for family, members in COLOUR_FAMILIES.items():
+        if colour in members:
+            return family
+    raise ValueError(f"unknown colour {colour!r}: expected one of {', '.join(COLOURS)}")
 
 
 def mark_colour(body: str) -> str:
