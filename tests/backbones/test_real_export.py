@@ -10,8 +10,15 @@ from safetensors.torch import load_file
 from focusdpo.backbones import load_backbone
 from focusdpo.backbones.flux import position_ids
 from focusdpo.backbones.flux_pretrained import write_tiny_flux_folder
-from focusdpo.backbones.lora_export import WEIGHT_NAME, diffusers_lora_state_dict, export_diffusers_lora
+from focusdpo.backbones.lora_export import (
+    WEIGHT_NAME,
+    diffusers_lora_state_dict,
+    export_diffusers_lora,
+    export_run,
+    scaled_lora_state_dict,
+)
 from focusdpo.config import LoraConfig, ModelConfig
+from focusdpo.train.lora import save_lora
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "proj_out"]
 
@@ -86,3 +93,30 @@ def test_export_without_lora_raises(folder: str) -> None:
     bb = load_backbone(ModelConfig(backbone="flux", checkpoint=folder, guidance=4.0, max_text_tokens=16))
     with pytest.raises(ValueError, match="attach LoRA"):
         diffusers_lora_state_dict(bb.trainable())
+
+
+def test_export_run_converts_the_trainers_lora_file_without_a_model(folder: str, tmp_path) -> None:
+    bb = _trained_backbone(folder, rank=4, alpha=8.0)
+    save_lora(tmp_path / "lora.safetensors", bb.lora_state_dict(), metadata={"rank": "4", "alpha": "8.0"})
+    path = export_run(tmp_path)
+    assert path == tmp_path / WEIGHT_NAME
+    want = export_diffusers_lora(bb.trainable(), tmp_path / "direct")
+    got, ref = load_file(path), load_file(want)
+    assert got.keys() == ref.keys()
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    (tmp_path / "bare").mkdir()
+    save_lora(tmp_path / "bare" / "lora.safetensors", bb.lora_state_dict())
+    with pytest.raises(ValueError, match="no rank/alpha metadata"):
+        export_run(tmp_path / "bare")
+    with pytest.raises(FileNotFoundError, match="lora.safetensors"):
+        export_run(tmp_path / "direct")
+
+
+def test_scaled_state_dict_rejects_what_is_not_lora_pairs() -> None:
+    a, b = torch.ones(2, 3), torch.ones(3, 2)
+    out = scaled_lora_state_dict({"x.lora_A.weight": a, "x.lora_B.weight": b}, 0.5)
+    assert torch.equal(out["x.lora_B.weight"], b * 0.5) and torch.equal(out["x.lora_A.weight"], a)
+    with pytest.raises(ValueError, match="unpaired"):
+        scaled_lora_state_dict({"x.lora_A.weight": a}, 1.0)
+    with pytest.raises(ValueError, match="unexpected keys"):
+        scaled_lora_state_dict({"x.lora_A.weight": a, "x.lora_B.weight": b, "x.alpha": torch.ones(())}, 1.0)

@@ -60,10 +60,47 @@ def export_diffusers_lora(transformer: nn.Module, out_dir: str | Path, adapter: 
 
     ``dtype``: stored precision (float32 default; bfloat16 halves the file).
     """
+    return _write(diffusers_lora_state_dict(transformer, adapter), out_dir, dtype)
+
+
+def scaled_lora_state_dict(state_dict: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """Our LoRA state dict (``<path>.lora_A.weight``/``.lora_B.weight``, as ``Backbone.lora_state_dict`` and
+    ``lora.safetensors`` hold it) -> the same keys with ``scale = alpha / rank`` folded into ``lora_B``."""
+    keys = set(state_dict)
+    odd = sorted(k for k in keys if not k.endswith((".lora_A.weight", ".lora_B.weight")))
+    unpaired = sorted(k for k in keys if k.endswith(".lora_A.weight") and k.replace("lora_A", "lora_B") not in keys)
+    unpaired += sorted(k for k in keys if k.endswith(".lora_B.weight") and k.replace("lora_B", "lora_A") not in keys)
+    if odd or unpaired or not keys:
+        raise ValueError(f"not a LoRA state dict of <module>.lora_A/.lora_B weights: unexpected keys {odd[:5]}, "
+                         f"unpaired {unpaired[:5]}{', empty' if not keys else ''}")
+    return {_strip(k): (v.float() * scale if ".lora_B." in k else v.float()).contiguous()
+            for k, v in state_dict.items()}
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    """Convert a finished run's ``lora.safetensors`` (rank and alpha in its metadata) to diffusers naming in
+    ``out_dir`` (default: the run folder itself, so ``FluxPipeline.load_lora_weights(run_dir)`` works).
+    No model is loaded."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    src = Path(run_dir) / "lora.safetensors"
+    if not src.is_file():
+        raise FileNotFoundError(f"{src} not found: pass a finished run folder (train writes lora.safetensors)")
+    with safe_open(str(src), "pt") as f:
+        meta = f.metadata() or {}
+    if "rank" not in meta or "alpha" not in meta:
+        raise ValueError(f"{src} has no rank/alpha metadata (keys {sorted(meta)}): it was not written by "
+                         f"`focusdpo train`; use export_diffusers_lora on a model with the LoRA attached")
+    scale = float(meta["alpha"]) / float(meta["rank"])
+    return _write(scaled_lora_state_dict(load_file(str(src)), scale), out_dir or run_dir, dtype)
+
+
+def _write(state: dict[str, torch.Tensor], out_dir: str | Path, dtype: torch.dtype) -> Path:
     from diffusers import FluxPipeline
 
-    state = {k: v.to(dtype) for k, v in diffusers_lora_state_dict(transformer, adapter).items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    FluxPipeline.save_lora_weights(out_dir, transformer_lora_layers=state, weight_name=WEIGHT_NAME)
+    FluxPipeline.save_lora_weights(out_dir, transformer_lora_layers={k: v.to(dtype) for k, v in state.items()},
+                                   weight_name=WEIGHT_NAME)
     return out_dir / WEIGHT_NAME
