@@ -285,6 +285,24 @@ def focus_map_cmd(
     typer.echo(f"wrote {path}")
 
 
+@app.command("export-lora")
+def export_lora_cmd(
+    run: Path = typer.Argument(..., help="A finished run folder (its lora.safetensors)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default: the run folder)."),
+    bf16: bool = typer.Option(False, "--bf16", help="Store bfloat16 weights (half the size)."),
+) -> None:
+    """Write the run's LoRA in diffusers naming, for FluxPipeline.load_lora_weights(folder)."""
+    import torch
+
+    from focusdpo.backbones.lora_export import export_run
+
+    try:
+        path = export_run(run, out, torch.bfloat16 if bf16 else torch.float32)
+    except (ValueError, FileNotFoundError) as e:
+        _fail("export-lora", e)
+    typer.echo(f"wrote {path}")
+
+
 def main() -> None:
     app()
 
