@@ -45,6 +45,37 @@ def config_cmd(config: Path | None = ConfigOpt, overrides: list[str] | None = Ov
     typer.echo(_load(config, overrides).to_yaml(), nl=False)
 
 
+@app.command("world")
+def world_cmd(
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write a preview PNG (scene | references per row)."),
+    n: int = typer.Option(8, "--n", help="Scenes in the preview."),
+    split: str = typer.Option("train", "--split", help="Identities of the preview: train or heldout."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the preview scenes."),
+    config: Path | None = ConfigOpt,
+    overrides: list[str] | None = OverridesArg,
+) -> None:
+    """The built-in world: attribute counts, identities, split sizes; optionally a preview sheet."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from focusdpo.world import World
+    from focusdpo.world.summary import describe, preview_sheet
+
+    world = World(_load(config, overrides).world)
+    typer.echo(json.dumps(describe(world), indent=2))
+    if out is not None:
+        try:
+            sheet, prompts = preview_sheet(world, np.random.default_rng(seed), n, split)
+        except ValueError as e:
+            typer.secho(f"world: {e}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from e
+        Image.fromarray(sheet).save(out)
+        typer.echo("\n".join(f"{i}: {p}" for i, p in enumerate(prompts)))
+        typer.echo(f"wrote {out}")
+
+
 dip_app = typer.Typer(help="DIP datasets: build (toy world or JSONL manifest) and show.", no_args_is_help=True)
 app.add_typer(dip_app, name="dip")
 
