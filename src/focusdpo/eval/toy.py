@@ -1,0 +1,186 @@
+"""The toy benchmark: held-out identities of the built-in world, 2- and 3-subject scenes, ground-truth metrics.
+
+Design, so that differences between methods are *paired*:
+
+- The scenes are fixed by the world and ``eval.n_scenes`` / ``eval.subject_counts`` only (``SCENE_SEED``), not
+  by the sampling seeds: every method and every seed sees the same held-out scenes.
+- The initial noise of a batch depends only on (sampling seed, subject count, sample index, batch index), so
+  every method starts each scene from the same noise; ``eval.batch_size`` must therefore not change between
+  evaluations that are compared.
+- Spread is the standard deviation over ``eval.seeds`` (ddof 1; 0 for a single seed) of the per-seed means
+  (each mean over all scenes and ``eval.samples_per_prompt`` samples); the per-seed values are kept in
+  ``metrics.json`` so that paired method-minus-base gaps can be computed (``report.md`` shows them).
+
+``metrics.json``::
+
+    {"<method>": {"fidelity": {"mean", "std", "per_seed"}, "leakage": {...}, "prompt": {...},
+                  "details": {"leak_rate" | "count" | "classes" | "positions" | "fidelity/<attr>" | ...: {...}},
+                  "by_subjects": {"2": {"fidelity", "leakage", "prompt", "details"}, "3": {...}},
+                  "n_scenes", "subject_counts", "seeds", "samples_per_prompt", "sample_steps", "run", "seconds"}}
+
+``method`` is ``base`` for the base model and the run's objective for a run (see :mod:`focusdpo.eval.methods`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from focusdpo.config import Config
+from focusdpo.eval.methods import load_method, resolve_methods
+from focusdpo.eval.report import comparison_grid, to_uint8, toy_markdown
+from focusdpo.eval.toy_metrics import aggregate, score_scene
+from focusdpo.world import Scene, World
+
+SCENE_SEED = 20_250_901
+HEADLINE = ("fidelity", "leakage", "prompt")
+
+Scores = dict[int, dict[int, list[dict]]]  # subject count -> sampling seed -> score_scene results
+
+
+def heldout_scenes(world: World, n_scenes: int, subject_counts: Sequence[int]) -> dict[int, list[Scene]]:
+    """``n_scenes`` held-out scenes per subject count, the same for every method and seed."""
+    return {k: [world.sample_scene(rng, "heldout", k) for _ in range(n_scenes)]
+            for k in subject_counts for rng in [np.random.default_rng([SCENE_SEED, k])]}
+
+
+def batch_seed(seed: int, k: int, sample: int, batch: int) -> int:
+    """Noise seed of one sampling batch; independent of the method, so noise is shared across methods."""
+    return int(np.random.SeedSequence([seed, k, sample, batch]).generate_state(1)[0])
+
+
+def references_of(scenes: Sequence[Scene], device: torch.device | str | None = None) -> list[torch.Tensor]:
+    """The scenes' references as K tensors ``float [B, 3, R, R]`` in [0, 1] (reference order)."""
+    k = len(scenes[0].references)
+    return [torch.from_numpy(np.stack([s.references[i] for s in scenes])).permute(0, 3, 1, 2).float().div(255)
+            .to(device) for i in range(k)]
+
+
+def sample_scenes(backbone: object, scenes: Sequence[Scene], cfg: Config, seed: int, sample: int
+                  ) -> list[np.ndarray]:
+    """One image per scene (``uint8 [S, S, 3]``), in batches of ``eval.batch_size`` with shared-noise seeds."""
+    from focusdpo.sampling import generate
+
+    size = (cfg.world.scene_size, cfg.world.scene_size)
+    k = len(scenes[0].identities)
+    out: list[np.ndarray] = []
+    for b, start in enumerate(range(0, len(scenes), cfg.eval.batch_size)):
+        batch = scenes[start:start + cfg.eval.batch_size]
+        refs = references_of(batch, backbone.device)
+        images = generate(backbone, [s.prompt for s in batch], refs, size, cfg.sample,
+                          seed=batch_seed(seed, k, sample, b))
+        out.extend(to_uint8(images))
+    return out
+
+
+def score_method(backbone: object, world: World, scenes: Mapping[int, list[Scene]], cfg: Config
+                 ) -> tuple[Scores, dict[int, list[np.ndarray]]]:
+    """Sample and score every scene for every seed and sample; also the seed-0 sample-0 images (for grids)."""
+    scores: Scores = {}
+    first: dict[int, list[np.ndarray]] = {}
+    for k, ks in scenes.items():
+        scores[k] = {}
+        for seed in cfg.eval.seeds:
+            scores[k][seed] = []
+            for j in range(cfg.eval.samples_per_prompt):
+                images = sample_scenes(backbone, ks, cfg, seed, j)
+                scores[k][seed] += [score_scene(img, scene, world) for img, scene in zip(images, ks, strict=True)]
+                if k not in first:
+                    first[k] = images
+    return scores, first
+
+
+def _stats(values: Sequence[float]) -> dict:
+    v = np.asarray(values, dtype=float)
+    std = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+    return {"mean": float(np.mean(v)), "std": std, "per_seed": [float(x) for x in v]}
+
+
+def _block(per_seed: Sequence[Mapping[str, float]]) -> dict:
+    """Per-seed ``aggregate`` dicts -> headline stats at the top level, every other key under ``details``."""
+    keys = [k for k in per_seed[0] if k != "n_scenes"]
+    out: dict = {k: _stats([a[k] for a in per_seed]) for k in HEADLINE}
+    out["details"] = {k: _stats([a[k] for a in per_seed]) for k in keys if k not in HEADLINE}
+    return out
+
+
+def summarise(scores: Scores, cfg: Config) -> dict:
+    """The ``metrics.json`` entry of one method (module docstring), from its :func:`score_method` scores."""
+    seeds = cfg.eval.seeds
+    pooled = [aggregate([r for k in scores for r in scores[k][s]]) for s in seeds]
+    out = _block(pooled)
+    out["by_subjects"] = {str(k): _block([aggregate(scores[k][s]) for s in seeds]) for k in scores}
+    out.update(n_scenes=cfg.eval.n_scenes, subject_counts=list(scores), seeds=list(seeds),
+               samples_per_prompt=cfg.eval.samples_per_prompt, sample_steps=cfg.sample.steps)
+    return out
+
+
+def ground_truth(world: World, scenes: Mapping[int, list[Scene]]) -> dict[str, float]:
+    """The metrics of the ground-truth renders themselves: the ceiling a perfect generator reaches."""
+    return aggregate([score_scene(s.image, s, world) for ks in scenes.values() for s in ks])
+
+
+def evaluate_toy(cfg: Config, runs: Mapping[str, Path | None], out_dir: str | Path,
+                 device: torch.device | str | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """Evaluate each method (``None`` = the base model) on the same held-out scenes and noise.
+
+    Writes ``out_dir/metrics.json``, ``report.md``, ``grid_<k>subjects.png`` (references | one column per
+    method), ``metrics.png`` (method comparison) and ``curves_<method>.png`` for runs with a ``metrics.csv``.
+    Returns the ``metrics.json`` dict.
+    """
+    if not runs:
+        raise ValueError("evaluate_toy: runs is empty; give {'base': None} and/or {name: run folder}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    world = World(cfg.world)
+    scenes = heldout_scenes(world, cfg.eval.n_scenes, cfg.eval.subject_counts)
+    metrics: dict = {}
+    grids: dict[str, dict[int, list[np.ndarray]]] = {}
+    for method, run_dir in runs.items():
+        t0 = time.perf_counter()
+        backbone = load_method(cfg, run_dir, device)
+        scores, grids[method] = score_method(backbone, world, scenes, cfg)
+        metrics[method] = summarise(scores, cfg)
+        metrics[method].update(run=None if run_dir is None else str(run_dir), seconds=time.perf_counter() - t0)
+        if log:
+            m = metrics[method]
+            log(f"{method}: " + ", ".join(f"{h} {m[h]['mean']:.3f} ± {m[h]['std']:.3f}" for h in HEADLINE)
+                + f" ({m['seconds']:.0f} s)")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_toy_outputs(out, metrics, runs, scenes, grids, ground_truth(world, scenes), cfg.eval.grid_scenes)
+    return metrics
+
+
+def write_toy_outputs(out: Path, metrics: Mapping[str, dict], runs: Mapping[str, Path | None],
+                      scenes: Mapping[int, list[Scene]], grids: Mapping[str, Mapping[int, list[np.ndarray]]],
+                      truth: Mapping[str, float], grid_scenes: int) -> None:
+    """``report.md``, the PNG grids and the plots of :func:`evaluate_toy`."""
+    from focusdpo.eval.plots import plot_method_comparison, plot_training_curves
+
+    truth_line = ", ".join(f"{h} {truth[h]:.3f}" for h in HEADLINE)
+    (out / "report.md").write_text(toy_markdown(metrics) + f"\nGround-truth renders (the metrics' ceiling): "
+                                   f"{truth_line}.\n")
+    plot_method_comparison(metrics, out / "metrics.png", names=HEADLINE, title="toy benchmark")
+    for method, run_dir in runs.items():
+        if run_dir is not None and (Path(run_dir) / "metrics.csv").is_file():
+            plot_training_curves(Path(run_dir) / "metrics.csv", out / f"curves_{method}.png", title=method)
+    if grid_scenes == 0:
+        return
+    for k, ks in scenes.items():
+        n = min(grid_scenes, len(ks))
+        columns = {m: torch.from_numpy(np.stack(g[k][:n])).permute(0, 3, 1, 2).float().div(255)
+                   for m, g in grids.items()}
+        comparison_grid(references_of(ks[:n]), columns, out / f"grid_{k}subjects.png")
+
+
+def run_toy_command(cfg: Config, run_dirs: Sequence[Path], base: bool, out_dir: Path,
+                    device: str | None = None, log: Callable[[str], None] | None = None) -> str:
+    """``focusdpo eval --benchmark toy``: resolve the methods, evaluate, return a closing line."""
+    methods = resolve_methods(run_dirs, base)
+    evaluate_toy(cfg, methods, out_dir, device=device, log=log)
+    return f"wrote {Path(out_dir) / 'metrics.json'} and {Path(out_dir) / 'report.md'}"
