@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
@@ -13,7 +15,7 @@ from focusdpo.backbones.flux_pretrained import write_tiny_flux_folder
 from focusdpo.backbones.flux_text import FluxTextEncoder
 from focusdpo.backbones.uno import merge_uno_lora, synthetic_uno_state_dict
 from focusdpo.backbones.vae import FluxVAECodec, LatentCache
-from focusdpo.config import ModelConfig
+from focusdpo.config import ModelConfig, load_config
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +24,8 @@ def folder(tmp_path_factory) -> str:
 
 
 def _cfg(folder: str, **kw) -> ModelConfig:
-    return ModelConfig(**{"backbone": "flux", "checkpoint": folder, "guidance": 4.0, "max_text_tokens": 16, **kw})
+    base = {"backbone": "flux", "checkpoint": folder, "guidance": 4.0, "max_text_tokens": 16, "patch": 16}
+    return ModelConfig(**{**base, **kw})
 
 
 def test_load_backbone_gives_the_saved_frozen_models(folder: str) -> None:
@@ -57,9 +60,25 @@ def test_guidance_must_match_the_model(folder: str, tmp_path) -> None:
     assert load_backbone(_cfg(str(plain), guidance=None)).guidance is None
 
 
-def test_checkpoint_is_required() -> None:
+def test_checkpoint_is_required_and_patch_must_be_the_vae_token_size(folder: str) -> None:
     with pytest.raises(ValueError, match="model.checkpoint is required"):
         load_backbone(ModelConfig(backbone="flux", guidance=4.0))
+    with pytest.raises(ValueError, match="set model.patch=16"):
+        load_backbone(_cfg(folder, patch=4))
+
+
+def test_flux_uno_yaml_loads_the_stack(folder: str, tmp_path) -> None:
+    """The shipped config, with its paths pointed at the tiny folder and a synthetic UNO file."""
+    base = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer")
+    save_file(synthetic_uno_state_dict(base, seed=2), tmp_path / "dit_lora.safetensors")
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "flux-uno.yaml", [
+        f"model.checkpoint={folder}", f"model.lora_import={tmp_path / 'dit_lora.safetensors'}",
+        f"model.latent_cache={tmp_path / 'latents'}"])
+    assert (cfg.model.backbone, cfg.model.patch, cfg.model.guidance, cfg.model.dtype) == ("flux", 16, 4.0, "bfloat16")
+    bb = load_backbone(cfg.model)
+    assert isinstance(bb.codec, LatentCache) and bb.text_encoder.max_tokens == 512
+    assert not torch.equal(bb.transformer.transformer_blocks[0].attn.to_q.weight,
+                           base.transformer_blocks[0].attn.to_q.weight.to(torch.bfloat16))
 
 
 def test_uno_lora_import_is_merged_on_load(folder: str, tmp_path) -> None:

@@ -34,10 +34,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def load_flux_pretrained(cfg: ModelConfig, device: torch.device | str | None = None) -> FluxInContext:
     """Load FLUX from ``cfg.checkpoint`` (diffusers folder or hub id) onto ``device`` (default CPU), frozen.
 
-    ``cfg.dtype`` sets the weight dtype of all parts; ``cfg.lora_import`` merges UNO's ``dit_lora``;
-    ``cfg.offload_encoders`` keeps the VAE and text encoders on the CPU between calls; ``cfg.latent_cache``
-    caches VAE latents on disk by image content; ``cfg.guidance`` feeds the guidance embedding of
-    guidance-distilled models (FLUX.1-dev).
+    ``cfg.patch`` must equal the VAE token size (16 for FLUX); ``cfg.dtype`` sets the weight dtype of all
+    parts; ``cfg.lora_import`` merges UNO's ``dit_lora``; ``cfg.offload_encoders`` keeps the VAE and text
+    encoders on the CPU between calls; ``cfg.latent_cache`` caches VAE latents on disk by image content;
+    ``cfg.guidance`` feeds the guidance embedding of guidance-distilled models (FLUX.1-dev).
     """
     from diffusers import FluxTransformer2DModel
 
@@ -53,6 +53,9 @@ def load_flux_pretrained(cfg: ModelConfig, device: torch.device | str | None = N
         log.info("merged the UNO LoRA %s into %d layers", cfg.lora_import, n)
     transformer.requires_grad_(False).eval().to(device)
     codec = FluxVAECodec.from_pretrained(cfg.checkpoint, dtype=dtype, device=device, offload=cfg.offload_encoders)
+    if cfg.patch != codec.patch:  # DIP builds compute M_d at model.patch: it must be the VAE token size
+        raise ValueError(f"model.patch={cfg.patch} but the VAE of {cfg.checkpoint} makes {codec.patch}-pixel tokens "
+                         f"(downsampling {codec.vae_scale} x 2x2 packing): set model.patch={codec.patch}")
     if cfg.latent_cache:
         codec = LatentCache(codec, cfg.latent_cache)
     text = FluxTextEncoder.from_pretrained(cfg.checkpoint, max_tokens=cfg.max_text_tokens, dtype=dtype,
