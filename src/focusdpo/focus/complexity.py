@@ -134,7 +134,7 @@ def complexity_map(images: torch.Tensor, patch: int, sigma: float = 1.0, bins: i
     work = images if images.dtype == torch.float64 else images.float()
     lum = gaussian_blur(_luminance(work), sigma)[:, 0]  # [B, H, W]
     # lum >= 0 (a blur with positive weights of values in [0, 1]), so truncation is floor
-    q = (lum * bins).long().clamp_(max=bins - 1)
+    q = (lum * bins).clamp_(max=bins - 1).long()
     # patch index of every pixel, laid out as [B, h, p, w, p] -> one histogram row per (b, token)
     q = q.reshape(b, h, patch, w, patch).permute(0, 1, 3, 2, 4).reshape(b * h * w, patch * patch)
     counts = torch.zeros(b * h * w, bins, dtype=work.dtype, device=images.device)
