@@ -52,3 +52,12 @@ def test_parse_override_needs_equals():
     with pytest.raises(ConfigError):
         parse_override("train.max_steps")
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
+
+
+def test_with_overrides_copies_and_validates():
+    cfg = load_config()
+    other = cfg.with_overrides(["train.objective=dpo", "focus.dpce=false"])
+    assert (other.train.objective, other.focus.dpce) == ("dpo", False)
+    assert (cfg.train.objective, cfg.focus.dpce) == ("focusdpo", True)
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        cfg.with_overrides(["train.max_steps=0"])

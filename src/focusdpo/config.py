@@ -336,6 +336,14 @@ class Config:
     def from_yaml(cls, text: str) -> Config:
         return cls.from_dict(yaml.safe_load(text) or {})
 
+    def with_overrides(self, overrides: typing.Sequence[str]) -> Config:
+        """A validated copy with ``key.sub=value`` overrides applied (``self`` is not changed)."""
+        data = self.to_dict()
+        for item in overrides:
+            key, value = parse_override(item)
+            _set_dotted(data, key, value)
+        return Config.from_dict(data)
+
 
 def _coerce(tp: Any, value: Any, name: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted for floats, nothing else is cast."""
