@@ -89,6 +89,8 @@ def dip_build_cmd(
     seed: int | None = typer.Option(None, "--seed", help="Build seed (default data.seed)."),
     patch: int | None = typer.Option(None, "--patch", help="Pixels per token side of M_d (default model.patch)."),
     auto_masks: bool = typer.Option(False, "--auto-masks", help="Manifest: GrabCut masks where none are given."),
+    root: Path | None = typer.Option(None, "--root", help="Manifest: folder its paths are relative to "
+                                                          "(default: the manifest's folder)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing build in --out."),
     config: Path | None = ConfigOpt,
     overrides: list[str] | None = OverridesArg,
@@ -110,11 +112,11 @@ def dip_build_cmd(
                               command=command)
         else:
             s = build_manifest_dip(cfg, manifest, out, seed=seed, patch=patch, auto_masks=auto_masks,
-                                   overwrite=overwrite, progress=True, command=command)
+                                   overwrite=overwrite, progress=True, command=command, root=root)
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         typer.secho(f"dip build: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from e
-    typer.echo(f"wrote {s.written} records to {s.out_dir} in {s.seconds:.1f} s ({s.records_per_s:.0f} records/s); "
+    typer.echo(f"wrote {s.written} records to {s.out_dir} in {s.seconds:.1f} s ({s.records_per_s:.1f} records/s); "
                f"rejected {s.rejected} (listed in {s.out_dir / 'rejected.jsonl'})")
     typer.echo(f"disruptions: {s.disruptions}; subjects: {s.subjects}")
     if s.written == 0:
@@ -240,6 +242,7 @@ def pretrain_cmd(
     text_dropout: float = typer.Option(0.1, "--text-dropout", help="Probability of the empty prompt (guidance)."),
     ema_decay: float = typer.Option(0.999, "--ema-decay", help="EMA decay of the saved weights."),
     fresh: bool = typer.Option(False, "--fresh", help="Ignore an existing state/ in --out and start over."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Shorthand for train.max_steps=N."),
     threads: int = typer.Option(2, "--threads", help="torch CPU threads."),
     device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda:0."),
     config: Path | None = ConfigOpt,
@@ -250,7 +253,7 @@ def pretrain_cmd(
 
     from focusdpo.train.pretrain import PretrainOptions, pretrain
 
-    cfg = _load(config, overrides)
+    cfg = _load(config, list(overrides or []) + ([f"train.max_steps={max_steps}"] if max_steps else []))
     torch.set_num_threads(threads)
     try:
         counts = tuple(int(k) for k in subjects.split(","))

@@ -101,7 +101,7 @@ def test_path_leaving_root(tmp_path):
     lines = write_good_set(sub, n=1)
     m(sub, lines[0])
     (_, _, entry), = list(read_manifest(dump(sub, lines)))
-    assert isinstance(entry, BadRecord) and "leaves the manifest's folder" in str(entry)
+    assert isinstance(entry, BadRecord) and "leaves the manifest's root" in str(entry)
 
 
 def test_symlink_leaving_root(tmp_path):
@@ -156,3 +156,38 @@ def test_auto_masks_for_one_subject(tmp_path):
     iou = (loaded.regions[0] & disc).sum() / (loaded.regions[0] | disc).sum()
     assert iou > 0.9 and loaded.provenance["mask_origin"]["target_masks"] == "grabcut"
     assert (loaded.ref_masks[0] == loaded.regions[0]).mean() > 0.98
+
+
+def test_explicit_root(tmp_path):
+    data = tmp_path / "photos"
+    data.mkdir()
+    lines = write_good_set(data, n=1)
+    elsewhere = tmp_path / "lists"
+    elsewhere.mkdir()
+    path = dump(elsewhere, lines)
+    (_, _, entry), = list(read_manifest(path))
+    with pytest.raises(BadRecord, match="missing"):
+        load_entry(entry, elsewhere.resolve(), patch=4, max_pixels=10**6, auto_masks=False)
+    (_, _, entry), = list(read_manifest(path, root=data))
+    assert not isinstance(entry, BadRecord) and entry.target == (data / "t0.png").resolve()
+    loaded = load_entry(entry, data.resolve(), patch=4, max_pixels=10**6, auto_masks=False)
+    assert loaded.image.shape == (36, 36, 3)
+
+
+def test_grabcut_fills_holes_and_keeps_one_component():
+    cv2 = pytest.importorskip("cv2")  # noqa: F841
+    from focusdpo.data.masks import grabcut_mask
+
+    size = 64
+    yy, xx = np.mgrid[:size, :size]
+    img = np.full((size, size, 3), 235, np.uint8)
+    body = (yy - 32) ** 2 + (xx - 32) ** 2 <= 16 ** 2
+    img[body] = (40, 90, 200)
+    eye = (yy - 28) ** 2 + (xx - 28) ** 2 <= 2 ** 2
+    img[eye] = (235, 235, 235)  # a background-coloured hole inside the subject
+    img[2:6, 2:6] = (40, 90, 200)  # a speck of subject colour outside, in the margin
+    mask = grabcut_mask(img, max_side=None)
+    assert mask[eye].all() and not mask[2:6, 2:6].any()
+    assert (mask & body).sum() / (mask | body).sum() > 0.95
+    small = grabcut_mask(img, max_side=32)
+    assert small.shape == (size, size) and (small & body).sum() / (small | body).sum() > 0.85

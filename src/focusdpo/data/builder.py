@@ -254,7 +254,7 @@ class _progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.bar = Progress(TextColumn("dip build"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[rate]:.0f} rec/s, {task.fields[bad]} rejected"),
+                            TextColumn("{task.fields[rate]:.1f} rec/s, {task.fields[bad]} rejected"),
                             TimeElapsedColumn(), console=Console(file=sys.stderr))
         task = self.bar.add_task("build", total=self.total, rate=0.0, bad=0)
         t0 = time.perf_counter()

@@ -234,10 +234,10 @@ def detail_erase(image: np.ndarray, regions: np.ndarray, target: int, rng: np.ra
     side = min(bottom - top, right - left)
     pil = Image.fromarray(image)
     if rng.random() < 0.5:
-        radius = float(max(1.0, side * rng.uniform(0.08, 0.2)))
+        radius = float(max(1.0, side * rng.uniform(0.03, 0.12)))
         out = pil.filter(ImageFilter.GaussianBlur(radius))
         return np.asarray(out), {"mode": "blur", "radius": round(radius, 3)}
-    factor = int(max(2, round(side / rng.uniform(3, 6))))
+    factor = int(max(2, round(side / rng.uniform(6, 16))))
     h, w = image.shape[:2]
     small = pil.resize((max(1, w // factor), max(1, h // factor)), Image.Resampling.BOX)
     return np.asarray(small.resize((w, h), Image.Resampling.BILINEAR)), {"mode": "downup", "factor": factor}

@@ -5,7 +5,8 @@ One line per record::
     {"prompt": str, "target": path, "target_masks": [path, ...one per subject],
      "references": [{"image": path, "mask": path (optional)}, ...], "id": str (optional)}
 
-Paths are relative to the manifest's folder (the root) and may not leave it. K = the number of references;
+Paths are relative to the manifest's folder (the root; ``--root DIR`` names another) and may not leave it,
+symlinks included. K = the number of references;
 ``target_masks`` gives ``P_k`` in reference order. When masks are missing and ``auto_masks`` is on, a GrabCut
 foreground (:mod:`focusdpo.data.masks`) is used: for a reference without a mask, and for the target of a
 one-subject record without ``target_masks``. Without ``auto_masks`` a reference without a mask gets an
@@ -64,12 +65,24 @@ class LoadedEntry:
     provenance: dict[str, Any]
 
 
-def read_manifest(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | str, ManifestEntry | BadRecord]]:
-    """Yield ``(line number, raw object or text, entry or the BadRecord)`` for each non-empty line."""
+def manifest_root(path: str | Path, root: str | Path | None = None) -> Path:
+    """The folder manifest paths are relative to: ``root`` when given, else the manifest's folder (resolved)."""
+    base = Path(path).resolve().parent if root is None else Path(root).expanduser().resolve()
+    if not base.is_dir():
+        raise FileNotFoundError(f"manifest root {base} is not a folder; pass an existing --root")
+    return base
+
+
+def read_manifest(path: str | Path, root: str | Path | None = None
+                  ) -> Iterator[tuple[int, dict[str, Any] | str, ManifestEntry | BadRecord]]:
+    """Yield ``(line number, raw object or text, entry or the BadRecord)`` for each non-empty line.
+
+    Paths are relative to ``root`` (None: the manifest's folder) and must stay inside it.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist; give a JSONL file (one record per line)")
-    root = path.resolve().parent
+    root = manifest_root(path, root)
     seen: set[str] = set()
     with path.open(encoding="utf-8", errors="replace") as f:
         for n, text in enumerate(f, start=1):
@@ -124,7 +137,8 @@ def resolve_inside(root: Path, rel: Any, name: str) -> Path:
         raise BadRecord(f"{name} must be a path string, got {rel!r}")
     path = (root / rel).resolve()
     if not path.is_relative_to(root):
-        raise BadRecord(f"{name} {rel!r} leaves the manifest's folder {root}; keep every file under it")
+        raise BadRecord(f"{name} {rel!r} leaves the manifest's root {root}; keep every file under it "
+                        "(or pass --root DIR, a folder that holds them all)")
     return path
 
 

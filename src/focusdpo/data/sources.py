@@ -32,7 +32,7 @@ from focusdpo.data.builder import (
     run_build,
 )
 from focusdpo.data.disruptions import DisruptionContext
-from focusdpo.data.manifest import BadRecord, load_entry, read_manifest
+from focusdpo.data.manifest import BadRecord, load_entry, manifest_root, read_manifest
 
 
 def _settings(cfg, seed: int, patch: int | None, progress: bool, extras: dict[str, Any] | None,
@@ -123,10 +123,10 @@ def ensure_toy_dip(cfg, patch: int | None = None, progress: bool = False) -> Pat
 
 
 def manifest_candidates(path: Path, seed: int, patch: int, max_pixels: int, auto_masks: bool,
-                        extras: dict[str, Any]) -> Iterator[Candidate | Rejection]:
+                        extras: dict[str, Any], root: Path | None = None) -> Iterator[Candidate | Rejection]:
     """Candidates of a manifest's good lines and :class:`Rejection` for the bad ones."""
-    root = path.resolve().parent
-    for line, raw, entry in read_manifest(path):
+    root = manifest_root(path, root)
+    for line, raw, entry in read_manifest(path, root):
         if isinstance(entry, BadRecord):
             yield Rejection({"line": line, "id": raw.get("id") if isinstance(raw, dict) else None}, raw, str(entry))
             continue
@@ -143,13 +143,21 @@ def manifest_candidates(path: Path, seed: int, patch: int, max_pixels: int, auto
 def build_manifest_dip(cfg, manifest: str | Path, out_dir: str | Path, seed: int | None = None,
                        patch: int | None = None, auto_masks: bool = False, overwrite: bool = False,
                        progress: bool = False, extras: dict[str, Any] | None = None,
-                       command: str | None = None) -> BuildSummary:
-    """Build a DIP set from a JSONL manifest into ``out_dir``; bad lines go to ``rejected.jsonl``."""
+                       command: str | None = None, root: str | Path | None = None) -> BuildSummary:
+    """Build a DIP set from a JSONL manifest into ``out_dir``; bad lines go to ``rejected.jsonl``.
+
+    ``root``: the folder the manifest's paths are relative to (None: the manifest's folder).
+    """
     manifest = Path(manifest)
+    if not manifest.is_file():
+        raise FileNotFoundError(f"manifest {manifest} does not exist; give a JSONL file (one record per line)")
+    base = manifest_root(manifest, root)
     seed = cfg.data.seed if seed is None else seed
     s = _settings(cfg, seed, patch, progress, extras, command, f"build_manifest_dip({str(manifest)!r}")
     out = prepare_out_dir(out_dir, overwrite)
-    total = sum(1 for t in manifest.open(encoding="utf-8", errors="replace") if t.strip()) if manifest.is_file() else 0
-    items = manifest_candidates(manifest, seed, s.patch, cfg.data.max_pixels, auto_masks, s.extras)
+    with manifest.open(encoding="utf-8", errors="replace") as f:
+        total = sum(1 for t in f if t.strip())
+    items = manifest_candidates(manifest, seed, s.patch, cfg.data.max_pixels, auto_masks, s.extras, base)
     return run_build(items, out, s, total, {"kind": "manifest", "manifest": str(manifest.resolve()),
-                                            "auto_masks": auto_masks, "max_pixels": cfg.data.max_pixels})
+                                            "root": str(base), "auto_masks": auto_masks,
+                                            "max_pixels": cfg.data.max_pixels})
