@@ -21,6 +21,7 @@ CURVE_PANELS = {
     "errors": ("err_w", "err_l", "ref_err_w", "ref_err_l"),
     "focus: alignment and gate": ("a", "gate"),
     "focus: mean weight": ("w_in_prior", "w_out_prior"),
+    "gradient norm": ("grad_norm",),
 }
 
 

@@ -7,6 +7,8 @@ Design, so that differences between methods are *paired*:
 - The initial noise of a batch depends only on (sampling seed, subject count, sample index, batch index), so
   every method starts each scene from the same noise; ``eval.batch_size`` must therefore not change between
   evaluations that are compared.
+- Every method is sampled with the evaluation config's ``cfg.sample`` (steps, guidance, time shift), not the
+  run's, so the sampler is the same for all.
 - Spread is the standard deviation over ``eval.seeds`` (ddof 1; 0 for a single seed) of the per-seed means
   (each mean over all scenes and ``eval.samples_per_prompt`` samples); the per-seed values are kept in
   ``metrics.json`` so that paired method-minus-base gaps can be computed (``report.md`` shows them).
@@ -31,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from focusdpo.backbones import Backbone
 from focusdpo.config import Config
 from focusdpo.eval.methods import load_method, resolve_methods
 from focusdpo.eval.report import comparison_grid, to_uint8, toy_markdown
@@ -61,7 +64,7 @@ def references_of(scenes: Sequence[Scene], device: torch.device | str | None = N
             .to(device) for i in range(k)]
 
 
-def sample_scenes(backbone: object, scenes: Sequence[Scene], cfg: Config, seed: int, sample: int
+def sample_scenes(backbone: Backbone, scenes: Sequence[Scene], cfg: Config, seed: int, sample: int
                   ) -> list[np.ndarray]:
     """One image per scene (``uint8 [S, S, 3]``), in batches of ``eval.batch_size`` with shared-noise seeds."""
     from focusdpo.sampling import generate
@@ -78,7 +81,7 @@ def sample_scenes(backbone: object, scenes: Sequence[Scene], cfg: Config, seed: 
     return out
 
 
-def score_method(backbone: object, world: World, scenes: Mapping[int, list[Scene]], cfg: Config
+def score_method(backbone: Backbone, world: World, scenes: Mapping[int, list[Scene]], cfg: Config
                  ) -> tuple[Scores, dict[int, list[np.ndarray]]]:
     """Sample and score every scene for every seed and sample; also the seed-0 sample-0 images (for grids)."""
     scores: Scores = {}
