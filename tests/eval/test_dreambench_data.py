@@ -91,3 +91,28 @@ def test_extract_keeps_dataset_and_text_files_only(tmp_path):
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert written == ["dataset/cat/00.jpg", "dataset/cat/01.jpg", "prompts_and_classes.txt"]
     assert not (tmp_path.parent / "evil.txt").exists()
+
+
+def test_fetch_command_with_a_stubbed_network(tmp_path, monkeypatch):
+    """The whole `focusdpo data dreambench` path, with the two downloads served from local bytes."""
+    from typer.testing import CliRunner
+
+    from focusdpo.cli import app
+    from focusdpo.eval import dreambench_data
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for s in ("cat", "dog"):
+            zf.writestr(f"dreambooth-main/dataset/{s}/00.jpg", b"jpeg")
+        zf.writestr("dreambooth-main/prompts_and_classes.txt", "subject_name,class\ncat,cat\ndog,dog\n")
+    single = [{"prompt": "a cat", "image_paths": ["./dreambooth/dataset/cat/00.jpg"]}]
+    multi = [{"prompt": "a cat and a dog", "image_paths": ["./dreambooth/dataset/cat/00.jpg",
+                                                           "./dreambooth/dataset/dog/00.jpg"]}] * 2
+    served = {dreambench_data.DREAMBOOTH_ZIP: buf.getvalue(),
+              dreambench_data.UNO_LIST_URLS["uno_dreambench_singleip.json"]: json.dumps(single).encode(),
+              dreambench_data.UNO_LIST_URLS["uno_dreambench_multiip.json"]: json.dumps(multi).encode()}
+    monkeypatch.setattr(dreambench_data, "_download", lambda url, timeout=120.0: served[url])
+    result = CliRunner().invoke(app, ["data", "dreambench", "--dest", str(tmp_path / "db")])
+    assert result.exit_code == 0, result.output
+    assert "'images': 2, 'dreambench-single': 1, 'dreambench-multi': 2" in result.output
+    assert load_entries(tmp_path / "db", "dreambench-multi")[1].subjects == ("cat", "dog")
