@@ -337,6 +337,57 @@ def export_lora_cmd(
     typer.echo(f"wrote {path}")
 
 
+# --- the main job: demo, compare (lead) ----------------------------------------------------------------------
+
+
+@app.command("demo")
+def demo_cmd(
+    quick: bool = typer.Option(False, "--quick", help="A smaller budget: under 2 minutes on 2 CPU cores."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Report folder (default: runs/demo-<time>)."),
+    config: Path | None = ConfigOpt,
+    overrides: list[str] | None = OverridesArg,
+) -> None:
+    """The main job: toy DIP set -> FocusDPO post-training of the shipped base -> held-out evaluation -> report."""
+    import json
+
+    from focusdpo.demo import demo_config, run_demo
+    from focusdpo.eval.report import toy_markdown
+
+    try:
+        cfg = demo_config(_load(config, None), quick, overrides or [])
+    except ValueError as e:
+        _fail("demo", e)
+    folder = run_demo(cfg, out, log=typer.echo)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    typer.echo(toy_markdown(metrics).split("\n## ")[0])
+    typer.echo(f"report: {folder / 'report.md'}")
+
+
+@app.command("compare")
+def compare_cmd(
+    variants: str = typer.Option("sft,dpo,patchdpo,focusdpo,focusdpo-no-spaf,focusdpo-no-dpce,focusdpo-no-gate",
+                                 "--variants", help="Comma-separated methods and ablations to train and compare."),
+    seeds: str = typer.Option("0,1,2", "--seeds", help="Comma-separated training seeds."),
+    out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="Output folder (finished runs are reused)."),
+    config: Path | None = ConfigOpt,
+    overrides: list[str] | None = OverridesArg,
+) -> None:
+    """Train each method with the same data and budget over several seeds; evaluate all against the base."""
+    import shlex
+    import sys
+
+    from focusdpo.compare import compare
+
+    cfg = _load(config, overrides)
+    command = "focusdpo " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    try:
+        compare(cfg, [v.strip() for v in variants.split(",") if v.strip()],
+                [int(s) for s in seeds.split(",") if s.strip()], out, command=command, log=typer.echo)
+    except ValueError as e:
+        _fail("compare", e)
+    typer.echo((out / "results.md").read_text())
+
+
 def main() -> None:
     app()
 

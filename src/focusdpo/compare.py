@@ -1,0 +1,141 @@
+"""Method comparison on the toy benchmark: every objective and ablation with the same data and training budget.
+
+``compare(cfg, variants, seeds, out_dir)`` trains one run per (variant, training seed) from the same base, DIP
+set and config, evaluates all of them and the base on the same held-out scenes and noise
+(:func:`focusdpo.eval.toy.evaluate_toy`), and writes ``results.md`` and ``results.json``:
+
+- per run: the toy metrics averaged over the evaluation's sampling seeds;
+- per variant: mean and spread (std, ddof 1) of those run means over the *training* seeds, which is the
+  spread that says whether a method beats another; the base has no training seed, its spread is over the
+  sampling seeds;
+- paired differences to ``base`` and to ``dpo`` per training seed (same scenes, same noise).
+
+Runs already finished (``lora.safetensors`` present) are reused, so an interrupted comparison resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from focusdpo.config import Config
+
+# name -> config overrides; every variant starts from the same config.
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "sft": ("train.objective=sft",),
+    "dpo": ("train.objective=dpo",),
+    "patchdpo": ("train.objective=patchdpo",),
+    "focusdpo": ("train.objective=focusdpo",),
+    "focusdpo-no-spaf": ("train.objective=focusdpo", "focus.spaf=false"),
+    "focusdpo-no-dpce": ("train.objective=focusdpo", "focus.dpce=false"),
+    "focusdpo-no-gate": ("train.objective=focusdpo", "focus.dynamic=false"),
+}
+HEADLINE = ("fidelity", "leakage", "prompt")
+LOWER_IS_BETTER = {"leakage"}
+
+
+def resolve_variants(names: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """Known variant names -> overrides; an unknown name raises ValueError listing the known ones."""
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)}: allowed {', '.join(VARIANTS)}")
+    return {n: VARIANTS[n] for n in names}
+
+
+def train_runs(cfg: Config, variants: Mapping[str, Sequence[str]], seeds: Sequence[int], runs_dir: Path,
+               log: Callable[[str], None] = print) -> dict[str, Path]:
+    """Train (or reuse) one run per variant and seed; returns ``{"<variant>@s<seed>": run_dir}``."""
+    from focusdpo.train.trainer import train
+
+    runs: dict[str, Path] = {}
+    for name, overrides in variants.items():
+        for seed in seeds:
+            run_dir = runs_dir / f"{name}-s{seed}"
+            if not (run_dir / "lora.safetensors").is_file():
+                log(f"training {name} (seed {seed}) -> {run_dir}")
+                run_cfg = cfg.with_overrides([*overrides, f"train.seed={seed}", f"train.output_dir={run_dir}"])
+                train(run_cfg, resume=(run_dir / "checkpoints").is_dir())
+            runs[f"{name}@s{seed}"] = run_dir
+    return runs
+
+
+def _stat(values: Sequence[float]) -> dict[str, float]:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+
+
+def _reference(metrics: Mapping[str, Mapping], ref: str, seed: int, headline: str) -> float:
+    """The value a run of training seed ``seed`` is compared with: the base, or the dpo run of the same seed."""
+    key = "base" if ref == "base" else f"{ref}@s{seed}"
+    return metrics[key][headline]["mean"]
+
+
+def summarise(metrics: Mapping[str, Mapping], variants: Sequence[str], seeds: Sequence[int]) -> dict:
+    """Per-variant mean/spread over training seeds and paired differences to base and dpo (see module doc)."""
+    out: dict = {}
+    if "base" in metrics:
+        out["base"] = {h: {**_stat(metrics["base"][h]["per_seed"]), "over": "sampling seeds"} for h in HEADLINE}
+    for name in variants:
+        per_run = {s: metrics[f"{name}@s{s}"] for s in seeds}
+        row: dict = {h: {**_stat([per_run[s][h]["mean"] for s in seeds]), "over": "training seeds",
+                         "per_seed": [per_run[s][h]["mean"] for s in seeds]} for h in HEADLINE}
+        refs = [r for r in ("base", "dpo") if r != name and (r in metrics if r == "base" else r in variants)]
+        for ref in refs:
+            row[f"vs_{ref}"] = {h: _stat([per_run[s][h]["mean"] - _reference(metrics, ref, s, h) for s in seeds])
+                                for h in HEADLINE}
+        out[name] = row
+    return out
+
+
+def _fmt(stat: Mapping[str, float] | None, signed: bool = False) -> str:
+    if stat is None:
+        return "-"
+    sign = "+" if signed else ""
+    return f"{stat['mean']:{sign}.3f} ± {stat['std']:.3f}"
+
+
+def results_markdown(summary: Mapping[str, Mapping], command: str, seeds: Sequence[int], cfg: Config) -> str:
+    """The results table (mean ± std) and paired differences, with the command that reproduces it."""
+    head = "| method | fidelity (↑) | leakage (↓) | prompt (↑) |\n|---|---|---|---|\n"
+    rows = "".join(f"| {n} | " + " | ".join(_fmt(v.get(h)) for h in HEADLINE) + " |\n" for n, v in summary.items())
+    lines = [
+        "## Toy benchmark: methods and ablations\n\n",
+        f"Command: `{command}`\n\n",
+        f"Training seeds {list(seeds)}; sampling seeds {cfg.eval.seeds}; {cfg.eval.n_scenes} held-out scenes per "
+        f"subject count {cfg.eval.subject_counts}; {cfg.train.max_steps} steps x batch {cfg.data.batch_size} for "
+        f"every method; {cfg.data.n_records} DIP records. Methods: mean ± std over training seeds (per run: "
+        f"mean over scenes and sampling seeds); base: mean ± std over sampling seeds.\n\n",
+        head, rows,
+    ]
+    for ref in ("base", "dpo"):
+        diff_rows = [(n, v[f"vs_{ref}"]) for n, v in summary.items() if f"vs_{ref}" in v]
+        if diff_rows:
+            lines.append(f"\nPaired difference to `{ref}` (per training seed, same scenes and noise):\n\n"
+                         "| method | Δ fidelity | Δ leakage | Δ prompt |\n|---|---|---|---|\n")
+            lines += [f"| {n} | " + " | ".join(_fmt(d[h], signed=True) for h in HEADLINE) + " |\n"
+                      for n, d in diff_rows]
+    return "".join(lines)
+
+
+def compare(cfg: Config, variants: Sequence[str], seeds: Sequence[int], out_dir: str | Path,
+            command: str = "", log: Callable[[str], None] = print) -> dict:
+    """Train every variant for every seed, evaluate the runs and the base, write results.md/json; return the summary."""
+    from focusdpo.data import ensure_toy_dip
+    from focusdpo.eval.toy import evaluate_toy
+
+    chosen = resolve_variants(variants)
+    if not seeds:
+        raise ValueError("compare: seeds is empty; give at least one training seed")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = ensure_toy_dip(cfg, progress=True)
+    cfg = cfg.with_overrides([f"data.path={data}"])
+    cfg.save(out / "config.yaml")
+    runs = train_runs(cfg, chosen, seeds, out / "runs", log)
+    metrics = evaluate_toy(cfg, {"base": None, **runs}, out / "eval", log=log)
+    summary = summarise(metrics, list(chosen), seeds)
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    (out / "results.md").write_text(results_markdown(summary, command, seeds, cfg))
+    return summary
