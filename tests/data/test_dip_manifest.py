@@ -191,3 +191,12 @@ def test_grabcut_fills_holes_and_keeps_one_component():
     assert (mask & body).sum() / (mask | body).sum() > 0.95
     small = grabcut_mask(img, max_side=32)
     assert small.shape == (size, size) and (small & body).sum() / (small | body).sum() > 0.85
+
+
+def test_auto_mask_failure_is_a_rejection(tmp_path):
+    pytest.importorskip("cv2")
+    Image.fromarray(np.full((48, 48, 3), 128, np.uint8)).save(tmp_path / "flat.png")  # nothing to segment
+    path = dump(tmp_path, [{"prompt": "nothing", "target": "flat.png", "references": [{"image": "flat.png"}]}])
+    (_, _, entry), = list(read_manifest(path))
+    with pytest.raises(BadRecord, match="GrabCut found a foreground"):
+        load_entry(entry, tmp_path.resolve(), patch=8, max_pixels=10**6, auto_masks=True)

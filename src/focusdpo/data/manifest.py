@@ -9,7 +9,8 @@ Paths are relative to the manifest's folder (the root; ``--root DIR`` names anot
 symlinks included. K = the number of references;
 ``target_masks`` gives ``P_k`` in reference order. When masks are missing and ``auto_masks`` is on, a GrabCut
 foreground (:mod:`focusdpo.data.masks`) is used: for a reference without a mask, and for the target of a
-one-subject record without ``target_masks``. Without ``auto_masks`` a reference without a mask gets an
+one-subject record without ``target_masks``; a GrabCut mask covering under 1 % or over 95 % of its image is
+a failure and rejects the record. Without ``auto_masks`` a reference without a mask gets an
 all-ones mask (unknown) and a record without ``target_masks`` is rejected.
 
 Every problem raises :class:`BadRecord` with a reason that names the file and the fix; the builder lists it in
@@ -27,6 +28,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+# Automatic masks covering less or more than these fractions of the image are failures, not subjects.
+AUTO_MASK_AREA = (0.01, 0.95)
 
 
 class BadRecord(ValueError):
@@ -211,8 +215,10 @@ def _auto_mask(image: np.ndarray, name: str) -> np.ndarray:
     from focusdpo.data.masks import grabcut_mask
 
     mask = grabcut_mask(image)
-    if not mask.any():
-        raise BadRecord(f"GrabCut found no foreground in {name}; give a mask in the manifest")
+    frac = float(mask.mean())
+    if not AUTO_MASK_AREA[0] <= frac <= AUTO_MASK_AREA[1]:
+        raise BadRecord(f"GrabCut found a foreground of {frac:.1%} of {name}, outside the plausible "
+                        f"{AUTO_MASK_AREA[0]:.0%}..{AUTO_MASK_AREA[1]:.0%}; give a mask in the manifest")
     return mask
 
 
