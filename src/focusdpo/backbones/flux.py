@@ -196,7 +196,9 @@ def build_tiny(cfg: ModelConfig, vocabulary: Sequence[str], device: torch.device
         guidance_embeds=False, axes_dims_rope=rope_axes(cfg.head_dim))
     text = TinyTextEncoder(vocabulary, dim=cfg.text_dim, max_tokens=cfg.max_text_tokens)
     dtype = _DTYPES[cfg.dtype]
-    transformer.to(device=device, dtype=dtype)
+    if dtype != torch.float32:
+        transformer.to(dtype=dtype)
+    transformer.to(device=device)
     text.to(device=device)
     return FluxInContext(transformer, codec, text)
 
