@@ -119,6 +119,8 @@ def dip_build_cmd(
     typer.echo(f"wrote {s.written} records to {s.out_dir} in {s.seconds:.1f} s ({s.records_per_s:.1f} records/s); "
                f"rejected {s.rejected} (listed in {s.out_dir / 'rejected.jsonl'})")
     typer.echo(f"disruptions: {s.disruptions}; subjects: {s.subjects}")
+    if s.never_drawn:
+        typer.echo(f"note: never drawn (not applicable to these records): {s.never_drawn}")
     if s.written == 0:
         raise typer.Exit(1)
 
@@ -262,6 +264,50 @@ def pretrain_cmd(
     except (ValueError, FileNotFoundError) as e:
         _fail("pretrain", e)
     typer.echo(f"wrote {path}")
+
+
+@app.command("sample")
+def sample_cmd(
+    out: Path = typer.Option(Path("samples.png"), "--out", "-o", help="Output PNG grid."),
+    run: Path | None = typer.Option(None, "--run", help="A trained run folder (its LoRA); default: the base."),
+    n: int = typer.Option(8, "--n", help="World scenes to sample (without --prompt)."),
+    subjects: int = typer.Option(2, "--subjects", help="Subjects per world scene (1-3)."),
+    split: str = typer.Option("heldout", "--split", help="World identities: heldout or train."),
+    prompt: str | None = typer.Option(None, "--prompt", help="Your prompt (needs --ref, one per subject)."),
+    ref: list[Path] | None = typer.Option(None, "--ref", help="Reference image, in order of mention (repeatable)."),
+    size: int | None = typer.Option(None, "--size", help="Output side in pixels (default world.scene_size)."),
+    ref_size: int | None = typer.Option(None, "--ref-size", help="Reference side (default world.ref_size)."),
+    seed: int | None = typer.Option(None, "--seed", help="Noise and scene seed (default sample.seed)."),
+    device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda:0."),
+    config: Path | None = ConfigOpt,
+    overrides: list[str] | None = OverridesArg,
+) -> None:
+    """Sample images; the PNG grid shows each row's references, then the sample (then the world's truth)."""
+    from PIL import Image
+
+    from focusdpo.eval.methods import load_method
+    from focusdpo.sampling import generate, read_image, sample_grid, world_inputs
+
+    cfg = _load(config, overrides)
+    seed = cfg.sample.seed if seed is None else seed
+    side = size or cfg.world.scene_size
+    try:
+        truth = []
+        if prompt is not None:
+            if not ref:
+                raise ValueError("--prompt needs at least one --ref image")
+            prompts, refs = [prompt], [read_image(str(p), ref_size or cfg.world.ref_size) for p in ref]
+        else:
+            from focusdpo.world import World
+
+            prompts, refs, scenes = world_inputs(World(cfg.world), n, subjects, split, seed)
+            truth = [scenes]
+        backbone = load_method(cfg, run, device, check_world=False)
+        images = generate(backbone, prompts, refs, (side, side), cfg.sample, seed=seed)
+    except (ValueError, FileNotFoundError) as e:
+        _fail("sample", e)
+    Image.fromarray(sample_grid(refs, [images.cpu(), *truth])).save(out)
+    typer.echo(f"wrote {out}: {len(prompts)} samples")
 
 
 # --- training: train, focus-map (engineer "trainer") ------------------------------------------------------------

@@ -70,7 +70,7 @@ def test_card_and_rejected(toy_cfg, toy_set):
     assert sum(card["disruption_counts"].values()) == 40 and card["seed"] == 3
     assert card["m_d_patch"] == toy_cfg.model.patch
     assert abs(sum(card["disruption_mix"].values()) - 1) < 1e-9 and len(card["shards"]) == 3
-    assert (toy_set / "rejected.jsonl").read_text() == ""
+    assert (toy_set / "rejected.jsonl").read_text() == "" and card["never_drawn"] == {}
 
 
 def test_one_subject_build_draws_only_one_subject_disruptions(tmp_path):
@@ -163,3 +163,4 @@ def test_manifest_build_lists_bad_records_and_keeps_good_ones(tmp_path):
     assert np.array_equal(recs["good1"].positive, img) and np.array_equal(recs["good1"].regions, regions)
     card = json.loads((tmp_path / "out" / "card.json").read_text())
     assert card["records"] == 4 and card["rejected"] == len(bad) + 1 and card["kind"] == "manifest"
+    assert card["never_drawn"]["identity_swap"] == "needs swap_identity" and s.never_drawn == card["never_drawn"]

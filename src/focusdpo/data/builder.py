@@ -38,6 +38,7 @@ from focusdpo.data.disruptions import (
     apply_disruption,
     check_mix,
     draw_disruption,
+    get_disruption,
 )
 from focusdpo.data.parquet import SHARD_PATTERN, ShardWriter
 from focusdpo.data.records import DipRecord
@@ -80,7 +81,11 @@ class Rejection:
 
 @dataclass
 class BuildSummary:
-    """What a build wrote: counts, timing and the paths."""
+    """What a build wrote: counts, timing and the paths.
+
+    ``never_drawn``: disruptions of the mix that no written record drew, with what they need (e.g.
+    ``identity_swap`` in a manifest build, which has no world to draw another instance from).
+    """
 
     out_dir: Path
     written: int = 0
@@ -89,6 +94,7 @@ class BuildSummary:
     disruptions: dict[str, int] = field(default_factory=dict)
     subjects: dict[int, int] = field(default_factory=dict)
     shards: list[str] = field(default_factory=list)
+    never_drawn: dict[str, str] = field(default_factory=dict)
 
     @property
     def records_per_s(self) -> float:
@@ -232,13 +238,22 @@ def run_build(items: Iterable[Candidate | Rejection], out_dir: Path, s: BuildSet
     summary.written, summary.rejected = writer.count, rejected.count
     summary.disruptions, summary.subjects = dict(sorted(disr.items())), dict(sorted(subj.items()))
     summary.shards = [p.name for p in writer.shards]
+    summary.never_drawn = {n: _needs(n) for n in mix if n not in disr}
     card = {"format": FORMAT, **card_extra, "records": summary.written, "rejected": summary.rejected,
             "shards": summary.shards, "disruption_mix": mix, "disruption_counts": summary.disruptions,
+            "never_drawn": summary.never_drawn,
             "subject_counts": {str(k): v for k, v in summary.subjects.items()}, "seed": s.seed,
             "m_d_patch": s.patch, "dpce": {"sigma": s.sigma, "bins": s.bins}, "command": s.command,
             "seconds": round(summary.seconds, 3), "records_per_s": round(summary.records_per_s, 1)}
     (out_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     return summary
+
+
+def _needs(name: str) -> str:
+    """What disruption ``name`` needs, in words (for the card and the build summary)."""
+    d = get_disruption(name)
+    parts = ([f">= {d.min_subjects} subjects"] if d.min_subjects > 1 else []) + list(d.needs)
+    return "needs " + ", ".join(parts) if parts else "drawable for every record"
 
 
 class _progress:
