@@ -1,0 +1,331 @@
+"""Training-step cost of SFT, Diffusion-DPO (W = 1) and FocusDPO side by side, on the same inputs.
+
+For every case (references K, gradient checkpointing, eager or ``compile_repeated_blocks``) each objective runs
+the trainer's step -- ``focusdpo.train.step.pair_step``, backward, AdamW on the LoRA -- on the same pair batch
+and the same noise, after warm-up steps; the median over ``--iters`` steps is reported with the peak memory,
+the FocusDPO/DPO time ratio and the model-FLOP utilisation (MFU). Objectives: ``sft``; ``plain-dpo``,
+Diffusion-DPO (W = 1) without the feature tap and focus maps, as a DPO-only trainer runs it; ``dpo``, the same
+loss through ``pair_step``, which also taps and computes the focus to log the alignment of every baseline;
+``focusdpo``. The FocusDPO/DPO column gives the ratio to both DPO rows. The objectives' steps interleave
+(one step of each in turn), so a change in the machine's load hits all of them alike.
+
+Presets:
+
+- ``cpu-tiny`` (default): the tiny *real* stack -- diffusers ``FluxTransformer2DModel``, ``AutoencoderKL``,
+  T5 and CLIP at tiny sizes, written to a temp folder and loaded through ``load_backbone`` -- fp32 on the
+  CPU, 64x64 target and 64x64 references (4x4 tokens each), 32 T5 tokens.
+- ``flux-dev``: the FLUX.1-dev transformer architecture (11.9B) at random weights in bf16 on CUDA, 512x512
+  target and references (1024 tokens each), 512 text tokens; the FLUX VAE architecture at random weights;
+  text features from a fixed random stand-in for T5-XXL + CLIP-L (a per-prompt cost, the same for every
+  objective). Needs about 45 GiB without checkpointing.
+
+Both presets put the VAE behind :class:`focusdpo.backbones.vae.LatentCache` (``model.latent_cache``, the
+recommended setting): after warm-up every image is a cache hit, so the step times measure the transformer,
+the focus and the optimizer. ``--no-latent-cache`` times the VAE encode inside every step instead.
+
+Model FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` over one eager step without
+checkpointing (matmuls and attention: the no-grad reference forward, the policy forward and backward, SPAF);
+recomputation under checkpointing is not model FLOPs. MFU = FLOPs / step time / peak, with the peak from
+``--peak-tflops`` (default on CUDA: 989, dense bf16 of H100/H200 SXM; on the CPU: this machine's measured
+fp32 matmul rate). Memory: CUDA ``max_memory_allocated`` per objective; CPU: the process's peak RSS so far
+(monotone down the table, so only its growth is informative).
+
+Usage::
+
+    python benchmarks/bench_step.py [--preset cpu-tiny|flux-dev] [--refs 1 2] [--checkpointing off on]
+                                    [--compile off on] [--warmup 2] [--iters 5] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import resource
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from focusdpo.backbones.base import TextCond, Tokens
+from focusdpo.config import Config, LoraConfig, ModelConfig, TrainConfig
+from focusdpo.train.step import NoiseKey, pair_step
+
+OBJECTIVES = ("sft", "plain-dpo", "dpo", "focusdpo")
+LORA = LoraConfig(rank=16, alpha=16.0)
+FLUX_DEV = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+            "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
+            "guidance_embeds": True, "axes_dims_rope": (16, 56, 56)}
+FLUX_VAE = {"in_channels": 3, "out_channels": 3, "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4, "block_out_channels": (128, 256, 512, 512),
+            "layers_per_block": 2, "latent_channels": 16, "norm_num_groups": 32, "sample_size": 1024,
+            "scaling_factor": 0.3611, "shift_factor": 0.1159, "use_quant_conv": False, "use_post_quant_conv": False}
+
+
+@dataclass
+class Preset:
+    size: int
+    ref_size: int
+    text_tokens: int
+    dtype: torch.dtype
+    device: str
+
+
+PRESETS = {"cpu-tiny": Preset(64, 64, 32, torch.float32, "cpu"),
+           "flux-dev": Preset(512, 512, 512, torch.bfloat16, "cuda")}
+
+
+class RandomText:
+    """Stand-in for T5-XXL + CLIP-L with their output shapes: fixed random features per prompt (flux-dev preset)."""
+
+    def __init__(self, tokens: int, device: torch.device, dtype: torch.dtype, dim: int = 4096, pooled: int = 768):
+        self.tokens, self.device, self.dtype, self._dim, self._pooled = tokens, device, dtype, dim, pooled
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def pooled_dim(self) -> int:
+        return self._pooled
+
+    def encode(self, prompts: Sequence[str]) -> TextCond:
+        seed = int(hashlib.md5("|".join(prompts).encode()).hexdigest()[:8], 16)
+        g = torch.Generator(self.device).manual_seed(seed)
+        shape = (len(prompts), self.tokens, self._dim)
+        return TextCond(torch.randn(shape, generator=g, device=self.device, dtype=self.dtype),
+                        torch.randn(len(prompts), self._pooled, generator=g, device=self.device, dtype=self.dtype))
+
+
+def build_backbone(preset: str, tmp: Path, latent_cache: bool):
+    """The backbone of ``preset`` with LoRA (r16) attached, frozen base."""
+    from focusdpo.backbones.vae import FluxVAECodec, LatentCache
+
+    p = PRESETS[preset]
+    if preset == "cpu-tiny":
+        from focusdpo.backbones import load_backbone
+        from focusdpo.backbones.flux_pretrained import write_tiny_flux_folder
+
+        folder = write_tiny_flux_folder(tmp / "flux-tiny", seed=0)
+        cfg = ModelConfig(backbone="flux", checkpoint=str(folder), guidance=4.0, patch=16,
+                          max_text_tokens=p.text_tokens, latent_cache=str(tmp / "latents") if latent_cache else None)
+        bb = load_backbone(cfg, device=p.device)
+    else:
+        from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+        from focusdpo.backbones.flux import FluxInContext
+
+        device = torch.device(p.device)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(p.dtype)  # build in bf16 directly: 24 GB instead of a 48 GB fp32 detour
+        try:
+            with device:
+                transformer = FluxTransformer2DModel(**FLUX_DEV).requires_grad_(False)
+                vae = AutoencoderKL(**FLUX_VAE)
+        finally:
+            torch.set_default_dtype(default)
+        codec = FluxVAECodec(vae, device=device)
+        bb = FluxInContext(transformer, LatentCache(codec, tmp / "latents") if latent_cache else codec,
+                           RandomText(p.text_tokens, device, p.dtype), guidance=4.0)
+    bb.add_lora(LORA)
+    return bb
+
+
+def make_batch(size: int, ref_size: int, k: int, patch: int, b: int = 1, seed: int = 0) -> dict:
+    """A DIP batch of ``b`` pairs with ``k`` subjects side by side; the negative differs only inside M_prior."""
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.rand(b, 3, size, size, generator=g)
+    regions = torch.zeros(b, k, size, size)
+    for i in range(k):
+        regions[:, i, size // 4: 3 * size // 4, i * size // k: (i + 1) * size // k] = 1
+    m_prior = regions[:, 0].clone()
+    neg = torch.where(m_prior[:, None] > 0, torch.rand(b, 3, size, size, generator=g), pos)
+    h = size // patch
+    return {"id": [f"pair{i}" for i in range(b)], "prompt": ["a red dog and a blue cat on the grass"] * b,
+            "positive": pos, "negative": neg, "m_prior": m_prior, "regions": regions,
+            "references": [torch.rand(b, 3, ref_size, ref_size, generator=g) for _ in range(k)],
+            "ref_masks": [torch.ones(b, ref_size, ref_size) for _ in range(k)],
+            "m_d": torch.rand(b, h, h, generator=g), "m_d_patch": patch}
+
+
+class StepRunner:
+    """One objective's training step on a fixed batch: ``pair_step`` -> backward -> AdamW on the LoRA.
+
+    ``plain-dpo`` is Diffusion-DPO as a trainer without focus would run it: the same encode, noise, reference
+    and loss, but the policy forward without the feature tap and no SPAF (``pair_step`` taps and computes the
+    focus for every objective, to log the alignment of the baselines too).
+    """
+
+    def __init__(self, bb, batch: dict, objective: str, autocast: torch.dtype | None) -> None:
+        self.bb, self.batch, self.autocast, self.objective = bb, batch, autocast, objective
+        name = "dpo" if objective == "plain-dpo" else objective
+        self.cfg = Config(lora=LORA, train=TrainConfig(objective=name))
+        params = [p for p in bb.transformer.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=1e-6)
+
+    def __call__(self, i: int, optimize: bool = True) -> None:
+        device = self.bb.device
+        with torch.autocast(device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            if self.objective == "plain-dpo":
+                loss = plain_dpo_loss(self.bb, self.batch, NoiseKey(seed=0, step=i), self.cfg)
+            else:
+                loss = pair_step(self.bb.predict, self.bb, self.batch, NoiseKey(seed=0, step=i), self.cfg).loss
+        loss.backward()
+        if optimize:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def plain_dpo_loss(bb, batch: dict, noise: NoiseKey, cfg: Config) -> torch.Tensor:
+    """Diffusion-DPO (W = 1) without tap or focus, from the trainer's public pieces (DESIGN 2.2)."""
+    from focusdpo.losses import objective_loss, token_errors
+    from focusdpo.train.step import encode_batch, noisy
+
+    inputs = encode_batch(bb, batch)
+    b, n, c = inputs.x0_w.shape
+    eps, s = noise.draw(b, n, c, cfg.loss)
+    eps, s = eps.to(inputs.x0_w).repeat(2, 1, 1), s.to(inputs.x0_w.device).repeat(2)
+    x_t, target = noisy(torch.cat([inputs.x0_w, inputs.x0_l]), eps, s)
+    text = TextCond.cat([inputs.text, inputs.text])
+    refs = [Tokens(torch.cat([r.tokens, r.tokens]), r.grid) for r in inputs.refs]
+    with torch.no_grad(), bb.reference():
+        ref_err = token_errors(bb.predict(x_t, s, text, refs, inputs.grid)[0], target)
+    err = token_errors(bb.predict(x_t, s, text, refs, inputs.grid)[0], target)
+    loss, _ = objective_loss("dpo", err[:b], err[b:], ref_err[:b], ref_err[b:], beta=cfg.loss.beta)
+    return loss.mean()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def measure(runs: dict[str, StepRunner], warmup: int, iters: int) -> dict[str, tuple[float, float]]:
+    """``{objective: (median step seconds, peak GiB)}``; objectives interleave step by step, so a drift of the
+    machine's load hits all of them alike."""
+    device = next(iter(runs.values())).bb.device
+    for i in range(warmup):
+        for run in runs.values():
+            run(i)
+    times: dict[str, list[float]] = {o: [] for o in runs}
+    peaks = dict.fromkeys(runs, 0.0)
+    for i in range(iters):
+        for objective, run in runs.items():
+            _sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            run(warmup + i)
+            _sync(device)
+            times[objective].append(time.perf_counter() - start)
+            peaks[objective] = max(peaks[objective], _peak_gib(device))
+    return {o: (statistics.median(times[o]), peaks[o]) for o in runs}
+
+
+def model_flops(run: StepRunner) -> float:
+    """FLOPs of one eager step without checkpointing (the optimizer's elementwise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    transformer = run.bb.transformer
+    checkpointing = transformer.gradient_checkpointing
+    transformer.disable_gradient_checkpointing()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            run(0, optimize=False)
+    finally:
+        if checkpointing:
+            transformer.enable_gradient_checkpointing()
+    return float(counter.get_total_flops())
+
+
+def cpu_peak_flops(n: int = 1024, reps: int = 10) -> float:
+    """This machine's fp32 matmul rate (FLOP/s), the CPU's MFU denominator."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def run_case(bb, k: int, checkpointing: bool, args: argparse.Namespace, flops: dict, peak: float) -> list[str]:
+    """Markdown rows of the objectives for one case; ``flops`` caches the counts per (K, objective)."""
+    p = PRESETS[args.preset]
+    batch = make_batch(p.size, p.ref_size, k, bb.patch)
+    if checkpointing:
+        bb.transformer.enable_gradient_checkpointing()
+    else:
+        bb.transformer.disable_gradient_checkpointing()
+    autocast = p.dtype if bb.device.type == "cuda" and p.dtype != torch.float32 else None
+    runs = {o: StepRunner(bb, batch, o, autocast) for o in OBJECTIVES}
+    results = measure(runs, args.warmup, args.iters)
+    for objective, run in runs.items():  # after warm-up: the latent cache is warm, as in the timed steps
+        if (k, objective) not in flops:
+            flops[(k, objective)] = model_flops(run)
+    name = f"K={k}, ckpt {'on' if checkpointing else 'off'}, {'compiled' if args.compiled else 'eager'}"
+    rows = []
+    for objective in OBJECTIVES:
+        t, mem = results[objective]
+        ratio = ""
+        if objective == "focusdpo":
+            ratio = f"{t / results['dpo'][0]:.3f} / {t / results['plain-dpo'][0]:.3f}"
+        f = flops[(k, objective)]
+        rows.append(f"| {name} | {objective} | {t * 1e3:.1f} | {mem:.2f} | {ratio} | {f / 1e9:.3f} | "
+                    f"{100 * f / t / peak:.1f}% |")
+    return rows
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu-tiny")
+    ap.add_argument("--refs", type=int, nargs="+", default=[1, 2], help="Numbers of references K to time.")
+    ap.add_argument("--checkpointing", choices=["off", "on"], nargs="+", default=["off", "on"])
+    ap.add_argument("--compile", choices=["off", "on"], nargs="+", default=None,
+                    help="Eager and/or diffusers compile_repeated_blocks (default: off on CPU, off on on CUDA).")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads.")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (default: see module doc).")
+    ap.add_argument("--no-latent-cache", action="store_true", help="Encode images with the VAE in every step.")
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    p = PRESETS[args.preset]
+    if p.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--preset {args.preset} needs a CUDA GPU; use --preset cpu-tiny on a CPU")
+    compile_modes = args.compile or (["off", "on"] if p.device == "cuda" else ["off"])
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else (989e12 if p.device == "cuda" else cpu_peak_flops())
+    device_name = torch.cuda.get_device_name() if p.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# bench_step: preset {args.preset}, {device_name}, torch {torch.__version__}, LoRA r{LORA.rank}, "
+          f"latent cache {'off' if args.no_latent_cache else 'on'}, warm-up {args.warmup}, median of {args.iters}, "
+          f"MFU peak {peak / 1e12:.3f} TFLOP/s")
+    print("| case | objective | step ms | peak GiB | FocusDPO/DPO (pair_step / plain) | GFLOP/step | MFU |")
+    print("|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        bb = build_backbone(args.preset, Path(tmp), latent_cache=not args.no_latent_cache)
+        flops: dict = {}
+        for mode in compile_modes:  # eager first: compile_repeated_blocks compiles in place
+            args.compiled = mode == "on"
+            if args.compiled:
+                bb.transformer.compile_repeated_blocks()
+            for k, ckpt in itertools.product(args.refs, args.checkpointing):
+                for row in run_case(bb, k, ckpt == "on", args, flops, peak):
+                    print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()
