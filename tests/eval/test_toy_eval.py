@@ -111,8 +111,8 @@ def test_evaluate_toy_base_and_runs(base_ckpt, tmp_path):
     report = (out / "report.md").read_text()
     assert "| focusdpo |" in report and "Paired difference to `base`" in report and "| dpo | 0.000 ± 0.000" in report
     with Image.open(out / "grid_3subjects.png") as im:
-        # 2 scenes; 3 refs of 16 px + 3 method columns of 32 px, pad 2, x4, plus the 14 px label header
-        assert im.size == (4 * (2 + 3 * 18 + 3 * 34), 14 + 4 * (2 + 2 * 34))
+        # 2 scenes; 3 refs of 16 px + truth and 3 method columns of 32 px, pad 2, x4, plus the 14 px label header
+        assert im.size == (4 * (2 + 3 * 18 + 4 * 34), 14 + 4 * (2 + 2 * 34))
     assert (out / "metrics.png").is_file() and (out / "curves_focusdpo.png").is_file()
 
 

@@ -132,8 +132,9 @@ def evaluate_toy(cfg: Config, runs: Mapping[str, Path | None], out_dir: str | Pa
                  device: torch.device | str | None = None, log: Callable[[str], None] | None = None) -> dict:
     """Evaluate each method (``None`` = the base model) on the same held-out scenes and noise.
 
-    Writes ``out_dir/metrics.json``, ``report.md``, ``grid_<k>subjects.png`` (references | one column per
-    method), ``metrics.png`` (method comparison) and ``curves_<method>.png`` for runs with a ``metrics.csv``.
+    Writes ``out_dir/metrics.json``, ``report.md``, ``grid_<k>subjects.png`` (references | ground-truth render |
+    one column per method, seed 0), ``metrics.png`` (method comparison) and ``curves_<method>.png`` for runs
+    with a ``metrics.csv``.
     Returns the ``metrics.json`` dict.
     """
     if not runs:
@@ -176,8 +177,9 @@ def write_toy_outputs(out: Path, metrics: Mapping[str, dict], runs: Mapping[str,
         return
     for k, ks in scenes.items():
         n = min(grid_scenes, len(ks))
-        columns = {m: torch.from_numpy(np.stack(g[k][:n])).permute(0, 3, 1, 2).float().div(255)
-                   for m, g in grids.items()}
+        renders = [s.image for s in ks[:n]]
+        columns = {m: torch.from_numpy(np.stack(images[:n])).permute(0, 3, 1, 2).float().div(255)
+                   for m, images in [("truth", renders)] + [(m, g[k]) for m, g in grids.items()]}
         comparison_grid(references_of(ks[:n]), columns, out / f"grid_{k}subjects.png")
 
 
