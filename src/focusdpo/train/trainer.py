@@ -24,9 +24,11 @@ Choices made here:
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -140,7 +142,19 @@ def make_accelerator(cfg: Config) -> Any:
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
-    return Accelerator(mixed_precision=mp, gradient_accumulation_steps=1)
+    use_cpu = not torch.cuda.is_available() or _env_flag("ACCELERATE_USE_CPU")
+    accelerator = Accelerator(cpu=use_cpu, mixed_precision=mp, gradient_accumulation_steps=1)
+    if use_cpu and accelerator.num_processes == 1 and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+        # `accelerate launch --cpu --num_processes N` without an MPI hostfile starts ONE process (accelerate 1.x)
+        warnings.warn("accelerate launch --cpu started a single process: several CPU processes need "
+                      "`accelerate launch --multi_gpu --num_processes N` (gloo on a machine without CUDA; "
+                      "ACCELERATE_USE_CPU=1 forces the CPU) or --mpirun_hostfile; see docs/distributed.md",
+                      stacklevel=2)
+    return accelerator
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _run_dir(cfg: Config, accelerator: Any, resume: bool) -> Path:
