@@ -40,10 +40,12 @@ def test_collate_refuses_mixed_k(toy_set):
 
 
 def test_streaming_cache_is_bounded(toy_set):
-    ds = DipDataset(toy_set, cache_row_groups=2)
+    one = DipDataset(toy_set)._row_group(0, 0).nbytes
+    ds = DipDataset(toy_set, cache_bytes=2 * one)
     for i in range(len(ds)):
         ds[i]
-        assert len(ds._cache) <= 2
+        assert 1 <= len(ds._cache) <= 3 and ds._cached_bytes == sum(t.nbytes for t in ds._cache.values())
+        assert ds._cached_bytes <= 2 * one or len(ds._cache) == 1
 
 
 def test_bucket_sampler_covers_each_record_once_with_one_key_per_batch():

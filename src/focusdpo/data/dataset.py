@@ -1,8 +1,9 @@
 """Loading DIP shards for training: a streaming Dataset, a bucketing batch sampler, the collate.
 
 :class:`DipDataset` keeps only a small index in memory (shard, row group, row, K, sizes: read from the
-metadata columns alone) and reads rows on demand, one Parquet row group at a time, with a small LRU cache of
-row groups per process; PNGs are decoded per item. Every DataLoader worker opens its own file handles.
+metadata columns alone) and reads rows on demand, one Parquet row group at a time, into an LRU cache of row
+groups per process bounded in bytes (``cache_bytes``); PNGs are decoded per item. Every DataLoader worker
+opens its own file handles.
 
 :class:`BucketBatchSampler` makes every batch hold one ``K`` and one set of sizes (target ``H, W`` and each
 reference's ``h_k, w_k``), so the collate can stack. For an epoch ``e`` and seed ``s`` it shuffles the records
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -49,12 +51,15 @@ class DipDataset(Dataset):
 
     Args:
         path: a built set's folder (``data-*.parquet``) or one shard file.
-        cache_row_groups: decoded-from-Parquet row groups kept per process (LRU).
+        cache_bytes: budget of the per-process LRU cache of row groups (Arrow tables holding the PNG bytes, not
+            decoded images). The 2000-record toy set (8 MB) fits in the default and is read from disk once;
+            larger sets stream, keeping at most this much (and at least one row group) in memory.
     """
 
-    def __init__(self, path: str | Path, cache_row_groups: int = 8) -> None:
+    def __init__(self, path: str | Path, cache_bytes: int = 256 * 2**20) -> None:
         self.shards = shard_paths(path)
-        self.cache_row_groups = max(1, cache_row_groups)
+        self.cache_bytes = int(cache_bytes)
+        self._cached_bytes = 0
         loc, keys, ids = [], [], []
         for s, shard in enumerate(self.shards):
             pf = pq.ParquetFile(shard)
@@ -73,29 +78,30 @@ class DipDataset(Dataset):
         self.ids: list[str] = ids
         self._files: dict[int, pq.ParquetFile] = {}
         self._pid = os.getpid()
-        self._cache: OrderedDict[tuple[int, int], list[dict[str, Any]]] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_files"], state["_cache"] = {}, OrderedDict()
+        state["_files"], state["_cache"], state["_cached_bytes"] = {}, OrderedDict(), 0
         return state
 
-    def _row_group(self, shard: int, group: int) -> list[dict[str, Any]]:
+    def _row_group(self, shard: int, group: int) -> pa.Table:
         if self._pid != os.getpid():  # forked worker: never share file handles with the parent
-            self._files, self._cache, self._pid = {}, OrderedDict(), os.getpid()
+            self._files, self._cache, self._cached_bytes, self._pid = {}, OrderedDict(), 0, os.getpid()
         key = (shard, group)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
         if shard not in self._files:
             self._files[shard] = pq.ParquetFile(self.shards[shard])
-        rows = self._files[shard].read_row_group(group).to_pylist()
+        rows = self._files[shard].read_row_group(group)
         self._cache[key] = rows
-        if len(self._cache) > self.cache_row_groups:
-            self._cache.popitem(last=False)
+        self._cached_bytes += rows.nbytes
+        while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
+            self._cached_bytes -= self._cache.popitem(last=False)[1].nbytes
         return rows
 
     def record(self, index: int):
@@ -103,7 +109,7 @@ class DipDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"record index {index} is out of range for a set of {len(self)} records")
         shard, group, row = (int(v) for v in self._loc[index])
-        return row_to_record(self._row_group(shard, group)[row])
+        return row_to_record(self._row_group(shard, group).slice(row, 1).to_pylist()[0])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """One record as tensors (the per-item version of the batch layout in the module docstring)."""
