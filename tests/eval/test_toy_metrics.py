@@ -62,6 +62,14 @@ def test_reading_survives_generator_noise_and_colour_drift(world: World):
         assert agg["fidelity"] >= 0.95 and agg["leakage"] <= 0.05 and agg["prompt"] >= 0.95, (name, agg)
 
 
+def test_mild_blur_keeps_coarse_attributes(world: World):
+    """A soft generator output (Gaussian blur 0.5 px) keeps class and body colour readable."""
+    scenes = _heldout_scenes(world, 20, 2, seed=7) + _heldout_scenes(world, 20, 3, seed=8)
+    soft = [np.asarray(Image.fromarray(s.image).filter(ImageFilter.GaussianBlur(0.5))) for s in scenes]
+    agg = aggregate([score_scene(img, s, world) for img, s in zip(soft, scenes, strict=True)])
+    assert agg["fidelity/class"] >= 0.85 and agg["fidelity/body"] >= 0.95 and agg["leakage"] <= 0.05, agg
+
+
 def test_every_planted_attribute_is_read_back(world: World):
     """A single subject of each class x pattern x detail (and colours in turn) is read exactly."""
     colours = list(COLOURS)
