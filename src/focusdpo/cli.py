@@ -91,6 +91,9 @@ def dip_build_cmd(
     auto_masks: bool = typer.Option(False, "--auto-masks", help="Manifest: GrabCut masks where none are given."),
     root: Path | None = typer.Option(None, "--root", help="Manifest: folder its paths are relative to "
                                                           "(default: the manifest's folder)."),
+    size: int | None = typer.Option(None, "--size", help="Manifest: resize targets to size x size (shorter "
+                                                         "side, centre crop); default: keep their sizes."),
+    ref_size: int | None = typer.Option(None, "--ref-size", help="Manifest: the same for references."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing build in --out."),
     config: Path | None = ConfigOpt,
     overrides: list[str] | None = OverridesArg,
@@ -112,7 +115,8 @@ def dip_build_cmd(
                               command=command)
         else:
             s = build_manifest_dip(cfg, manifest, out, seed=seed, patch=patch, auto_masks=auto_masks,
-                                   overwrite=overwrite, progress=True, command=command, root=root)
+                                   overwrite=overwrite, progress=True, command=command, root=root, size=size,
+                                   ref_size=ref_size)
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         typer.secho(f"dip build: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from e

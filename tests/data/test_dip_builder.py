@@ -164,3 +164,23 @@ def test_manifest_build_lists_bad_records_and_keeps_good_ones(tmp_path):
     card = json.loads((tmp_path / "out" / "card.json").read_text())
     assert card["records"] == 4 and card["rejected"] == len(bad) + 1 and card["kind"] == "manifest"
     assert card["never_drawn"]["identity_swap"] == "needs swap_identity" and s.never_drawn == card["never_drawn"]
+
+
+def test_manifest_build_with_size_is_one_bucket_and_deterministic(tmp_path):
+    from focusdpo.config import load_config
+    from focusdpo.data import DipDataset
+
+    root = tmp_path / "m"
+    root.mkdir()
+    manifest, _ = _manifest_with_every_bad_case(root)
+    cfg = load_config(None, ["data.max_pixels=4096"])
+    a = build_manifest_dip(cfg, manifest, tmp_path / "a", seed=2, patch=8, size=24, ref_size=8)
+    b = build_manifest_dip(cfg, manifest, tmp_path / "b", seed=2, patch=8, size=24, ref_size=8)
+    assert b.written == 4
+    assert a.written == 4 and a.rejected == b.rejected == 8
+    for x, y in zip(shard_paths(tmp_path / "a"), shard_paths(tmp_path / "b"), strict=True):
+        assert x.read_bytes() == y.read_bytes()
+    ds = DipDataset(tmp_path / "a")
+    assert {key[1:] for key in ds.keys} == {(24, 24, ((8, 8),) * 2), (24, 24, ((8, 8),))}
+    with pytest.raises(ValueError, match="multiple of the patch"):
+        build_manifest_dip(cfg, manifest, tmp_path / "c", patch=8, size=20)

@@ -200,3 +200,16 @@ def test_auto_mask_failure_is_a_rejection(tmp_path):
     (_, _, entry), = list(read_manifest(path))
     with pytest.raises(BadRecord, match="GrabCut found a foreground"):
         load_entry(entry, tmp_path.resolve(), patch=8, max_pixels=10**6, auto_masks=True)
+
+
+def test_square_resize_keeps_masks_hard_and_centred():
+    from focusdpo.data.manifest import square_resize
+
+    img = np.full((40, 80, 3), 200, np.uint8)
+    masks = np.zeros((2, 40, 80), bool)
+    masks[0, 10:30, 30:50] = True
+    masks[1, :, :10] = True  # falls outside the centre crop
+    out, m = square_resize(img, masks, 20)
+    assert out.shape == (20, 20, 3) and m.shape == (2, 20, 20) and m.dtype == bool
+    assert m[0, 5:15, 5:15].all() and m[0].sum() == 100 and not m[1].any()
+    assert (out == 200).all()

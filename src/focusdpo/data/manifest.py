@@ -176,39 +176,69 @@ def load_mask(path: Path, name: str, size: tuple[int, int], max_pixels: int) -> 
     return mask
 
 
-def load_entry(entry: ManifestEntry, root: Path, patch: int, max_pixels: int, auto_masks: bool) -> LoadedEntry:
-    """Read and check every file of ``entry``; raises :class:`BadRecord` on the first problem."""
-    image = load_image(entry.target, "target", max_pixels)
-    size = image.shape[:2]
-    origins = {"target_masks": "file"}
-    if entry.target_masks is not None:
-        regions = np.stack([load_mask(p, f"target_masks[{i}]", size, max_pixels)
-                            for i, p in enumerate(entry.target_masks)])
-    elif auto_masks and len(entry.references) == 1:
-        regions = _auto_mask(image, "target")[None]
-        origins["target_masks"] = "grabcut"
-    else:
-        raise BadRecord("no 'target_masks'; give one mask per reference, or pass --auto-masks "
-                        "(automatic masks cover one-subject records only)")
+def load_entry(entry: ManifestEntry, root: Path, patch: int, max_pixels: int, auto_masks: bool,
+               size: int | None = None, ref_size: int | None = None) -> LoadedEntry:
+    """Read and check every file of ``entry``; raises :class:`BadRecord` on the first problem.
+
+    ``size`` / ``ref_size``: when given, the target / each reference (with its masks) is resized so that its
+    shorter side has that many pixels (Lanczos for images, nearest for masks) and centre-cropped to a square.
+    """
+    image, regions, target_origin = _load_target(entry, max_pixels, auto_masks)
     refs, ref_masks, ref_origin = [], [], []
     for i, (rp, mp) in enumerate(zip(entry.references, entry.ref_masks, strict=True)):
         ref = load_image(rp, f"references[{i}].image", max_pixels)
         if mp is not None:
-            ref_masks.append(load_mask(mp, f"references[{i}].mask", ref.shape[:2], max_pixels))
-            ref_origin.append("file")
+            mask, origin = load_mask(mp, f"references[{i}].mask", ref.shape[:2], max_pixels), "file"
         elif auto_masks:
-            ref_masks.append(_auto_mask(ref, f"references[{i}]"))
-            ref_origin.append("grabcut")
+            mask, origin = _auto_mask(ref, f"references[{i}]"), "grabcut"
         else:
-            ref_masks.append(np.ones(ref.shape[:2], bool))
-            ref_origin.append("unknown")
+            mask, origin = np.ones(ref.shape[:2], bool), "unknown"
+        if ref_size is not None:
+            ref, masks = square_resize(ref, mask[None], ref_size)
+            mask = masks[0]
+            if not mask.any():
+                raise BadRecord(f"references[{i}].mask is empty after the centre crop to {ref_size} px; "
+                                "give a reference with the subject nearer the centre")
         refs.append(ref)
+        ref_masks.append(mask)
+        ref_origin.append(origin)
+    if size is not None:
+        image, regions = square_resize(image, regions, size)
     image, regions, crop = _crop_to_patch(image, regions, patch)
     rel = lambda p: str(p.relative_to(root))  # noqa: E731
     prov = {"builder": "manifest", "line": entry.line, "target": rel(entry.target),
-            "references": [rel(p) for p in entry.references], "mask_origin": origins | {"references": ref_origin},
-            "crop": crop}
+            "references": [rel(p) for p in entry.references],
+            "mask_origin": {"target_masks": target_origin, "references": ref_origin},
+            "resize": [size, ref_size], "crop": crop}
     return LoadedEntry(image, regions, refs, ref_masks, prov)
+
+
+def _load_target(entry: ManifestEntry, max_pixels: int, auto_masks: bool) -> tuple[np.ndarray, np.ndarray, str]:
+    """The target uint8 [H, W, 3], its regions bool [K, H, W] and where they came from (file or grabcut)."""
+    image = load_image(entry.target, "target", max_pixels)
+    if entry.target_masks is not None:
+        regions = np.stack([load_mask(p, f"target_masks[{i}]", image.shape[:2], max_pixels)
+                            for i, p in enumerate(entry.target_masks)])
+        return image, regions, "file"
+    if auto_masks and len(entry.references) == 1:
+        return image, _auto_mask(image, "target")[None], "grabcut"
+    raise BadRecord("no 'target_masks'; give one mask per reference, or pass --auto-masks "
+                    "(automatic masks cover one-subject records only)")
+
+
+def square_resize(image: np.ndarray, masks: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Resize uint8 ``[H, W, 3]`` and bool ``[K, H, W]`` so the shorter side is ``side``, centre-crop to square.
+
+    Images use Lanczos, masks nearest neighbour (they stay hard). Returns ``([side, side, 3], [K, side, side])``.
+    """
+    h, w = image.shape[:2]
+    scale = side / min(h, w)
+    nw, nh = max(side, round(w * scale)), max(side, round(h * scale))
+    top, left = (nh - side) // 2, (nw - side) // 2
+    box = (left, top, left + side, top + side)
+    img = np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.LANCZOS).crop(box))
+    out = [np.asarray(Image.fromarray(m).resize((nw, nh), Image.Resampling.NEAREST).crop(box)) for m in masks]
+    return img, np.stack(out).astype(bool)
 
 
 def _auto_mask(image: np.ndarray, name: str) -> np.ndarray:

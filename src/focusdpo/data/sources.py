@@ -123,7 +123,8 @@ def ensure_toy_dip(cfg, patch: int | None = None, progress: bool = False) -> Pat
 
 
 def manifest_candidates(path: Path, seed: int, patch: int, max_pixels: int, auto_masks: bool,
-                        extras: dict[str, Any], root: Path | None = None) -> Iterator[Candidate | Rejection]:
+                        extras: dict[str, Any], root: Path | None = None, size: int | None = None,
+                        ref_size: int | None = None) -> Iterator[Candidate | Rejection]:
     """Candidates of a manifest's good lines and :class:`Rejection` for the bad ones."""
     root = manifest_root(path, root)
     for line, raw, entry in read_manifest(path, root):
@@ -131,7 +132,7 @@ def manifest_candidates(path: Path, seed: int, patch: int, max_pixels: int, auto
             yield Rejection({"line": line, "id": raw.get("id") if isinstance(raw, dict) else None}, raw, str(entry))
             continue
         try:
-            got = load_entry(entry, root, patch, max_pixels, auto_masks)
+            got = load_entry(entry, root, patch, max_pixels, auto_masks, size, ref_size)
         except BadRecord as e:
             yield Rejection({"line": line, "id": entry.id}, raw, str(e))
             continue
@@ -143,10 +144,14 @@ def manifest_candidates(path: Path, seed: int, patch: int, max_pixels: int, auto
 def build_manifest_dip(cfg, manifest: str | Path, out_dir: str | Path, seed: int | None = None,
                        patch: int | None = None, auto_masks: bool = False, overwrite: bool = False,
                        progress: bool = False, extras: dict[str, Any] | None = None,
-                       command: str | None = None, root: str | Path | None = None) -> BuildSummary:
+                       command: str | None = None, root: str | Path | None = None, size: int | None = None,
+                       ref_size: int | None = None) -> BuildSummary:
     """Build a DIP set from a JSONL manifest into ``out_dir``; bad lines go to ``rejected.jsonl``.
 
     ``root``: the folder the manifest's paths are relative to (None: the manifest's folder).
+    ``size`` / ``ref_size``: resize targets / references to squares of that side (shorter side, centre crop),
+    so that every record falls in one loader bucket; None keeps the photos' sizes (targets are only cropped to
+    multiples of the patch).
     """
     manifest = Path(manifest)
     if not manifest.is_file():
@@ -154,10 +159,15 @@ def build_manifest_dip(cfg, manifest: str | Path, out_dir: str | Path, seed: int
     base = manifest_root(manifest, root)
     seed = cfg.data.seed if seed is None else seed
     s = _settings(cfg, seed, patch, progress, extras, command, f"build_manifest_dip({str(manifest)!r}")
+    for name, v in (("size", size), ("ref_size", ref_size)):
+        if v is not None and (v < s.patch or v % s.patch):
+            raise ValueError(f"{name}={v} must be a positive multiple of the patch {s.patch}")
     out = prepare_out_dir(out_dir, overwrite)
     with manifest.open(encoding="utf-8", errors="replace") as f:
         total = sum(1 for t in f if t.strip())
-    items = manifest_candidates(manifest, seed, s.patch, cfg.data.max_pixels, auto_masks, s.extras, base)
+    items = manifest_candidates(manifest, seed, s.patch, cfg.data.max_pixels, auto_masks, s.extras, base, size,
+                                ref_size)
     return run_build(items, out, s, total, {"kind": "manifest", "manifest": str(manifest.resolve()),
-                                            "root": str(base), "auto_masks": auto_masks,
+                                            "root": str(base), "auto_masks": auto_masks, "size": size,
+                                            "ref_size": ref_size,
                                             "max_pixels": cfg.data.max_pixels})
