@@ -69,6 +69,23 @@ def test_split_is_disjoint_and_holds_unseen_combinations(world: World):
         assert {getattr(world.identities[i], attr) for i in train} == set(values)
 
 
+@pytest.mark.parametrize("n", [20, 57, 200])
+def test_small_worlds_get_the_requested_split(n: int):
+    world = World(WorldConfig(n_identities=n, heldout_fraction=0.25))
+    assert len(world.heldout_ids) == round(0.25 * n)
+    assert not set(world.train_ids) & set(world.heldout_ids)
+    assert len(world.train_ids) + len(world.heldout_ids) == n
+
+
+def test_references_are_deterministic_and_jittered(world: World):
+    ident = world.identities[3]
+    a, ma = world.render_reference(ident, np.random.default_rng(1))
+    b, mb = world.render_reference(ident, np.random.default_rng(1))
+    assert np.array_equal(a, b) and np.array_equal(ma, mb)
+    masks = [world.render_reference(ident, np.random.default_rng(s))[1] for s in range(2, 8)]
+    assert len({m.tobytes() for m in masks}) == len(masks)  # pose and scale differ between draws
+
+
 def test_world_is_deterministic_from_its_seed(world: World):
     again = World(WorldConfig())
     assert again.identities == world.identities and again.heldout_ids == world.heldout_ids

@@ -53,7 +53,13 @@ _FG_DISTANCE = 30.0  # the rendered texture is within 6 * sqrt(3) ~ 10.4; blurre
 
 @dataclass
 class SubjectReading:
-    """What the pixels of one subject's region say. ``area`` in pixels; attributes are names or ``"none"``."""
+    """What the pixels of one subject's region say.
+
+    ``present``: a region of at least the minimum area was found; ``area``: its pixels; ``cls`` / ``body`` /
+    ``pattern`` / ``pattern_colour`` / ``detail``: attribute names or ``"none"``; ``iou``: the class template's
+    IoU in [0, 1]; ``mean_colour``: float [3] RGB in [0, 255] over the core; ``shares``: subject colour ->
+    fraction of the core's subject-coloured pixels; ``core``: bool [S, S], region AND best template.
+    """
 
     present: bool
     area: int = 0

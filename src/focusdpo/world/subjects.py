@@ -153,5 +153,10 @@ def split_identities(identities: list[Identity], heldout_fraction: float,
         triple = (identities[i].cls, identities[i].body, identities[i].pattern)
         if len(set(by_triple[triple]) - held) >= 2:
             held.add(int(i))
+    # Small worlds may have too few shared triples: fill up with any identities (more unseen triples).
+    for i in rng.permutation(n):
+        if len(held) >= n_held:
+            break
+        held.add(int(i))
     train = sorted(set(range(n)) - held)
     return train, sorted(held)
