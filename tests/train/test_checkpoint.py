@@ -50,7 +50,7 @@ def test_rng_state_survives_weights_only_load(tmp_path) -> None:
 
 def test_temp_folders_of_a_killed_writer_are_invisible_and_cleaned(tmp_path) -> None:
     _write(tmp_path, 2)
-    leftover = ckpt.checkpoint_dir(tmp_path) / ".tmp-step-00000004-999"
+    leftover = ckpt.temp_dir(tmp_path, 4)
     leftover.mkdir()
     (leftover / "lora.safetensors").write_bytes(b"half a file")
     assert ckpt.latest_checkpoint(tmp_path) == ckpt.step_dir(tmp_path, 2)

@@ -3,12 +3,13 @@
 A checkpoint is a folder ``<run>/checkpoints/step-<NNNNNNNN>/`` holding
 
 - ``lora.safetensors``: the adapter weights (the only trained parameters),
-- ``optimizer.pt``, ``scheduler.pt``: their ``state_dict`` (read back with ``weights_only=True``),
+- ``optimizer.pt``, ``scheduler.pt``: their ``state_dict`` (read back with ``weights_only=True``); with a
+  sharded optimizer (FSDP, DeepSpeed ZeRO) one ``optimizer-rank<r>.pt`` per process instead,
 - ``rng.pt``: the Python, NumPy, torch CPU and accelerator RNG states of every process (rank order),
 - ``state.json``: the optimizer step, the data position (epoch, batch within the epoch) and the world size,
 - ``config.yaml``: the resolved config of the run.
 
-Atomicity: everything is written into a hidden sibling ``.tmp-step-<N>-<pid>`` folder, flushed to disk and
+Atomicity: everything is written into a hidden sibling ``.tmp-step-<N>`` folder, flushed to disk and
 then renamed to its final name in one ``os.replace``. A reader only ever sees complete folders, so a process
 killed at any moment (``kill -9`` included) leaves the previous checkpoints intact; leftover temp folders are
 removed by :func:`clean_stale`.
@@ -137,25 +138,48 @@ def _as_tuple(value: Any) -> Any:
 # ------------------------------------------------------------------------------------------ save and load
 
 
-def save_checkpoint(run_dir: str | Path, state: TrainState, lora: Mapping[str, torch.Tensor],
-                    optimizer: Mapping[str, Any], scheduler: Mapping[str, Any], rng: Sequence[Mapping[str, Any]],
-                    config_yaml: str) -> Path:
-    """Write one checkpoint atomically and return its final folder.
+def temp_dir(run_dir: str | Path, step: int) -> Path:
+    """The hidden folder a checkpoint of ``step`` is written into before its rename."""
+    final = step_dir(run_dir, step)
+    return final.parent / f"{TMP_PREFIX}{final.name}"
 
-    ``lora``: adapter tensors; ``optimizer``/``scheduler``: their ``state_dict()``; ``rng``: one
-    :func:`capture_rng` dict per process in rank order. Call on the main process only. A complete checkpoint
-    of the same step is kept as it is (it holds the same state) and returned.
+
+def begin_checkpoint(run_dir: str | Path, step: int) -> Path:
+    """Create (empty) the temp folder of the checkpoint of ``step``; the main process calls it first."""
+    tmp = temp_dir(run_dir, step)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_optimizer_shard(tmp: Path, rank: int, optimizer: Mapping[str, Any]) -> None:
+    """Each process's optimizer state when it is sharded (FSDP, DeepSpeed ZeRO): ``optimizer-rank<r>.pt``.
+
+    The run folder must then be on storage every process (every machine) sees.
+    """
+    torch.save(dict(optimizer), tmp / f"optimizer-rank{rank:03d}.pt")
+
+
+def save_checkpoint(run_dir: str | Path, state: TrainState, lora: Mapping[str, torch.Tensor],
+                    optimizer: Mapping[str, Any] | None, scheduler: Mapping[str, Any],
+                    rng: Sequence[Mapping[str, Any]], config_yaml: str, started: bool = False) -> Path:
+    """Write one checkpoint atomically and return its final folder (main process only).
+
+    ``lora``: adapter tensors; ``optimizer``/``scheduler``: their ``state_dict()`` (``optimizer`` None: every
+    process already wrote its shard with :func:`write_optimizer_shard` into the folder of
+    :func:`begin_checkpoint`, and ``started`` is True); ``rng``: one :func:`capture_rng` dict per process in
+    rank order. A complete checkpoint of the same step is kept as it is (it holds the same state).
     """
     final = step_dir(run_dir, state.step)
     if final.is_dir():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = temp_dir(run_dir, state.step) if started else begin_checkpoint(run_dir, state.step)
+    if optimizer is not None:
+        torch.save(dict(optimizer), tmp / "optimizer.pt")
+    elif not any(tmp.glob("optimizer-rank*.pt")):
+        raise CheckpointError(f"{tmp}: no optimizer state given and no optimizer-rank*.pt shard written")
     save_file({k: v.detach().cpu().contiguous() for k, v in lora.items()}, str(tmp / "lora.safetensors"))
-    torch.save(dict(optimizer), tmp / "optimizer.pt")
     torch.save(dict(scheduler), tmp / "scheduler.pt")
     torch.save([dict(r) for r in rng], tmp / "rng.pt")
     (tmp / "config.yaml").write_text(config_yaml)
@@ -166,11 +190,15 @@ def save_checkpoint(run_dir: str | Path, state: TrainState, lora: Mapping[str, t
     return final
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint folder: ``state`` (:class:`TrainState`), ``lora``, ``optimizer``, ``scheduler``,
-    ``rng`` (list per rank) and ``config_yaml``. Tensors load on the CPU with ``weights_only=True``."""
+def load_checkpoint(path: str | Path, rank: int = 0) -> dict[str, Any]:
+    """Read a checkpoint folder: ``state`` (:class:`TrainState`), ``lora``, ``optimizer`` (this ``rank``'s
+    shard when the optimizer was sharded), ``scheduler``, ``rng`` (list per rank) and ``config_yaml``.
+    Tensors load on the CPU with ``weights_only=True``."""
     path = Path(path)
-    needed = ("state.json", "lora.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "config.yaml")
+    opt = path / "optimizer.pt"
+    if not opt.is_file() and (path / f"optimizer-rank{rank:03d}.pt").is_file():
+        opt = path / f"optimizer-rank{rank:03d}.pt"
+    needed = ("state.json", "lora.safetensors", opt.name, "scheduler.pt", "rng.pt", "config.yaml")
     missing = [n for n in needed if not (path / n).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}): resume from "
@@ -179,7 +207,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return {
         "state": state,
         "lora": load_file(str(path / "lora.safetensors")),
-        "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
+        "optimizer": torch.load(opt, map_location="cpu", weights_only=True),
         "scheduler": torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True),
         "rng": torch.load(path / "rng.pt", map_location="cpu", weights_only=True),
         "config_yaml": (path / "config.yaml").read_text(),

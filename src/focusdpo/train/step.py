@@ -3,9 +3,10 @@
 encode -> shared noise and timestep per pair -> reference prediction (no grad, adapters off) -> policy
 prediction with the feature tap -> SPAF + stored ``M_d`` + gating -> ``W`` -> objective.
 
-The step knows only the backbone contract (:mod:`focusdpo.backbones.base`). The policy forward goes through
-``policy`` (a callable with ``Backbone.predict``'s signature), so that the trainer can route it through the
-module accelerate wrapped (DDP/FSDP/DeepSpeed) while the frozen reference calls ``backbone.predict`` directly.
+The step knows only the backbone contract (:mod:`focusdpo.backbones.base`). Forwards go through ``policy``
+(a callable with ``Backbone.predict``'s signature), so that the trainer can route them through the module
+accelerate wrapped (DDP/FSDP/DeepSpeed); the reference forward is the same call inside ``backbone.reference()``
+(adapters off) and ``no_grad``.
 
 Both sides of a pair go through one forward of batch ``2B`` (positives first, then negatives): same text,
 same references, same ``eps`` and the same ``s`` (DESIGN 2.2). Noise and timesteps are drawn by the caller
@@ -187,11 +188,14 @@ def compute_focus(feats: torch.Tensor, n_target: int, ref_grids: Sequence[tuple[
 # ---------------------------------------------------------------------------------------------------- step
 
 
-def _reference_errors(backbone: Backbone, x_t: torch.Tensor, s: torch.Tensor, text: TextCond, refs: list[Tokens],
-                      grid: tuple[int, int], target: torch.Tensor) -> torch.Tensor:
-    """Token errors ``[2B, N]`` of the frozen reference (adapters off, no grad) on ``[x_t^w; x_t^l]``."""
+def _reference_errors(policy: Policy, backbone: Backbone, x_t: torch.Tensor, s: torch.Tensor, text: TextCond,
+                      refs: list[Tokens], grid: tuple[int, int], target: torch.Tensor) -> torch.Tensor:
+    """Token errors ``[2B, N]`` of the frozen reference (adapters off, no grad) on ``[x_t^w; x_t^l]``.
+
+    It runs through ``policy`` too: under FSDP only the wrapped module gathers the sharded base weights.
+    """
     with torch.no_grad(), backbone.reference():
-        pred, _ = backbone.predict(x_t, s, text, refs, grid, tap=False)
+        pred, _ = policy(x_t, s, text, refs, grid, tap=False)
     return token_errors(pred, target).detach()
 
 
@@ -236,7 +240,7 @@ def pair_step(policy: Policy, backbone: Backbone, batch: Mapping[str, Any], nois
     text, refs = _double(inputs) if sides == 2 else (inputs.text, inputs.refs)
     ref_err = None
     if needs_reference(objective):
-        ref_err = _reference_errors(backbone, x_t, s, text, refs, inputs.grid, target)
+        ref_err = _reference_errors(policy, backbone, x_t, s, text, refs, inputs.grid, target)
         _check_finite("reference prediction", ref_err)
     pred, feats = policy(x_t, s, text, refs, inputs.grid, tap=True)
     err = token_errors(pred, target)  # [sides * B, N]

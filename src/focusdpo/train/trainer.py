@@ -194,6 +194,8 @@ def _setup(cfg: Config, accelerator: Any, run_dir: Path, resume: bool) -> _Run:
     from focusdpo.backbones import load_backbone
     from focusdpo.data.dataset import DipDataset, collate_dip
 
+    _check_strategy(cfg, accelerator)
+    saved = _read_resume(cfg, accelerator, run_dir) if resume else None  # fail before any heavy work
     set_seed(cfg.train.seed)  # LoRA init and every global RNG; noise and data order have their own keys
     dataset = DipDataset(_data_path(cfg, accelerator))
     data = ShardedBatches(dataset, collate_dip, dataset.keys, cfg.data.batch_size, accelerator.process_index,
@@ -203,6 +205,8 @@ def _setup(cfg: Config, accelerator: Any, run_dir: Path, resume: bool) -> _Run:
     if cfg.focus.tap_layer is not None:
         backbone.tap_layer = cfg.focus.tap_layer
     backbone.add_lora(cfg.lora)
+    if saved is not None:  # before prepare: FSDP shards the weights it wraps
+        backbone.load_lora_state_dict({k: v.to(backbone.device) for k, v in saved["lora"].items()})
     module = PolicyModule(backbone)
     params = _lora_params(module)
     if cfg.train.gradient_checkpointing:
@@ -212,8 +216,11 @@ def _setup(cfg: Config, accelerator: Any, run_dir: Path, resume: bool) -> _Run:
     module, optimizer = accelerator.prepare(module, optimizer)
     module.train()
     state = ckpt.TrainState(0, 0, 0, accelerator.num_processes)
-    if resume:
-        state = _restore(cfg, accelerator, run_dir, backbone, optimizer, scheduler)
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        ckpt.restore_rng(saved["rng"][accelerator.process_index])
+        state = saved["state"]
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.clean_stale(run_dir)
@@ -222,6 +229,25 @@ def _setup(cfg: Config, accelerator: Any, run_dir: Path, resume: bool) -> _Run:
     log = RunLog(run_dir, state.step, cfg.train.max_steps, enabled=accelerator.is_main_process)
     return _Run(cfg, accelerator, run_dir, backbone, module, optimizer, scheduler, data, dataset, state, log,
                 params, last_saved=state.step if resume else -1)
+
+
+def _is_fsdp(accelerator: Any) -> bool:
+    return str(accelerator.distributed_type).endswith("FSDP")
+
+
+def _is_deepspeed(accelerator: Any) -> bool:
+    return str(accelerator.distributed_type).endswith("DEEPSPEED")
+
+
+def _check_strategy(cfg: Config, accelerator: Any) -> None:
+    """DeepSpeed: refuse what it does not support before any work; give it the micro-batch size (our data
+    loader is not passed to ``prepare``)."""
+    if not _is_deepspeed(accelerator):
+        return
+    if cfg.train.grad_accum > 1:
+        raise ConfigError(f"train.grad_accum={cfg.train.grad_accum} is invalid under DeepSpeed (its engine steps "
+                          f"inside backward): allowed 1; raise data.batch_size or the number of processes")
+    accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
 
 
 def _lora_params(module: PolicyModule) -> list[nn.Parameter]:
@@ -261,11 +287,10 @@ def lr_factor(cfg: Config) -> Any:
 # ------------------------------------------------------------------------------------------------- resume
 
 
-def _restore(cfg: Config, accelerator: Any, run_dir: Path, backbone: Any, optimizer: Any, scheduler: Any
-             ) -> ckpt.TrainState:
-    """Load the newest checkpoint of ``run_dir`` into the model, optimizer, scheduler and RNGs."""
+def _read_resume(cfg: Config, accelerator: Any, run_dir: Path) -> dict[str, Any]:
+    """The newest checkpoint of ``run_dir`` (this process's optimizer shard), checked against ``cfg``."""
     path = ckpt.latest_checkpoint(run_dir)
-    saved = ckpt.load_checkpoint(path)
+    saved = ckpt.load_checkpoint(path, accelerator.process_index)
     _check_resumable(cfg, Config.from_yaml(saved["config_yaml"]), path)
     state: ckpt.TrainState = saved["state"]
     if state.step >= cfg.train.max_steps:
@@ -273,12 +298,9 @@ def _restore(cfg: Config, accelerator: Any, run_dir: Path, backbone: Any, optimi
                             f"raise train.max_steps to train further")
     if state.world_size != accelerator.num_processes:
         raise TrainingError(f"{path} was written by {state.world_size} process(es), this run has "
-                            f"{accelerator.num_processes}: resume with the same number of processes")
-    backbone.load_lora_state_dict({k: v.to(backbone.device) for k, v in saved["lora"].items()})
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    ckpt.restore_rng(saved["rng"][accelerator.process_index])
-    return state
+                            f"{accelerator.num_processes}: resume with the same number of processes (the data "
+                            f"order and the noise depend on the global batch)")
+    return saved
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -381,8 +403,10 @@ def _optimizer_step(run: _Run, batches: Iterator[tuple[Position, Any]]) -> dict[
         outs.append(out)
     t4 = time.perf_counter()
     max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
-    grad_norm = float(acc.clip_grad_norm_(run.params, max_norm))
-    if not math.isfinite(grad_norm):
+    # FSDP computes the norm over its shards only when given exactly the wrapped module's parameters
+    norm = acc.clip_grad_norm_(run.module.parameters() if _is_fsdp(acc) else run.params, max_norm)
+    grad_norm = math.nan if norm is None else float(norm)  # None: DeepSpeed without a norm (clips in its engine)
+    if norm is not None and not math.isfinite(grad_norm):
         run.optimizer.zero_grad(set_to_none=True)
         raise TrainingError(_non_finite_message(run, step, "gradient norm", grad_norm))
     lr = run.scheduler.get_last_lr()[0]
@@ -435,13 +459,33 @@ def _save(run: _Run) -> None:
     rng = [ckpt.capture_rng()]
     if acc.num_processes > 1:
         rng = gather_object(rng)
+    lora = _lora_state(run)
+    sharded = _is_fsdp(acc) or _is_deepspeed(acc)
+    if sharded:  # every process writes its optimizer shard into the temp folder the main process made
+        if acc.is_main_process:
+            ckpt.begin_checkpoint(run.run_dir, run.state.step)
+        acc.wait_for_everyone()
+        ckpt.write_optimizer_shard(ckpt.temp_dir(run.run_dir, run.state.step), acc.process_index,
+                                   run.optimizer.state_dict())
+        acc.wait_for_everyone()
     if acc.is_main_process:
-        path = ckpt.save_checkpoint(run.run_dir, run.state, run.backbone.lora_state_dict(),
-                                    run.optimizer.state_dict(), run.scheduler.state_dict(), rng, run.cfg.to_yaml())
+        path = ckpt.save_checkpoint(run.run_dir, run.state, lora, None if sharded else run.optimizer.state_dict(),
+                                    run.scheduler.state_dict(), rng, run.cfg.to_yaml(), started=sharded)
         ckpt.prune(run.run_dir, run.cfg.train.keep_checkpoints)
         run.log.message(f"checkpoint {path}")
     run.last_saved = run.state.step
     acc.wait_for_everyone()
+
+
+def _lora_state(run: _Run) -> dict[str, torch.Tensor]:
+    """The full adapter weights (under FSDP gathered from the shards: a collective, complete on the main process)."""
+    if not _is_fsdp(run.accelerator):
+        return run.backbone.lora_state_dict()
+    from focusdpo.train.lora import ADAPTER
+
+    full = run.accelerator.get_state_dict(run.module)
+    return {k.removeprefix("net.").replace(f".{ADAPTER}.", "."): v for k, v in full.items()
+            if ".lora_A." in k or ".lora_B." in k}
 
 
 def _finish(run: _Run) -> None:
@@ -450,12 +494,13 @@ def _finish(run: _Run) -> None:
 
     if run.last_saved != run.state.step:
         _save(run)
+    lora = _lora_state(run)
     if run.accelerator.is_main_process:
         cfg = run.cfg
         meta = {"format": "focusdpo-lora", "objective": cfg.train.objective, "step": str(run.state.step),
                 "rank": str(cfg.lora.rank), "alpha": str(cfg.lora.alpha), "targets": ",".join(cfg.lora.targets),
                 "base": str(cfg.model.checkpoint), "backbone": cfg.model.backbone}
-        save_lora(run.run_dir / "lora.safetensors", run.backbone.lora_state_dict(), metadata=meta)
+        save_lora(run.run_dir / "lora.safetensors", lora, metadata=meta)
     _validate(run)
     if run.accelerator.is_main_process:
         run.log.message(f"done: {run.run_dir / 'lora.safetensors'}")
@@ -474,8 +519,14 @@ def validation_batch(dataset: Any, n: int) -> dict[str, Any]:
 
 
 def _validate(run: _Run) -> None:
-    """Sample grids (references | positive | base | post-trained) and a focus strip into ``val/`` and TensorBoard."""
-    if run.accelerator.is_main_process:
+    """Sample grids (references | positive | base | post-trained) and a focus strip into ``val/`` and TensorBoard.
+
+    Not under FSDP: its sharded weights need every process in each forward; sample the final LoRA instead.
+    """
+    if _is_fsdp(run.accelerator):
+        run.log.message("validation grids are not drawn under FSDP (sharded weights): run `focusdpo eval` or "
+                        "`focusdpo focus-map` on the finished run")
+    elif run.accelerator.is_main_process:
         _write_validation(run)
     run.accelerator.wait_for_everyone()
 
