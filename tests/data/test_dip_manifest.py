@@ -213,3 +213,15 @@ def test_square_resize_keeps_masks_hard_and_centred():
     assert out.shape == (20, 20, 3) and m.shape == (2, 20, 20) and m.dtype == bool
     assert m[0, 5:15, 5:15].all() and m[0].sum() == 100 and not m[1].any()
     assert (out == 200).all()
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = np.zeros((10, 20, 3), np.uint8)
+    img[:, :5] = 255  # white stripe on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    Image.fromarray(img).save(tmp_path / "r.jpg", exif=exif, quality=100)
+    from focusdpo.data.manifest import load_image
+
+    out = load_image(tmp_path / "r.jpg", "target", 10**6)
+    assert out.shape == (20, 10, 3) and out[:5].mean() > 200 and out[-5:].mean() < 50

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 # Automatic masks covering less or more than these fractions of the image are failures, not subjects.
 AUTO_MASK_AREA = (0.01, 0.95)
@@ -147,7 +147,11 @@ def resolve_inside(root: Path, rel: Any, name: str) -> Path:
 
 
 def load_image(path: Path, name: str, max_pixels: int) -> np.ndarray:
-    """uint8 ``[H, W, 3]`` of an image file; raises :class:`BadRecord` when missing, unreadable or too big."""
+    """uint8 ``[H, W, 3]`` of an image file, EXIF orientation applied (as viewers and mask tools show it).
+
+    Raises :class:`BadRecord` when the file is missing, unreadable or truncated, or over ``max_pixels`` (checked
+    from the header, before decoding).
+    """
     if not path.is_file():
         raise BadRecord(f"{name} {path} is missing; fix the path or add the file")
     try:
@@ -157,11 +161,12 @@ def load_image(path: Path, name: str, max_pixels: int) -> np.ndarray:
                 raise BadRecord(f"{name} {path} has {w}x{h} = {w * h} pixels, over the limit {max_pixels}; "
                                 "downscale it or raise data.max_pixels")
             im.load()
-            return np.asarray(im.convert("RGB")).copy()
+            return np.asarray(ImageOps.exif_transpose(im).convert("RGB")).copy()
     except BadRecord:
         raise
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise BadRecord(f"{name} {path} cannot be read ({e}); replace the file with a valid image") from e
+    except Exception as e:  # noqa: BLE001 - any decoder failure (OSError, SyntaxError, struct.error...) is bad input
+        raise BadRecord(f"{name} {path} cannot be read ({type(e).__name__}: {e}); "
+                        "replace the file with a valid image") from e
 
 
 def load_mask(path: Path, name: str, size: tuple[int, int], max_pixels: int) -> np.ndarray:
