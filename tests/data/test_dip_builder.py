@@ -184,3 +184,45 @@ def test_manifest_build_with_size_is_one_bucket_and_deterministic(tmp_path):
     assert {key[1:] for key in ds.keys} == {(24, 24, ((8, 8),) * 2), (24, 24, ((8, 8),))}
     with pytest.raises(ValueError, match="multiple of the patch"):
         build_manifest_dip(cfg, manifest, tmp_path / "c", patch=8, size=20)
+
+
+def test_regenerate_plugin_through_the_build(tmp_path):
+    """A stand-in for the backbone's `regenerate`: drawn only when the build gets the backbone in `extras`."""
+    from focusdpo.config import load_config
+    from focusdpo.data import disruptions as D
+
+    calls = []
+
+    def fake_regenerate(image, regions, target, rng, ctx):
+        calls.append(ctx.extras["backbone"])
+        return np.full_like(image, 7), {"steps": 3}
+
+    previous = D.registered_disruptions().get("regenerate")
+    D.register_disruption("regenerate", fake_regenerate, needs=("backbone",), replace=True)
+    try:
+        cfg = load_config(None, ["data.disruptions={regenerate: 3.0, detail_erase: 1.0}"])
+        s = build_toy_dip(cfg, tmp_path / "a", n=12, seed=0, extras={"backbone": "bb"})
+        assert s.disruptions["regenerate"] >= 6 and set(calls) == {"bb"}
+        for r in read_records(tmp_path / "a"):
+            if r.disruption == "regenerate":
+                assert (r.negative[r.m_prior] == 7).all() and r.params == {"steps": 3}
+                assert np.array_equal(r.negative[~r.m_prior], r.positive[~r.m_prior])
+        s = build_toy_dip(cfg, tmp_path / "b", n=4, seed=0)
+        assert s.disruptions == {"detail_erase": 4} and s.never_drawn == {"regenerate": "needs backbone"}
+    finally:
+        D._REGISTRY.pop("regenerate")
+        if previous is not None:
+            D._REGISTRY["regenerate"] = previous
+
+
+def test_unregistered_disruption_in_the_mix_fails_before_building(tmp_path):
+    from focusdpo.config import load_config
+    from focusdpo.data import DisruptionError
+    from focusdpo.data import disruptions as D
+
+    if "regenerate" in D.registered_disruptions():
+        pytest.skip("regenerate is registered in this environment")
+    cfg = load_config(None, ["data.disruptions={regenerate: 1.0}"])
+    with pytest.raises(DisruptionError, match="regenerate.*not registered"):
+        build_toy_dip(cfg, tmp_path / "out", n=2, seed=0)
+    assert not (tmp_path / "out").exists()

@@ -31,7 +31,7 @@ from focusdpo.data.builder import (
     prepare_out_dir,
     run_build,
 )
-from focusdpo.data.disruptions import DisruptionContext
+from focusdpo.data.disruptions import DisruptionContext, check_mix
 from focusdpo.data.manifest import BadRecord, load_entry, manifest_root, read_manifest
 
 
@@ -39,6 +39,7 @@ def _settings(cfg, seed: int, patch: int | None, progress: bool, extras: dict[st
               command: str | None, call: str) -> BuildSettings:
     """Build settings from ``cfg``; ``command`` None records the Python call and the process's command line."""
     patch = patch or cfg.model.patch
+    check_mix(cfg.data.disruptions)  # an unregistered plug-in fails here, before the output folder is touched
     if command is None:
         command = f"{call}(seed={seed}, patch={patch}) in `{shlex.join(sys.argv)}`"
     return BuildSettings(mix=dict(cfg.data.disruptions), seed=seed, patch=patch, sigma=cfg.focus.sigma,
