@@ -82,6 +82,12 @@ def test_one_subject_build_draws_only_one_subject_disruptions(tmp_path):
     assert all(r.m_d.shape == (8, 8) for r in read_records(tmp_path))
 
 
+def test_patch_must_divide_the_scene(tmp_path, toy_cfg):
+    with pytest.raises(ValueError, match="does not divide world.scene_size=32"):
+        build_toy_dip(toy_cfg, tmp_path / "x", n=2, patch=3)
+    assert not (tmp_path / "x").exists()
+
+
 def test_refuses_to_overwrite(tmp_path, toy_cfg):
     build_toy_dip(toy_cfg, tmp_path, n=2, seed=0)
     with pytest.raises(FileExistsError, match="--overwrite"):

@@ -98,6 +98,9 @@ def build_toy_dip(cfg, out_dir: str | Path, n: int | None = None, seed: int | No
         raise ValueError(f"n={n} must be >= 1")
     seed = cfg.data.seed if seed is None else seed
     s = _settings(cfg, seed, patch, progress, extras, command, f"build_toy_dip(n={n}")
+    if cfg.world.scene_size % s.patch:
+        raise ValueError(f"patch={s.patch} does not divide world.scene_size={cfg.world.scene_size}; "
+                         "pick a patch that divides the scene size")
     out = prepare_out_dir(out_dir, overwrite)
     world = World(cfg.world)
     return run_build(toy_candidates(world, n, seed, s.extras), out, s, n,
