@@ -128,8 +128,7 @@ def check_config(cfg: Config, resume: bool) -> None:
             and cfg.focus.tap_layer >= cfg.model.num_layers:
         raise ConfigError(f"focus.tap_layer={cfg.focus.tap_layer} is invalid: allowed 0..{cfg.model.num_layers - 1} "
                           f"(model.num_layers={cfg.model.num_layers}) or null")
-    if cfg.train.mixed_precision in ("bf16", "fp16") and not torch.cuda.is_available() \
-            and cfg.train.mixed_precision == "fp16":
+    if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision='fp16' is invalid without a CUDA device: allowed auto, no, bf16")
 
 
