@@ -45,6 +45,9 @@ from focusdpo.data.records import DipRecord
 
 MAX_TRIES = 4
 FORMAT = "focusdpo-dip/1"
+# Bumped whenever the same settings would build different records (disruption parameters, sampling): it is
+# part of the toy cache key, so a stale cached set is never reused after such a change.
+BUILD_VERSION = 2
 MD_BATCH = 64
 
 
@@ -239,7 +242,8 @@ def run_build(items: Iterable[Candidate | Rejection], out_dir: Path, s: BuildSet
     summary.disruptions, summary.subjects = dict(sorted(disr.items())), dict(sorted(subj.items()))
     summary.shards = [p.name for p in writer.shards]
     summary.never_drawn = {n: _needs(n) for n in mix if n not in disr}
-    card = {"format": FORMAT, **card_extra, "records": summary.written, "rejected": summary.rejected,
+    card = {"format": FORMAT, "build_version": BUILD_VERSION, **card_extra, "records": summary.written,
+            "rejected": summary.rejected,
             "shards": summary.shards, "disruption_mix": mix, "disruption_counts": summary.disruptions,
             "never_drawn": summary.never_drawn,
             "subject_counts": {str(k): v for k, v in summary.subjects.items()}, "seed": s.seed,
@@ -287,7 +291,7 @@ class _progress:
 
 def cache_key(cfg, patch: int) -> str:
     """A short hash of everything a toy build depends on (world, data mix/size/seed, patch, DPCE settings)."""
-    blob = json.dumps({"format": FORMAT, "world": asdict(cfg.world), "n": cfg.data.n_records,
+    blob = json.dumps({"format": FORMAT, "version": BUILD_VERSION, "world": asdict(cfg.world), "n": cfg.data.n_records,
                        "seed": cfg.data.seed, "mix": cfg.data.disruptions, "patch": patch,
                        "sigma": cfg.focus.sigma, "bins": cfg.focus.bins}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
