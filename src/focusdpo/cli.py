@@ -338,7 +338,7 @@ def train_cmd(
     except TrainingError as e:
         typer.secho(f"train: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from e
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:  # bad inputs: the message names the fix
         _fail("train", e)
     typer.echo(f"run folder: {run_dir}")
 

@@ -157,6 +157,7 @@ def test_lr_schedule_values(tiny_env) -> None:
     ("loss.prediction=epsilon", "loss.prediction='epsilon' is invalid"),
     ("focus.tap_layer=7", "focus.tap_layer=7 is invalid"),
     ("train.grad_accum=0", "train.grad_accum=0 is invalid"),
+    ("data.batch_size=64", "lower data.batch_size"),
 ])
 def test_bad_config_fails_before_any_work(tiny_env, tmp_path, override, message) -> None:
     out = tmp_path / "run"
