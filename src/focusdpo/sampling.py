@@ -127,3 +127,30 @@ def sample_grid(references: Sequence[torch.Tensor], samples: Sequence[torch.Tens
             out[y: y + img.shape[0], x: x + img.shape[1]] = img
             x += img.shape[1] + pad
     return (out * 255).round().astype(np.uint8)
+
+
+def world_inputs(world: Any, n: int, n_subjects: int, split: str, seed: int
+                 ) -> tuple[list[str], list[torch.Tensor], torch.Tensor]:
+    """``n`` scenes of the synthetic world: prompts, K references ``[n, 3, R, R]`` and the ground-truth scenes
+    ``[n, 3, S, S]``, all in ``[0, 1]``, drawn from ``numpy.random.default_rng(seed)``."""
+    rng = np.random.default_rng(seed)
+    scenes = [world.sample_scene(rng, split=split, n_subjects=n_subjects) for _ in range(n)]
+
+    def stack(images: list[np.ndarray]) -> torch.Tensor:
+        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+
+    refs = [stack([s.references[k] for s in scenes]) for k in range(n_subjects)]
+    return [s.prompt for s in scenes], refs, stack([s.image for s in scenes])
+
+
+def read_image(path: str, size: int | None = None) -> torch.Tensor:
+    """An image file -> ``float [1, 3, H, W]`` in ``[0, 1]`` (RGB), resized to ``size x size`` when given."""
+    from PIL import Image
+
+    try:
+        img = Image.open(path).convert("RGB")
+    except OSError as e:
+        raise ValueError(f"reference image {path}: cannot be read ({e}); pass a PNG or JPEG file") from e
+    if size is not None:
+        img = img.resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255.0
