@@ -179,3 +179,10 @@ def test_resume_refuses_a_changed_config_and_fresh_runs_refuse_a_used_folder(str
 
 def test_non_finite_error_names_the_metric() -> None:
     assert NonFiniteError("loss").metric == "loss"
+
+
+def test_gradient_checkpointing_gives_the_same_steps(straight, tiny_env, tmp_path) -> None:
+    _, run = straight
+    out = tmp_path / "run"
+    train(tiny_config(*tiny_env, train__max_steps=2, train__gradient_checkpointing="true", train__output_dir=out))
+    assert _losses(out) == pytest.approx(_losses(run)[:2], rel=1e-6)
