@@ -101,11 +101,14 @@ class RandomText:
                         torch.randn(len(prompts), self._pooled, generator=g, device=self.device, dtype=self.dtype))
 
 
-def build_backbone(preset: str, tmp: Path, latent_cache: bool):
-    """The backbone of ``preset`` with LoRA (r16) attached, frozen base."""
+def build_backbone(preset: str, tmp: Path, latent_cache: bool, p: Preset, layers: Sequence[int] | None = None):
+    """The backbone of ``preset`` (sizes and device from ``p``) with LoRA (r16) attached, frozen base.
+
+    ``layers``: ``(double, single)`` block counts replacing FLUX.1-dev's (19, 38), for a quick run of the
+    flux-dev code path on a small machine.
+    """
     from focusdpo.backbones.vae import FluxVAECodec, LatentCache
 
-    p = PRESETS[preset]
     if preset == "cpu-tiny":
         from focusdpo.backbones import load_backbone
         from focusdpo.backbones.flux_pretrained import write_tiny_flux_folder
@@ -124,7 +127,9 @@ def build_backbone(preset: str, tmp: Path, latent_cache: bool):
         torch.set_default_dtype(p.dtype)  # build in bf16 directly: 24 GB instead of a 48 GB fp32 detour
         try:
             with device:
-                transformer = FluxTransformer2DModel(**FLUX_DEV).requires_grad_(False)
+                arch = {**FLUX_DEV, **(dict(zip(("num_layers", "num_single_layers"), layers, strict=True))
+                                       if layers else {})}
+                transformer = FluxTransformer2DModel(**arch).requires_grad_(False)
                 vae = AutoencoderKL(**FLUX_VAE)
         finally:
             torch.set_default_dtype(default)
@@ -260,7 +265,7 @@ def cpu_peak_flops(n: int = 1024, reps: int = 10) -> float:
 
 def run_case(bb, k: int, checkpointing: bool, args: argparse.Namespace, flops: dict, peak: float) -> list[str]:
     """Markdown rows of the objectives for one case; ``flops`` caches the counts per (K, objective)."""
-    p = PRESETS[args.preset]
+    p = args.sizes
     batch = make_batch(p.size, p.ref_size, k, bb.patch)
     if checkpointing:
         bb.transformer.enable_gradient_checkpointing()
@@ -297,6 +302,14 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads.")
     ap.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (default: see module doc).")
     ap.add_argument("--no-latent-cache", action="store_true", help="Encode images with the VAE in every step.")
+    ap.add_argument("--device", default=None, help="Override the preset's device (e.g. cpu for a dry run).")
+    ap.add_argument("--size", type=int, default=None, help="Override the target side in pixels (multiple of 16).")
+    ap.add_argument("--ref-size", type=int, default=None, help="Override the reference side in pixels.")
+    ap.add_argument("--text-tokens", type=int, default=None, help="Override the text tokens (flux-dev stand-in).")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                    help="Override the preset's weight dtype (float32 for a dry run on a CPU).")
+    ap.add_argument("--layers", type=int, nargs=2, default=None, metavar=("DOUBLE", "SINGLE"),
+                    help="flux-dev: block counts instead of 19 38 (a quick run of the code path).")
     return ap.parse_args()
 
 
@@ -304,19 +317,23 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    p = PRESETS[args.preset]
-    if p.device == "cuda" and not torch.cuda.is_available():
+    base = PRESETS[args.preset]
+    p = Preset(args.size or base.size, args.ref_size or base.ref_size, args.text_tokens or base.text_tokens,
+               getattr(torch, args.dtype) if args.dtype else base.dtype, args.device or base.device)
+    args.sizes = p
+    if p.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--preset {args.preset} needs a CUDA GPU; use --preset cpu-tiny on a CPU")
-    compile_modes = args.compile or (["off", "on"] if p.device == "cuda" else ["off"])
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else (989e12 if p.device == "cuda" else cpu_peak_flops())
-    device_name = torch.cuda.get_device_name() if p.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    cuda = p.device.startswith("cuda")
+    compile_modes = args.compile or (["off", "on"] if cuda else ["off"])
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else (989e12 if cuda else cpu_peak_flops())
+    device_name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"# bench_step: preset {args.preset}, {device_name}, torch {torch.__version__}, LoRA r{LORA.rank}, "
           f"latent cache {'off' if args.no_latent_cache else 'on'}, warm-up {args.warmup}, median of {args.iters}, "
           f"MFU peak {peak / 1e12:.3f} TFLOP/s")
     print("| case | objective | step ms | peak GiB | FocusDPO/DPO (pair_step / plain) | GFLOP/step | MFU |")
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        bb = build_backbone(args.preset, Path(tmp), latent_cache=not args.no_latent_cache)
+        bb = build_backbone(args.preset, Path(tmp), not args.no_latent_cache, p, args.layers)
         flops: dict = {}
         for mode in compile_modes:  # eager first: compile_repeated_blocks compiles in place
             args.compiled = mode == "on"
