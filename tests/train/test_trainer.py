@@ -186,3 +186,13 @@ def test_gradient_checkpointing_gives_the_same_steps(straight, tiny_env, tmp_pat
     out = tmp_path / "run"
     train(tiny_config(*tiny_env, train__max_steps=2, train__gradient_checkpointing="true", train__output_dir=out))
     assert _losses(out) == pytest.approx(_losses(run)[:2], rel=1e-6)
+
+
+def test_bf16_autocast_after_an_fp32_run_in_the_same_process(straight, tiny_env, tmp_path) -> None:
+    """accelerate keeps its state process-wide; a later train() may still switch to bf16 (the demo's pattern)."""
+    _, run = straight
+    out = tmp_path / "run"
+    train(tiny_config(*tiny_env, train__max_steps=1, train__mixed_precision="bf16", train__output_dir=out))
+    bf16, fp32 = read_metrics(out)[0], read_metrics(run)[0]
+    assert bf16["err_w"] != fp32["err_w"]  # autocast really was on
+    assert bf16["err_w"] == pytest.approx(fp32["err_w"], rel=0.02)

@@ -142,6 +142,7 @@ def make_accelerator(cfg: Config) -> Any:
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     use_cpu = not torch.cuda.is_available() or _env_flag("ACCELERATE_USE_CPU")
+    _forget_single_process_state()
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=mp, gradient_accumulation_steps=1)
     if use_cpu and accelerator.num_processes == 1 and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
         # `accelerate launch --cpu --num_processes N` without an MPI hostfile starts ONE process (accelerate 1.x)
@@ -150,6 +151,15 @@ def make_accelerator(cfg: Config) -> Any:
                       "ACCELERATE_USE_CPU=1 forces the CPU) or --mpirun_hostfile; see docs/distributed.md",
                       stacklevel=2)
     return accelerator
+
+
+def _forget_single_process_state() -> None:
+    """Let a second ``train()`` in the same single-process Python session use other settings (e.g. bf16):
+    accelerate keeps its state process-wide and refuses changes. A distributed state is left alone."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    if PartialState._shared_state and PartialState().num_processes == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _env_flag(name: str) -> bool:
