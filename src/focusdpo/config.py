@@ -231,7 +231,7 @@ class TrainConfig:
     seed: int = _f(0, "Seed of everything in the run: LoRA init, data order, noise, timesteps.")
     checkpoint_every: int = _f(100, "Checkpoint every N optimizer steps (0: only at the end and on signals).")
     output_dir: str | None = _f(None, "The run folder. None: runs/<objective>-<time>.")
-    log_every: int = _f(1, "Log metrics every N optimizer steps.")
+    log_every: int = _f(1, "TensorBoard scalars every N optimizer steps (metrics.csv gets a row every step).")
     val_every: int = _f(0, "Write validation sample grids and focus strips every N steps (0: only at the end).")
     val_records: int = _f(4, "DIP records (one subject count and size) in the validation grids, >= 1.")
     keep_checkpoints: int = _f(0, "Keep only the N newest checkpoints (0: keep all).")
