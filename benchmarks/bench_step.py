@@ -34,6 +34,7 @@ Usage::
 
     python benchmarks/bench_step.py [--preset cpu-tiny|flux-dev] [--refs 1 2] [--checkpointing off on]
                                     [--compile off on] [--warmup 2] [--iters 5] [--threads N]
+    python benchmarks/bench_step.py --preset flux-dev --flops-only     # FLOP count at full size, any machine
 """
 
 from __future__ import annotations
@@ -253,6 +254,47 @@ def model_flops(run: StepRunner) -> float:
     return float(counter.get_total_flops())
 
 
+def meta_pair_flops(k: int, p: Preset, layers: Sequence[int] | None = None) -> tuple[float, float]:
+    """``(reference forward, policy forward + backward)`` FLOPs of one DPO pair (positive + negative) through
+    the FLUX.1-dev transformer with LoRA r16, counted on the meta device: no memory, no GPU, no weights."""
+    from diffusers import FluxTransformer2DModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from focusdpo.backbones.flux import position_ids
+    from focusdpo.train.lora import adapters_disabled, attach_lora
+
+    arch = {**FLUX_DEV, **(dict(zip(("num_layers", "num_single_layers"), layers, strict=True)) if layers else {})}
+    with torch.device("meta"):
+        tr = FluxTransformer2DModel(**arch).to(torch.bfloat16).requires_grad_(False)
+    attach_lora(tr, LORA)
+    g, r = p.size // 16, p.ref_size // 16
+
+    def run(grad: bool) -> None:
+        meta = {"device": "meta", "dtype": torch.bfloat16}
+        out = tr(hidden_states=torch.randn(2, g * g + k * r * r, 64, **meta),
+                 encoder_hidden_states=torch.randn(2, p.text_tokens, 4096, **meta),
+                 pooled_projections=torch.randn(2, 768, **meta), timestep=torch.rand(2, device="meta"),
+                 img_ids=position_ids((g, g), [(r, r)] * k, torch.device("meta")).float(),
+                 txt_ids=torch.zeros(p.text_tokens, 3, device="meta"), guidance=torch.full((2,), 4.0, device="meta"),
+                 return_dict=False)[0]
+        if grad:
+            out[:, : g * g].float().square().mean().backward()
+
+    with FlopCounterMode(display=False) as ref, torch.no_grad(), adapters_disabled(tr):
+        run(False)
+    with FlopCounterMode(display=False) as pol:
+        run(True)
+    return float(ref.get_total_flops()), float(pol.get_total_flops())
+
+
+def print_meta_flops(args: argparse.Namespace, p: Preset) -> None:
+    print("| K | reference fwd TFLOP | policy fwd+bwd TFLOP | DPO pair TFLOP | floor at 800 TFLOP/s |")
+    print("|---|---|---|---|---|")
+    for k in args.refs:
+        ref, pol = meta_pair_flops(k, p, args.layers)
+        print(f"| {k} | {ref / 1e12:.1f} | {pol / 1e12:.1f} | {(ref + pol) / 1e12:.1f} | {(ref + pol) / 8e14:.3f} s |")
+
+
 def cpu_peak_flops(n: int = 1024, reps: int = 10) -> float:
     """This machine's fp32 matmul rate (FLOP/s), the CPU's MFU denominator."""
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -308,6 +350,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--text-tokens", type=int, default=None, help="Override the text tokens (flux-dev stand-in).")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                     help="Override the preset's weight dtype (float32 for a dry run on a CPU).")
+    ap.add_argument("--flops-only", action="store_true",
+                    help="flux-dev: count the transformer FLOPs of one DPO pair on the meta device and exit (no GPU).")
     ap.add_argument("--layers", type=int, nargs=2, default=None, metavar=("DOUBLE", "SINGLE"),
                     help="flux-dev: block counts instead of 19 38 (a quick run of the code path).")
     return ap.parse_args()
@@ -321,6 +365,11 @@ def main() -> None:
     p = Preset(args.size or base.size, args.ref_size or base.ref_size, args.text_tokens or base.text_tokens,
                getattr(torch, args.dtype) if args.dtype else base.dtype, args.device or base.device)
     args.sizes = p
+    if args.flops_only:
+        print(f"# FLUX transformer FLOPs per DPO pair, {p.size} px target, {p.ref_size} px references, "
+              f"{p.text_tokens} text tokens, LoRA r{LORA.rank} (meta device)")
+        print_meta_flops(args, p)
+        return
     if p.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--preset {args.preset} needs a CUDA GPU; use --preset cpu-tiny on a CPU")
     cuda = p.device.startswith("cuda")
