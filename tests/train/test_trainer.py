@@ -196,3 +196,13 @@ def test_bf16_autocast_after_an_fp32_run_in_the_same_process(straight, tiny_env,
     bf16, fp32 = read_metrics(out)[0], read_metrics(run)[0]
     assert bf16["err_w"] != fp32["err_w"]  # autocast really was on
     assert bf16["err_w"] == pytest.approx(fp32["err_w"], rel=0.02)
+
+
+@pytest.mark.parametrize("objective", ["sft", "patchdpo"])
+def test_objectives_without_reference_leave_dpo_columns_empty(tiny_env, tmp_path, objective) -> None:
+    out = tmp_path / "run"
+    train(tiny_config(*tiny_env, train__max_steps=1, train__objective=objective, train__output_dir=out))
+    row = read_metrics(out)[0]
+    assert math.isfinite(row["loss"]) and math.isfinite(row["err_w"]) and math.isfinite(row["a"])
+    assert math.isnan(row["ref_err_w"]) and math.isnan(row["implicit_acc"])
+    assert row["w_in_prior"] == 1.0 and row["w_out_prior"] == 1.0  # no focus weights in these losses
