@@ -249,6 +249,8 @@ def pretrain_cmd(
     ema_decay: float = typer.Option(0.999, "--ema-decay", help="EMA decay of the saved weights."),
     fresh: bool = typer.Option(False, "--fresh", help="Ignore an existing state/ in --out and start over."),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Shorthand for train.max_steps=N."),
+    stop_at: int | None = typer.Option(None, "--stop-at", help="Stop after step N (the LR schedule still "
+                                                               "runs to train.max_steps; resume later)."),
     threads: int = typer.Option(2, "--threads", help="torch CPU threads."),
     device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda:0."),
     config: Path | None = ConfigOpt,
@@ -263,7 +265,8 @@ def pretrain_cmd(
     torch.set_num_threads(threads)
     try:
         counts = tuple(int(k) for k in subjects.split(","))
-        opts = PretrainOptions(subject_counts=counts, text_dropout=text_dropout, ema_decay=ema_decay)
+        opts = PretrainOptions(subject_counts=counts, text_dropout=text_dropout, ema_decay=ema_decay,
+                               stop_at=stop_at)
         path = pretrain(cfg, out, opts, device=device, resume=not fresh, log=typer.echo)
     except (ValueError, FileNotFoundError) as e:
         _fail("pretrain", e)

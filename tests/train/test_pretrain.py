@@ -33,9 +33,12 @@ def test_pretrain_writes_a_base_that_load_backbone_reads(tmp_path):
 
 
 def test_resume_matches_an_uninterrupted_run(tmp_path):
-    pretrain(_cfg(4), tmp_path / "a", log=lambda _: None)
-    pretrain(_cfg(2), tmp_path / "b", log=lambda _: None)
-    pretrain(_cfg(4), tmp_path / "b", log=lambda _: None)
+    """Stopped at step 2 (the cosine schedule still sized for 4), then resumed: the same weights as 4 straight."""
+    cosine = ("train.schedule=cosine", "train.warmup_steps=1")
+    pretrain(_cfg(4, cosine), tmp_path / "a", log=lambda _: None)
+    pretrain(_cfg(4, cosine), tmp_path / "b", PretrainOptions(stop_at=2), log=lambda _: None)
+    assert (tmp_path / "b/state/step.json").read_text() == '{"step": 2}'
+    pretrain(_cfg(4, cosine), tmp_path / "b", log=lambda _: None)
     for name in ("state/raw.safetensors", "state/ema.safetensors", "model.safetensors"):
         a, b = load_file(str(tmp_path / "a" / name)), load_file(str(tmp_path / "b" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

@@ -42,6 +42,8 @@ class PretrainOptions:
     text_dropout: float = 0.1                    # probability of the empty prompt (for guidance)
     ema_decay: float = 0.999                     # EMA of the weights written to model.safetensors
     min_lr_fraction: float = 0.1                 # floor of the linear / cosine decay
+    stop_at: int | None = None                   # stop (and checkpoint) after this step; the schedule still
+                                                 # runs to train.max_steps, so a later call continues it
 
     def __post_init__(self) -> None:
         if not self.subject_counts or any(k not in (1, 2, 3) for k in self.subject_counts):
@@ -50,6 +52,8 @@ class PretrainOptions:
             raise ValueError(f"text_dropout={self.text_dropout} is invalid: allowed [0, 1)")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay={self.ema_decay} is invalid: allowed [0, 1)")
+        if self.stop_at is not None and self.stop_at < 1:
+            raise ValueError(f"stop_at={self.stop_at} is invalid: allowed >= 1 or None")
 
 
 def to_float_images(images: Sequence[np.ndarray]) -> torch.Tensor:
@@ -197,22 +201,23 @@ def pretrain(cfg: Config, output_dir: str | Path, opts: PretrainOptions | None =
     start = _load_state(out, modules, ema, optim) if resume and (out / "state").exists() else 0
     cfg.save(out / "config.yaml")
     n_params = sum(p.numel() for p in modules.parameters())
-    _log(out, log, f"pretrain: {n_params} parameters, steps {start}..{cfg.train.max_steps}, batch "
+    end = min(cfg.train.max_steps, opts.stop_at or cfg.train.max_steps)
+    _log(out, log, f"pretrain: {n_params} parameters, steps {start}..{end} of {cfg.train.max_steps}, batch "
                    f"{cfg.data.batch_size}, threads {torch.get_num_threads()}")
     t0, window = time.time(), []
-    for step in range(start, cfg.train.max_steps):
+    for step in range(start, end):
         window.append(_train_step(backbone, world, cfg, opts, optim, step))
         ema.update(modules, step)
         done = step + 1
-        if done % cfg.train.log_every == 0 or done == cfg.train.max_steps:
+        if done % cfg.train.log_every == 0 or done == end:
             rate = (time.time() - t0) / (done - start)
             _log(out, log, f"step {done} loss {np.mean(window):.4f} lr {lr_at(step, cfg, opts):.2e} "
                            f"{rate:.2f} s/step elapsed {time.time() - t0:.0f} s")
             window = []
-        if done == cfg.train.max_steps or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
+        if done == end or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
             _save_state(out, modules, ema, optim, done)
             _write_model(out, backbone, ema, cfg)
-    if start >= cfg.train.max_steps and not (out / "model.safetensors").exists():
+    if start >= end and not (out / "model.safetensors").exists():
         _write_model(out, backbone, ema, cfg)
     return out / "model.safetensors"
 
