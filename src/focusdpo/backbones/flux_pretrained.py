@@ -24,7 +24,7 @@ import torch
 from focusdpo.backbones.flux import FluxInContext
 from focusdpo.backbones.flux_text import FluxTextEncoder
 from focusdpo.backbones.uno import load_uno_lora_file, merge_uno_lora
-from focusdpo.backbones.vae import FluxVAECodec, LatentCache
+from focusdpo.backbones.vae import FluxVAECodec, LatentCache, cache_dataset_latents
 from focusdpo.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -131,3 +131,19 @@ def write_tiny_flux_folder(path: str | Path, **kwargs) -> Path:
     path = Path(path)
     FluxPipeline(**tiny_flux_components(**kwargs)).save_pretrained(path, safe_serialization=True)
     return path
+
+
+def cache_latents_command(cfg, device: torch.device | str = "cpu", batch_size: int = 8,
+                          progress=None) -> tuple[int, int]:
+    """``focusdpo cache-latents``: fill ``cfg.model.latent_cache`` with the VAE latents of every image of the DIP
+    set ``cfg.data.path`` (loads the VAE only). Returns ``(already cached, encoded now)``."""
+    from focusdpo.data.dataset import DipDataset
+
+    m = cfg.model
+    if m.backbone != "flux" or not m.latent_cache or not m.checkpoint:
+        raise ValueError(f"cache-latents needs model.backbone=flux with model.checkpoint and model.latent_cache set "
+                         f"(got {m.backbone!r}, {m.checkpoint!r}, {m.latent_cache!r})")
+    if not cfg.data.path:
+        raise ValueError("cache-latents needs data.path: the DIP set whose images to encode (focusdpo dip build)")
+    codec = FluxVAECodec.from_pretrained(m.checkpoint, dtype=DTYPES[m.dtype], device=device)
+    return cache_dataset_latents(LatentCache(codec, m.latent_cache), DipDataset(cfg.data.path), batch_size, progress)

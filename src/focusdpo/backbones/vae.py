@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -206,3 +206,33 @@ class LatentCache:
                 save_file({"tokens": out[i]}, tmp)
                 tmp.replace(self.dir / f"{keys[i]}.safetensors")  # atomic: a killed run leaves no torn file
         return Tokens(torch.stack(out).to(self.codec.device), grid)
+
+
+def cache_dataset_latents(cache: LatentCache, dataset: Sequence[dict], batch_size: int = 8,
+                          progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
+    """Encode every positive, negative and reference image of ``dataset`` into ``cache`` ahead of training.
+
+    dataset: items with ``"positive"``, ``"negative"`` (``float [3, H, W]`` in [0, 1]) and ``"references"``
+    (a list of ``[3, h, w]``), e.g. :class:`focusdpo.data.dataset.DipDataset`. Images of one size are encoded
+    together, ``batch_size`` at a time. ``progress(done, total)`` is called after each record. Returns
+    ``(hits, misses)``: images already cached and images encoded now.
+    """
+    hits, misses = cache.hits, cache.misses
+    pending: dict[tuple[int, int], list[torch.Tensor]] = {}
+
+    def flush(size: tuple[int, int]) -> None:
+        if pending.get(size):
+            cache.encode(torch.stack(pending.pop(size)))
+
+    for i in range(len(dataset)):
+        item = dataset[i]
+        for img in [item["positive"], item["negative"], *item["references"]]:
+            size = tuple(img.shape[-2:])
+            pending.setdefault(size, []).append(img)
+            if len(pending[size]) >= batch_size:
+                flush(size)
+        if progress is not None:
+            progress(i + 1, len(dataset))
+    for size in list(pending):
+        flush(size)
+    return cache.hits - hits, cache.misses - misses

@@ -1,0 +1,72 @@
+"""Latents precomputed for a DIP set (``cache-latents``) and the ``export-lora`` command."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from focusdpo.backbones import load_backbone
+from focusdpo.backbones.flux_pretrained import cache_latents_command, tiny_flux_components, write_tiny_flux_folder
+from focusdpo.backbones.lora_export import WEIGHT_NAME
+from focusdpo.backbones.vae import FluxVAECodec, LatentCache, cache_dataset_latents
+from focusdpo.cli import app
+from focusdpo.config import LoraConfig, load_config
+from focusdpo.data.dataset import DipDataset
+from focusdpo.train.lora import save_lora
+
+
+def test_cache_dataset_latents_encodes_each_image_once(tmp_path) -> None:
+    cache = LatentCache(FluxVAECodec(tiny_flux_components(seed=0)["vae"]), tmp_path)
+    g = torch.Generator().manual_seed(0)
+    items = [{"positive": torch.rand(3, 32, 48, generator=g), "negative": torch.rand(3, 32, 48, generator=g),
+              "references": [torch.rand(3, 16, 16, generator=g)]} for _ in range(3)]
+    items.append(dict(items[0]))  # a record repeating every image of the first
+    seen = []
+    # 9 distinct images encoded; the repeated record's 3 images are hits (their batches were written before)
+    assert cache_dataset_latents(cache, items, batch_size=2, progress=lambda i, n: seen.append((i, n))) == (3, 9)
+    assert seen[-1] == (4, 4)
+    assert cache_dataset_latents(cache, items) == (12, 0)  # a second pass: every image is a hit
+    # training-time encodes of a batch of these images hit the cache and equal the VAE's latents
+    batch = torch.stack([items[1]["positive"], items[2]["positive"]])
+    before = cache.misses
+    assert torch.equal(cache.encode(batch).tokens, cache.codec.encode(batch).tokens)
+    assert cache.misses == before
+
+
+def test_cache_latents_command_fills_the_cache_the_loader_reads(tmp_path) -> None:
+    from focusdpo.data import ensure_toy_dip
+
+    folder = write_tiny_flux_folder(tmp_path / "flux", seed=0)
+    cfg = load_config(None, [
+        "world.scene_size=32", "world.ref_size=16", "world.n_identities=40", "world.max_subjects=2",
+        "data.n_records=3", f"data.cache_dir={tmp_path / 'cache'}", "model.backbone=flux", f"model.checkpoint={folder}",
+        "model.patch=16", "model.guidance=4.0", "model.max_text_tokens=32", f"model.latent_cache={tmp_path / 'lat'}"])
+    cfg.data.path = str(ensure_toy_dip(cfg))
+    hits, misses = cache_latents_command(cfg, batch_size=4)
+    assert hits == 0 and misses >= 3 * 3  # positive, negative and at least one reference per record
+    bb = load_backbone(cfg.model)
+    item = DipDataset(cfg.data.path)[0]
+    bb.encode_images(torch.stack([item["positive"], item["negative"]]))
+    assert (bb.codec.hits, bb.codec.misses) == (2, 0)
+    result = CliRunner().invoke(app, ["cache-latents", f"data.path={cfg.data.path}", "model.backbone=flux",
+                                      f"model.checkpoint={folder}", "model.patch=16",
+                                      f"model.latent_cache={tmp_path / 'lat'}"])
+    assert result.exit_code == 0, result.output
+    assert f"0 image(s) encoded, {misses} already cached" in result.output
+
+
+def test_export_lora_command(tmp_path) -> None:
+    folder = write_tiny_flux_folder(tmp_path / "flux", seed=0)
+    cfg = load_config(None, ["model.backbone=flux", f"model.checkpoint={folder}", "model.patch=16",
+                             "model.guidance=4.0"])
+    bb = load_backbone(cfg.model)
+    bb.add_lora(LoraConfig(rank=2, alpha=4.0))
+    (tmp_path / "run").mkdir()
+    save_lora(tmp_path / "run" / "lora.safetensors", bb.lora_state_dict(), metadata={"rank": "2", "alpha": "4.0"})
+    result = CliRunner().invoke(app, ["export-lora", str(tmp_path / "run"), "--bf16"])
+    assert result.exit_code == 0, result.output
+    sd = load_file(tmp_path / "run" / WEIGHT_NAME)
+    assert sd and all(k.startswith("transformer.") and v.dtype == torch.bfloat16 for k, v in sd.items())
+    bad = CliRunner().invoke(app, ["export-lora", str(tmp_path / "missing")])
+    assert bad.exit_code == 2 and "lora.safetensors not found" in bad.output
