@@ -390,6 +390,24 @@ def export_lora_cmd(
     typer.echo(f"wrote {path}")
 
 
+@app.command("cache-latents")
+def cache_latents_cmd(
+    device: str = typer.Option("cpu", "--device", help="Torch device of the VAE, e.g. cuda:0."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images encoded together."),
+    config: Path | None = ConfigOpt,
+    overrides: list[str] | None = OverridesArg,
+) -> None:
+    """Encode a DIP set's images (data.path) with the FLUX VAE into model.latent_cache, ahead of training."""
+    from focusdpo.backbones.flux_pretrained import cache_latents_command
+
+    cfg = _load(config, overrides)
+    try:
+        hits, misses = cache_latents_command(cfg, device, batch_size)
+    except (ValueError, FileNotFoundError) as e:
+        _fail("cache-latents", e)
+    typer.echo(f"{misses} image(s) encoded, {hits} already cached in {cfg.model.latent_cache}")
+
+
 # --- the main job: demo, compare (lead) ----------------------------------------------------------------------
 
 
