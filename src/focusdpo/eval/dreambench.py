@@ -313,7 +313,11 @@ def evaluate_dreambench(benchmark: str, images_dir: str | Path, data_dir: str | 
 
 def run_dreambench_command(cfg: Config, benchmark: str, images_dir: Path, data_dir: Path, out_dir: Path,
                            method: str | None, allow_partial: bool, device: str) -> str:
-    """``focusdpo eval --benchmark dreambench-*``: load the scorers of ``cfg.eval``, score, return a summary line."""
+    """``focusdpo eval --benchmark dreambench-*``: load the scorers of ``cfg.eval``, score, return a summary line.
+
+    The list and the images folder are checked before the (large) scorer models are loaded.
+    """
+    index_generated(images_dir, load_entries(data_dir, benchmark), allow_partial=allow_partial)
     scorer = load_scorer(cfg.eval.dino_model, cfg.eval.clip_model, device, cfg.eval.batch_size)
     metrics = evaluate_dreambench(benchmark, images_dir, data_dir, out_dir, scorer, method, allow_partial)
     name, m = next(iter(metrics.items()))
