@@ -107,3 +107,16 @@ def test_bfloat16_weights(folder: str) -> None:
     tgt = bb.encode_images(torch.rand(1, 3, 32, 32))
     pred, _ = bb.predict(tgt.tokens.float(), torch.tensor([0.5]), bb.encode_prompts(["a dog"]), [tgt], tgt.grid)
     assert pred.dtype == torch.float32 and torch.isfinite(pred).all()
+
+
+def test_sampler_generates_with_the_real_stack(folder: str) -> None:
+    from focusdpo.config import SampleConfig
+    from focusdpo.sampling import generate
+
+    bb = load_backbone(_cfg(folder))
+    refs = [torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))]
+    cfg = SampleConfig(steps=2, guidance=2.0)  # guidance != 1 also encodes the empty prompt
+    a = generate(bb, ["a red dog", "a cat"], refs, (32, 48), cfg, seed=3)
+    assert a.shape == (2, 3, 32, 48) and 0 <= a.min() and a.max() <= 1
+    torch.testing.assert_close(generate(bb, ["a red dog", "a cat"], refs, (32, 48), cfg, seed=3), a)
+    assert not torch.allclose(generate(bb, ["a red dog", "a cat"], refs, (32, 48), cfg, seed=4), a)
