@@ -75,10 +75,10 @@ class FluxVAECodec:
     @classmethod
     def from_pretrained(cls, path: str, subfolder: str | None = "vae", dtype: torch.dtype = torch.float32,
                         device: torch.device | str | None = None, offload: bool = False) -> FluxVAECodec:
-        """Load ``AutoencoderKL`` from a local diffusers folder or hub id (``subfolder`` inside it)."""
+        """Load ``AutoencoderKL`` (safetensors only) from a local diffusers folder or hub id, ``subfolder`` in it."""
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype, use_safetensors=True)
         return cls(vae, device=device or "cpu", offload=offload)
 
     @property
