@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,3 +88,25 @@ def test_sample_grid_places_references_then_samples():
     grid = sample_grid(refs, samples, pad=1)
     assert grid.shape == (2 * 9 + 1, 1 + 4 + 1 + 8 + 1, 3) and grid.dtype.name == "uint8"
     assert (grid[1:5, 1:5] == 0).all() and (grid[1:9, 6:14] == 255).all()
+
+
+def test_cli_sample_writes_a_grid_of_references_samples_and_truth(tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from focusdpo.backbones.flux import save_tiny
+    from focusdpo.cli import app
+    from focusdpo.config import WorldConfig
+    from focusdpo.world import World
+
+    cfg = ModelConfig(**{**TINY, "max_text_tokens": 20})
+    torch.manual_seed(0)
+    save_tiny(build_tiny(cfg, World(WorldConfig()).vocabulary()), tmp_path / "model.safetensors", cfg)
+    overrides = [f"model.{k}={v}" for k, v in TINY.items() if k != "max_text_tokens"]
+    out = tmp_path / "grid.png"
+    result = CliRunner().invoke(app, ["sample", "--out", str(out), "--n", "3", "--subjects", "2",
+                                      f"model.checkpoint={tmp_path}", "sample.steps=2", *overrides])
+    assert result.exit_code == 0, result.output
+    grid = np.asarray(Image.open(out))
+    # 3 rows of (2 refs of 16 px, sample 32 px, truth 32 px) with 2 px padding
+    assert grid.shape == (3 * 34 + 2, 2 + 18 * 2 + 34 * 2, 3)
