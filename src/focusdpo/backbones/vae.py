@@ -54,7 +54,9 @@ class FluxVAECodec:
 
     ``encode``: ``float [B, 3, H, W]`` in ``[0, 1]`` -> ``Tokens [B, (H/p)(W/p), 4 * latent_channels]`` of
     normalised latents (about unit variance), ``p = 2 * 2**(len(block_out_channels) - 1)`` (16 for FLUX).
-    ``decode``: the inverse, images clamped to ``[0, 1]``. The VAE is frozen (``requires_grad`` off, eval mode).
+    ``decode``: the inverse, images clamped to ``[0, 1]``. Tokens and images are float32 whatever the VAE's dtype,
+    so that clean latents, noise and the velocity target keep full precision (the transformer casts its input).
+    The VAE is frozen (``requires_grad`` off, eval mode).
     """
 
     def __init__(self, vae: torch.nn.Module, device: torch.device | str | None = None, offload: bool = False) -> None:
@@ -121,7 +123,7 @@ class FluxVAECodec:
         with self._placed():
             x = (images.to(self.device, self.dtype) * 2.0 - 1.0)
             mean = self.vae.encode(x).latent_dist.mode()
-        z = (mean - self.shift) * self.scale  # FLUX latent normalisation
+        z = (mean.float() - self.shift) * self.scale  # FLUX latent normalisation, in fp32 whatever the VAE dtype
         return Tokens(pack_latents(z), grid)
 
     @torch.no_grad()
