@@ -144,7 +144,8 @@ class Backbone(Protocol):
     def reference(self) -> AbstractContextManager[None]:
         """Adapters off inside the block, restored in ``finally`` (the frozen DPO reference model)."""
 
-    def add_lora(self, cfg: Any) -> None: ...
+    def add_lora(self, cfg: Any) -> int:
+        """Attach LoRA (``cfg``: :class:`~focusdpo.config.LoraConfig`) to ``trainable()``; returns its size."""
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]: ...
 
