@@ -61,3 +61,9 @@ def test_with_overrides_copies_and_validates():
     assert (cfg.train.objective, cfg.focus.dpce) == ("focusdpo", True)
     with pytest.raises(ConfigError, match="train.max_steps"):
         cfg.with_overrides(["train.max_steps=0"])
+
+
+def test_exponent_without_dot_is_a_float():
+    assert load_config(None, ["train.lr=5e-4"]).train.lr == pytest.approx(5e-4)
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(None, ["train.lr=fast"])

@@ -14,6 +14,7 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -346,6 +347,9 @@ class Config:
         return Config.from_dict(data)
 
 
+_FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(tp: Any, value: Any, name: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted for floats, nothing else is cast."""
     origin = typing.get_origin(tp)
@@ -373,6 +377,8 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         return {_coerce(kt, k, name): _coerce(vt, v, f"{name}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads "5e-4" (no dot) as a string
     if tp is bool and isinstance(value, bool):
         return value
     if tp in (int, float, str) and isinstance(value, tp) and not isinstance(value, bool):
