@@ -251,7 +251,7 @@ def pair_step(policy: Policy, backbone: Backbone, batch: Mapping[str, Any], nois
     loss, metrics = objective_loss(
         objective, err[:b], err[b:] if sides == 2 else None, None if ref_err is None else ref_err[:b],
         None if ref_err is None else ref_err[b:], weights=weights, m_prior_tok=masks[1], beta=cfg.loss.beta,
-        lambda_sft=cfg.loss.lambda_sft)
+        lambda_sft=cfg.loss.lambda_sft, patch_alpha=cfg.loss.patch_alpha)
     _check_finite("loss", loss)
     metrics = {**metrics, **_focus_metrics(focus, masks[1], objective)}
     return StepOutput(loss.mean(), {k: v.detach() for k, v in metrics.items()}, focus)
