@@ -99,25 +99,26 @@ def tiny_flux_components(words: Sequence[str] = DEFAULT_WORDS, seed: int = 0, gu
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    torch.manual_seed(seed)
-    clip_tok, t5_tok = _tiny_tokenizers(words)
-    clip = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(clip_tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-        projection_dim=width))
-    t5 = T5EncoderModel(T5Config(
-        vocab_size=len(t5_tok), d_model=width, d_kv=8, d_ff=2 * width, num_layers=1, num_heads=2,
-        relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu", pad_token_id=0,
-        eos_token_id=1, decoder_start_token_id=0))
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
-        latent_channels=16, norm_num_groups=4, sample_size=64, scaling_factor=0.3611, shift_factor=0.1159,
-        use_quant_conv=False, use_post_quant_conv=False)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=num_layers, num_single_layers=num_single_layers,
-        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=width, pooled_projection_dim=width,
-        guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6))
+    with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
+        torch.manual_seed(seed)
+        clip_tok, t5_tok = _tiny_tokenizers(words)
+        clip = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(clip_tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1,
+            num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+            projection_dim=width))
+        t5 = T5EncoderModel(T5Config(
+            vocab_size=len(t5_tok), d_model=width, d_kv=8, d_ff=2 * width, num_layers=1, num_heads=2,
+            relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu", pad_token_id=0,
+            eos_token_id=1, decoder_start_token_id=0))
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+            latent_channels=16, norm_num_groups=4, sample_size=64, scaling_factor=0.3611, shift_factor=0.1159,
+            use_quant_conv=False, use_post_quant_conv=False)
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=num_layers, num_single_layers=num_single_layers,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=width, pooled_projection_dim=width,
+            guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6))
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                                 max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
     return {"scheduler": scheduler, "vae": vae, "text_encoder": clip, "tokenizer": clip_tok,
