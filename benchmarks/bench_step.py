@@ -305,8 +305,23 @@ def cpu_peak_flops(n: int = 1024, reps: int = 10) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
+def count_flops(bb, args: argparse.Namespace) -> dict[tuple[int, str], float]:
+    """Model FLOPs per (K, objective), counted in eager mode before any compilation, after one step that warms
+    the latent cache (so VAE encodes are not counted, as in the timed steps)."""
+    p = args.sizes
+    autocast = p.dtype if bb.device.type == "cuda" and p.dtype != torch.float32 else None
+    flops = {}
+    for k in args.refs:
+        batch = make_batch(p.size, p.ref_size, k, bb.patch)
+        for objective in OBJECTIVES:
+            run = StepRunner(bb, batch, objective, autocast)
+            run(0, optimize=False)
+            flops[(k, objective)] = model_flops(run)
+    return flops
+
+
 def run_case(bb, k: int, checkpointing: bool, args: argparse.Namespace, flops: dict, peak: float) -> list[str]:
-    """Markdown rows of the objectives for one case; ``flops`` caches the counts per (K, objective)."""
+    """Markdown rows of the objectives for one case; ``flops``: the counts of :func:`count_flops`."""
     p = args.sizes
     batch = make_batch(p.size, p.ref_size, k, bb.patch)
     if checkpointing:
@@ -316,9 +331,6 @@ def run_case(bb, k: int, checkpointing: bool, args: argparse.Namespace, flops: d
     autocast = p.dtype if bb.device.type == "cuda" and p.dtype != torch.float32 else None
     runs = {o: StepRunner(bb, batch, o, autocast) for o in OBJECTIVES}
     results = measure(runs, args.warmup, args.iters)
-    for objective, run in runs.items():  # after warm-up: the latent cache is warm, as in the timed steps
-        if (k, objective) not in flops:
-            flops[(k, objective)] = model_flops(run)
     name = f"K={k}, ckpt {'on' if checkpointing else 'off'}, {'compiled' if args.compiled else 'eager'}"
     rows = []
     for objective in OBJECTIVES:
@@ -383,7 +395,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         bb = build_backbone(args.preset, Path(tmp), not args.no_latent_cache, p, args.layers)
-        flops: dict = {}
+        flops = count_flops(bb, args)
         for mode in compile_modes:  # eager first: compile_repeated_blocks compiles in place
             args.compiled = mode == "on"
             if args.compiled:
