@@ -277,7 +277,7 @@ class EvalConfig:
     benchmark: str = _f("toy", "toy, dreambench-single or dreambench-multi.")
     seeds: list[int] = _f([0, 1, 2], "Sampling seeds; mean and spread are over these.")
     n_scenes: int = _f(16, "Toy: held-out scenes per subject count (16 x 2 counts x 3 seeds: ~1 min per method on 2 "
-                                 "CPU cores at 20 sampler steps).")
+                             "CPU cores at 20 sampler steps).")
     subject_counts: list[int] = _f([2, 3], "Toy: numbers of subjects per scene.")
     samples_per_prompt: int = _f(1, "Samples per prompt and seed.")
     dino_model: str = _f("facebook/dino-vits16", "DreamBench: DINO ViT-S/16 path or hub id.")
