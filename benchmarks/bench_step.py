@@ -35,6 +35,7 @@ Usage::
     python benchmarks/bench_step.py [--preset cpu-tiny|flux-dev] [--refs 1 2] [--checkpointing off on]
                                     [--compile off on] [--warmup 2] [--iters 5] [--threads N]
     python benchmarks/bench_step.py --preset flux-dev --flops-only     # FLOP count at full size, any machine
+    python benchmarks/bench_step.py --focus-cost                       # the focus maps and the tap, timed apart
 """
 
 from __future__ import annotations
@@ -344,6 +345,54 @@ def run_case(bb, k: int, checkpointing: bool, args: argparse.Namespace, flops: d
     return rows
 
 
+def focus_cost(bb, args: argparse.Namespace) -> None:
+    """Print what FocusDPO adds to a step, timed apart: the focus maps (``token_masks`` + ``compute_focus``) and a
+    tapped vs an untapped no-grad forward of the ``[positive; negative]`` batch (median of ``--iters``)."""
+    print("| K | focus maps ms | forward ms (no tap) | forward ms (tap) |")
+    print("|---|---|---|---|")
+    for k in args.refs:
+        row = _focus_row(bb, k, args)
+        print(f"| {k} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+
+
+def _focus_row(bb, k: int, args: argparse.Namespace) -> list[float]:
+    from focusdpo.train.step import compute_focus, encode_batch, token_masks
+
+    p = args.sizes
+    batch = make_batch(p.size, p.ref_size, k, bb.patch)
+    inputs = encode_batch(bb, batch)
+    x = torch.cat([inputs.x0_w, inputs.x0_l])
+    text = TextCond.cat([inputs.text, inputs.text])
+    refs = [Tokens(torch.cat([r.tokens, r.tokens]), r.grid) for r in inputs.refs]
+    grids = [r.grid for r in inputs.refs]
+    t = torch.full((x.shape[0],), 0.5, device=bb.device)
+    with torch.no_grad():
+        feats = bb.predict(x, t, text, refs, inputs.grid, tap=True)[1]
+
+    def focus() -> None:
+        masks = token_masks(batch, bb.patch, grids, feats.device)
+        compute_focus(feats[: len(batch["id"])], inputs.x0_w.shape[1], grids, masks, Config().focus)
+
+    def forward(tap: bool) -> None:
+        with torch.no_grad():
+            bb.predict(x, t, text, refs, inputs.grid, tap=tap)
+
+    return [_median_ms(focus, args.iters, bb.device), _median_ms(lambda: forward(False), args.iters, bb.device),
+            _median_ms(lambda: forward(True), args.iters, bb.device)]
+
+
+def _median_ms(fn, iters: int, device: torch.device) -> float:
+    fn()
+    times = []
+    for _ in range(iters):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu-tiny")
@@ -362,6 +411,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--text-tokens", type=int, default=None, help="Override the text tokens (flux-dev stand-in).")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                     help="Override the preset's weight dtype (float32 for a dry run on a CPU).")
+    ap.add_argument("--focus-cost", action="store_true",
+                    help="Time the focus maps and the feature tap apart from the step, then exit.")
     ap.add_argument("--flops-only", action="store_true",
                     help="flux-dev: count the transformer FLOPs of one DPO pair on the meta device and exit (no GPU).")
     ap.add_argument("--layers", type=int, nargs=2, default=None, metavar=("DOUBLE", "SINGLE"),
@@ -391,10 +442,13 @@ def main() -> None:
     print(f"# bench_step: preset {args.preset}, {device_name}, torch {torch.__version__}, LoRA r{LORA.rank}, "
           f"latent cache {'off' if args.no_latent_cache else 'on'}, warm-up {args.warmup}, median of {args.iters}, "
           f"MFU peak {peak / 1e12:.3f} TFLOP/s")
-    print("| case | objective | step ms | peak GiB | FocusDPO/DPO (pair_step / plain) | GFLOP/step | MFU |")
-    print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         bb = build_backbone(args.preset, Path(tmp), not args.no_latent_cache, p, args.layers)
+        if args.focus_cost:
+            focus_cost(bb, args)
+            return
+        print("| case | objective | step ms | peak GiB | FocusDPO/DPO (pair_step / plain) | GFLOP/step | MFU |")
+        print("|---|---|---|---|---|---|---|")
         flops = count_flops(bb, args)
         for mode in compile_modes:  # eager first: compile_repeated_blocks compiles in place
             args.compiled = mode == "on"
