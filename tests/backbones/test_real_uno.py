@@ -134,3 +134,27 @@ def _inputs(transformer: FluxTransformer2DModel) -> dict[str, torch.Tensor]:
             "encoder_hidden_states": torch.randn(1, 5, transformer.config.joint_attention_dim, generator=g),
             "pooled_projections": torch.randn(1, transformer.config.pooled_projection_dim, generator=g),
             "timestep": torch.tensor([0.4]), "img_ids": torch.zeros(8, 3), "txt_ids": torch.zeros(5, 3)}
+
+
+def uno_position_ids(grid: tuple[int, int], ref_grids: list[tuple[int, int]]) -> torch.Tensor:
+    """UNO's rule (``prepare_multi_ip``, pe='d'): target at (0, i, j); reference k shifted by the running sums
+    of the heights and of the widths before it, starting at the target's (h, w)."""
+    def block(h: int, w: int, dh: int, dw: int) -> torch.Tensor:
+        ii, jj = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        return torch.stack([torch.zeros_like(ii), ii + dh, jj + dw], -1).reshape(-1, 3)
+
+    parts, (dh, dw) = [block(*grid, 0, 0)], grid
+    for h, w in ref_grids:
+        parts.append(block(h, w, dh, dw))
+        dh, dw = dh + h, dw + w
+    return torch.cat(parts)
+
+
+@pytest.mark.parametrize("grid, refs", [((32, 32), [(32, 32)]), ((32, 32), [(20, 20), (20, 20)]),
+                                        ((4, 4), [(2, 2), (3, 3), (1, 1)])])
+def test_adapter_position_ids_are_unos_for_square_images(grid, refs) -> None:
+    """The imported UNO LoRA was trained with UNO's reference positions: the adapter reproduces them for square
+    targets and references (DreamBench's 512 px protocol; UNO's 320 px multi-reference crops)."""
+    from focusdpo.backbones.flux import position_ids
+
+    assert torch.equal(position_ids(grid, refs), uno_position_ids(grid, refs))
