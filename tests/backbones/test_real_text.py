@@ -71,3 +71,22 @@ def test_from_pretrained_round_trip_and_offload(parts: dict, tmp_path) -> None:
     torch.testing.assert_close(got.pooled, want.pooled)
     assert next(loaded.t5.parameters()).device.type == "cpu" and not loaded.t5.training
     assert not any(p.requires_grad for p in loaded.clip.parameters())
+
+
+def test_clip_tokenizer_in_flux_dev_layout(parts: dict, tmp_path) -> None:
+    """FLUX.1-dev ships ``tokenizer/`` as vocab.json + merges.txt (no tokenizer.json): it must load the same."""
+    import json
+    import shutil
+
+    FluxPipeline(**parts).save_pretrained(tmp_path)
+    folder = tmp_path / "tokenizer"
+    shutil.rmtree(folder)
+    folder.mkdir()
+    (folder / "vocab.json").write_text(json.dumps(parts["tokenizer"].get_vocab()))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
+    loaded = FluxTextEncoder.from_pretrained(str(tmp_path), max_tokens=16)
+    assert torch.equal(loaded.clip_ids(PROMPTS), _encoder(parts).clip_ids(PROMPTS))
+    torch.testing.assert_close(loaded.encode(PROMPTS).pooled, _encoder(parts).encode(PROMPTS).pooled)
