@@ -454,6 +454,8 @@ def compare_cmd(
                                  "--variants", help="Comma-separated methods and ablations to train and compare."),
     seeds: str = typer.Option("0,1,2", "--seeds", help="Comma-separated training seeds."),
     out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="Output folder (finished runs are reused)."),
+    train_only: bool = typer.Option(False, "--train-only", help="Only train (e.g. one process per variant); "
+                                                                "run again without it to evaluate."),
     config: Path | None = ConfigOpt,
     overrides: list[str] | None = OverridesArg,
 ) -> None:
@@ -467,10 +469,12 @@ def compare_cmd(
     command = "focusdpo " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
         compare(cfg, [v.strip() for v in variants.split(",") if v.strip()],
-                [int(s) for s in seeds.split(",") if s.strip()], out, command=command, log=typer.echo)
+                [int(s) for s in seeds.split(",") if s.strip()], out, command=command, log=typer.echo,
+                train_only=train_only)
     except ValueError as e:
         _fail("compare", e)
-    typer.echo((out / "results.md").read_text())
+    if not train_only:
+        typer.echo((out / "results.md").read_text())
 
 
 def main() -> None:

@@ -120,8 +120,11 @@ def results_markdown(summary: Mapping[str, Mapping], command: str, seeds: Sequen
 
 
 def compare(cfg: Config, variants: Sequence[str], seeds: Sequence[int], out_dir: str | Path,
-            command: str = "", log: Callable[[str], None] = print) -> dict:
-    """Train every variant for every seed, evaluate the runs and the base, write results.md/json; return the summary."""
+            command: str = "", log: Callable[[str], None] = print, train_only: bool = False) -> dict:
+    """Train every variant for every seed, evaluate the runs and the base, write results.md/json; return the summary.
+
+    ``train_only``: stop after training (returns ``{}``); a later call with the same arguments evaluates.
+    """
     from focusdpo.data import ensure_toy_dip
     from focusdpo.eval.toy import evaluate_toy
 
@@ -134,6 +137,8 @@ def compare(cfg: Config, variants: Sequence[str], seeds: Sequence[int], out_dir:
     cfg = cfg.with_overrides([f"data.path={data}"])
     cfg.save(out / "config.yaml")
     runs = train_runs(cfg, chosen, seeds, out / "runs", log)
+    if train_only:  # e.g. several processes train disjoint variants, then one call evaluates them all
+        return {}
     metrics = evaluate_toy(cfg, {"base": None, **runs}, out / "eval", log=log)
     summary = summarise(metrics, list(chosen), seeds)
     (out / "results.json").write_text(json.dumps(summary, indent=2))
