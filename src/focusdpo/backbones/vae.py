@@ -153,8 +153,9 @@ class LatentCache:
 
     Each image of a batch is hashed (blake2b of its float32 pixels and size); a hit loads
     ``<root>/<codec fingerprint>/<hash>.safetensors``, a miss encodes and writes it. Content addressing
-    means a cache can never return the latents of a different image or of a different VAE; the trainer
-    needs no record ids. Point ``root`` at ``<dataset>/latents`` to keep the cache with the dataset.
+    means a hit holds the latents of the same pixels under the same VAE (its config, dtype and a sample of
+    every weight tensor), up to hash collisions; the trainer needs no record ids. Point ``root`` at
+    ``<dataset>/latents`` to keep the cache with the dataset.
     ``hits`` and ``misses`` count images.
     """
 
