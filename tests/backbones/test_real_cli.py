@@ -45,17 +45,22 @@ def test_cache_latents_command_fills_the_cache_the_loader_reads(tmp_path) -> Non
         "data.n_records=3", f"data.cache_dir={tmp_path / 'cache'}", "model.backbone=flux", f"model.checkpoint={folder}",
         "model.patch=16", "model.guidance=4.0", "model.max_text_tokens=32", f"model.latent_cache={tmp_path / 'lat'}"])
     cfg.data.path = str(ensure_toy_dip(cfg))
-    hits, misses = cache_latents_command(cfg, batch_size=4)
+    counts = cache_latents_command(cfg, batch_size=4)
+    hits, misses = counts["images"]
     assert hits == 0 and misses >= 3 * 3  # positive, negative and at least one reference per record
+    n_prompts = len({DipDataset(cfg.data.path)[i]["prompt"] for i in range(3)})
+    assert counts["prompts"] == (0, n_prompts)
     bb = load_backbone(cfg.model)
     item = DipDataset(cfg.data.path)[0]
     bb.encode_images(torch.stack([item["positive"], item["negative"]]))
+    bb.encode_prompts([item["prompt"]])
     assert (bb.codec.hits, bb.codec.misses) == (2, 0)
+    assert (bb.text_encoder.hits, bb.text_encoder.misses) == (1, 0)
     result = CliRunner().invoke(app, ["cache-latents", f"data.path={cfg.data.path}", "model.backbone=flux",
-                                      f"model.checkpoint={folder}", "model.patch=16",
+                                      f"model.checkpoint={folder}", "model.patch=16", "model.max_text_tokens=32",
                                       f"model.latent_cache={tmp_path / 'lat'}"])
     assert result.exit_code == 0, result.output
-    assert f"0 image(s) encoded, {misses} already cached" in result.output
+    assert f"encoded 0 image(s) and 0 prompt(s); {misses} image(s) and {n_prompts} prompt(s)" in result.output
 
 
 def test_export_lora_command(tmp_path) -> None:

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from focusdpo.backbones import load_backbone
 from focusdpo.backbones.base import Backbone
 from focusdpo.backbones.flux_pretrained import write_tiny_flux_folder
-from focusdpo.backbones.flux_text import FluxTextEncoder
+from focusdpo.backbones.flux_text import FluxTextEncoder, TextCache
 from focusdpo.backbones.uno import merge_uno_lora, synthetic_uno_state_dict
 from focusdpo.backbones.vae import FluxVAECodec, LatentCache
 from focusdpo.config import ModelConfig, load_config
@@ -76,7 +76,7 @@ def test_flux_uno_yaml_loads_the_stack(folder: str, tmp_path) -> None:
         f"model.latent_cache={tmp_path / 'latents'}"])
     assert (cfg.model.backbone, cfg.model.patch, cfg.model.guidance, cfg.model.dtype) == ("flux", 16, 4.0, "bfloat16")
     bb = load_backbone(cfg.model)
-    assert isinstance(bb.codec, LatentCache) and bb.text_encoder.max_tokens == 512
+    assert isinstance(bb.codec, LatentCache) and bb.text_encoder.encoder.max_tokens == 512
     assert not torch.equal(bb.transformer.transformer_blocks[0].attn.to_q.weight,
                            base.transformer_blocks[0].attn.to_q.weight.to(torch.bfloat16))
 
@@ -93,12 +93,14 @@ def test_uno_lora_import_is_merged_on_load(folder: str, tmp_path) -> None:
 
 def test_offload_and_latent_cache_options(folder: str, tmp_path) -> None:
     bb = load_backbone(_cfg(folder, offload_encoders=True, latent_cache=str(tmp_path / "latents")))
-    assert isinstance(bb.codec, LatentCache) and bb.codec.codec.offload and bb.text_encoder.offload
+    assert isinstance(bb.codec, LatentCache) and isinstance(bb.text_encoder, TextCache)
+    assert bb.codec.codec.offload and bb.text_encoder.encoder.offload
     img = torch.rand(1, 3, 32, 32)
     first, second = bb.encode_images(img), bb.encode_images(img)
     assert (bb.codec.hits, bb.codec.misses) == (1, 1)
     torch.testing.assert_close(first.tokens, second.tokens)
-    assert len(list((tmp_path / "latents").rglob("*.safetensors"))) == 1
+    bb.encode_prompts(["a red dog"])
+    assert len(list((tmp_path / "latents").rglob("*.safetensors"))) == 2  # one image, one prompt
 
 
 def test_bfloat16_weights(folder: str) -> None:

@@ -8,7 +8,7 @@ from diffusers import FluxPipeline
 
 from focusdpo.backbones.base import TextEncoder
 from focusdpo.backbones.flux_pretrained import tiny_flux_components
-from focusdpo.backbones.flux_text import FluxTextEncoder
+from focusdpo.backbones.flux_text import FluxTextEncoder, TextCache
 
 PROMPTS = ["a photo of a red dog and a blue cat", "a striped toy on the grass"]
 
@@ -90,3 +90,22 @@ def test_clip_tokenizer_in_flux_dev_layout(parts: dict, tmp_path) -> None:
     loaded = FluxTextEncoder.from_pretrained(str(tmp_path), max_tokens=16)
     assert torch.equal(loaded.clip_ids(PROMPTS), _encoder(parts).clip_ids(PROMPTS))
     torch.testing.assert_close(loaded.encode(PROMPTS).pooled, _encoder(parts).encode(PROMPTS).pooled)
+
+
+def test_text_cache_returns_the_encoders_features_by_prompt(parts: dict, tmp_path) -> None:
+    enc = _encoder(parts)
+    cache = TextCache(enc, tmp_path)
+    assert isinstance(cache, TextEncoder) and (cache.dim, cache.pooled_dim) == (32, 32)
+    first = cache.encode(PROMPTS)
+    assert (cache.hits, cache.misses) == (0, 2)
+    again = cache.encode([PROMPTS[1], PROMPTS[0], PROMPTS[1]])  # order and repeats follow the batch
+    assert (cache.hits, cache.misses) == (3, 2)
+    want = enc.encode(PROMPTS)
+    torch.testing.assert_close(first.tokens, want.tokens)
+    torch.testing.assert_close(again.pooled, want.pooled[[1, 0, 1]], rtol=0, atol=0)
+    # the next run reads the files; another max_tokens (other features) gets its own folder
+    assert TextCache(enc, tmp_path).encode(PROMPTS[:1]) is not None
+    assert TextCache(_encoder(parts, max_tokens=12), tmp_path).dir != cache.dir
+    fresh = TextCache(enc, tmp_path)
+    fresh.encode(PROMPTS)
+    assert (fresh.hits, fresh.misses) == (2, 0)

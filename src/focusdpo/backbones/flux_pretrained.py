@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from focusdpo.backbones.flux import FluxInContext
-from focusdpo.backbones.flux_text import FluxTextEncoder
+from focusdpo.backbones.flux_text import FluxTextEncoder, TextCache
 from focusdpo.backbones.uno import load_uno_lora_file, merge_uno_lora
 from focusdpo.backbones.vae import FluxVAECodec, LatentCache, cache_dataset_latents
 from focusdpo.config import ModelConfig
@@ -36,8 +36,9 @@ def load_flux_pretrained(cfg: ModelConfig, device: torch.device | str | None = N
 
     ``cfg.patch`` must equal the VAE token size (16 for FLUX); ``cfg.dtype`` sets the weight dtype of all
     parts; ``cfg.lora_import`` merges UNO's ``dit_lora``; ``cfg.offload_encoders`` keeps the VAE and text
-    encoders on the CPU between calls; ``cfg.latent_cache`` caches VAE latents on disk by image content;
-    ``cfg.guidance`` feeds the guidance embedding of guidance-distilled models (FLUX.1-dev).
+    encoders on the CPU between calls; ``cfg.latent_cache`` caches VAE latents by image content and text
+    features by prompt on disk; ``cfg.guidance`` feeds the guidance embedding of guidance-distilled models
+    (FLUX.1-dev).
     """
     from diffusers import FluxTransformer2DModel
 
@@ -60,6 +61,8 @@ def load_flux_pretrained(cfg: ModelConfig, device: torch.device | str | None = N
         codec = LatentCache(codec, cfg.latent_cache)
     text = FluxTextEncoder.from_pretrained(cfg.checkpoint, max_tokens=cfg.max_text_tokens, dtype=dtype,
                                            device=device, offload=cfg.offload_encoders)
+    if cfg.latent_cache:
+        text = TextCache(text, cfg.latent_cache)
     if transformer.config.guidance_embeds and cfg.guidance is None:
         raise ValueError(f"{cfg.checkpoint} is guidance-distilled (FLUX.1-dev): set model.guidance "
                          f"(UNO uses 4.0, the FLUX pipeline 3.5)")
@@ -135,9 +138,13 @@ def write_tiny_flux_folder(path: str | Path, **kwargs) -> Path:
 
 
 def cache_latents_command(cfg, device: torch.device | str = "cpu", batch_size: int = 8,
-                          progress=None) -> tuple[int, int]:
-    """``focusdpo cache-latents``: fill ``cfg.model.latent_cache`` with the VAE latents of every image of the DIP
-    set ``cfg.data.path`` (loads the VAE only). Returns ``(already cached, encoded now)``."""
+                          progress=None) -> dict[str, tuple[int, int]]:
+    """``focusdpo cache-latents``: fill ``cfg.model.latent_cache`` with the VAE latents of every image and the
+    T5 + CLIP features of every prompt of the DIP set ``cfg.data.path`` (loads no transformer).
+
+    Returns ``{"images": (already cached, encoded now), "prompts": (already cached, encoded now)}``, prompts
+    counted once each.
+    """
     from focusdpo.data.dataset import DipDataset
 
     m = cfg.model
@@ -147,4 +154,12 @@ def cache_latents_command(cfg, device: torch.device | str = "cpu", batch_size: i
     if not cfg.data.path:
         raise ValueError("cache-latents needs data.path: the DIP set whose images to encode (focusdpo dip build)")
     codec = FluxVAECodec.from_pretrained(m.checkpoint, dtype=DTYPES[m.dtype], device=device)
-    return cache_dataset_latents(LatentCache(codec, m.latent_cache), DipDataset(cfg.data.path), batch_size, progress)
+    prompts: list[str] = []
+    images = cache_dataset_latents(LatentCache(codec, m.latent_cache), DipDataset(cfg.data.path), batch_size,
+                                   progress, prompts)
+    text = TextCache(FluxTextEncoder.from_pretrained(m.checkpoint, max_tokens=m.max_text_tokens,
+                                                     dtype=DTYPES[m.dtype], device=device), m.latent_cache)
+    unique = list(dict.fromkeys(prompts))
+    for i in range(0, len(unique), batch_size):
+        text.encode(unique[i: i + batch_size])
+    return {"images": images, "prompts": (text.hits, text.misses)}

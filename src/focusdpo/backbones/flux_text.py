@@ -9,15 +9,21 @@ truncates with a warning; training on a silently cut prompt teaches the wrong th
 here is one pooled vector, truncates at its 77 tokens as in the pipeline.
 
 Both encoders are frozen. With ``offload=True`` they stay on the CPU and visit the execution device only
-during ``encode``.
+during ``encode``. :class:`TextCache` keeps each prompt's features on disk (``model.latent_cache``), so that
+the encoders run once per distinct prompt rather than once per step.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from focusdpo.backbones.base import TextCond
@@ -110,3 +116,67 @@ class FluxTextEncoder:
         with self._placed(self.clip):
             pooled = self.clip(clip_ids.to(self.device), output_hidden_states=False).pooler_output
         return TextCond(tokens.to(self.device), pooled.to(self.device))
+
+    def fingerprint(self) -> str:
+        """A short hash of both encoders (config, dtype, a sample of every weight tensor), the tokenizers'
+        vocabularies and ``max_tokens``: text features cached under it match this encoder only."""
+        h = hashlib.blake2b(digest_size=8)
+        h.update(str(self.max_tokens).encode())
+        for model, tok in ((self.t5, self.t5_tokenizer), (self.clip, self.clip_tokenizer)):
+            h.update(model.config.to_json_string(use_diff=False).encode())
+            h.update(json.dumps(sorted(tok.get_vocab().items())).encode())
+            for name, p in sorted(model.state_dict().items()):
+                h.update(name.encode())
+                h.update(p.detach().flatten()[:1024].float().cpu().numpy().tobytes())
+        return h.hexdigest()
+
+
+class TextCache:
+    """A ``TextEncoder`` wrapper that caches each prompt's features on disk, addressed by the prompt text.
+
+    ``<root>/text-<encoder fingerprint>/<hash of the prompt>.safetensors`` holds ``tokens [L, D]`` and
+    ``pooled [P]`` as the encoder returned them. Prompts repeat across a DIP set's records and epochs, so after
+    the first pass (or ``focusdpo cache-latents``) T5-XXL and CLIP are never run, and never moved when offloaded.
+    ``hits`` and ``misses`` count prompts.
+    """
+
+    def __init__(self, encoder: FluxTextEncoder, root: str | Path) -> None:
+        self.encoder = encoder
+        self.dir = Path(root).expanduser() / f"text-{encoder.fingerprint()}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.dim
+
+    @property
+    def pooled_dim(self) -> int:
+        return self.encoder.pooled_dim
+
+    def to(self, device: torch.device | str) -> TextCache:
+        self.encoder.to(device)
+        return self
+
+    def _path(self, prompt: str) -> Path:
+        return self.dir / f"{hashlib.blake2b(prompt.encode(), digest_size=16).hexdigest()}.safetensors"
+
+    def encode(self, prompts: Sequence[str]) -> TextCond:
+        if isinstance(prompts, str) or len(prompts) == 0:
+            raise ValueError(f"TextCache.encode: prompts={prompts!r}: expected a non-empty list of strings")
+        found = {p: load_file(self._path(p)) for p in dict.fromkeys(prompts) if self._path(p).exists()}
+        missing = [p for p in dict.fromkeys(prompts) if p not in found]
+        self.hits += sum(p in found for p in prompts)
+        self.misses += len(prompts) - sum(p in found for p in prompts)
+        if missing:
+            fresh = self.encoder.encode(missing)
+            for i, p in enumerate(missing):
+                found[p] = {"tokens": fresh.tokens[i].detach().cpu().contiguous(),
+                            "pooled": fresh.pooled[i].detach().cpu().contiguous()}
+                tmp = self._path(p).with_suffix(f".{os.getpid()}.tmp")
+                save_file(found[p], tmp)
+                tmp.replace(self._path(p))  # atomic: a killed run leaves no torn file
+        device = self.encoder.device
+        return TextCond(torch.stack([found[p]["tokens"] for p in prompts]).to(device),
+                        torch.stack([found[p]["pooled"] for p in prompts]).to(device))

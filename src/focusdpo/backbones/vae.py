@@ -212,12 +212,14 @@ class LatentCache:
 
 
 def cache_dataset_latents(cache: LatentCache, dataset: Sequence[dict], batch_size: int = 8,
-                          progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
+                          progress: Callable[[int, int], None] | None = None,
+                          prompts: list[str] | None = None) -> tuple[int, int]:
     """Encode every positive, negative and reference image of ``dataset`` into ``cache`` ahead of training.
 
     dataset: items with ``"positive"``, ``"negative"`` (``float [3, H, W]`` in [0, 1]) and ``"references"``
     (a list of ``[3, h, w]``), e.g. :class:`focusdpo.data.dataset.DipDataset`. Images of one size are encoded
-    together, ``batch_size`` at a time. ``progress(done, total)`` is called after each record. Returns
+    together, ``batch_size`` at a time. ``progress(done, total)`` is called after each record; ``prompts``, if
+    given, receives each item's ``"prompt"`` (one pass over the data for the text cache too). Returns
     ``(hits, misses)``: images already cached and images encoded now.
     """
     hits, misses = cache.hits, cache.misses
@@ -234,6 +236,8 @@ def cache_dataset_latents(cache: LatentCache, dataset: Sequence[dict], batch_siz
             pending.setdefault(size, []).append(img)
             if len(pending[size]) >= batch_size:
                 flush(size)
+        if prompts is not None:
+            prompts.append(item["prompt"])
         if progress is not None:
             progress(i + 1, len(dataset))
     for size in list(pending):
