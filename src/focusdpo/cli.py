@@ -411,15 +411,17 @@ def cache_latents_cmd(
     config: Path | None = ConfigOpt,
     overrides: list[str] | None = OverridesArg,
 ) -> None:
-    """Encode a DIP set's images (data.path) with the FLUX VAE into model.latent_cache, ahead of training."""
+    """Encode a DIP set's images (VAE) and prompts (T5 + CLIP) into model.latent_cache, ahead of training."""
     from focusdpo.backbones.flux_pretrained import cache_latents_command
 
     cfg = _load(config, overrides)
     try:
-        hits, misses = cache_latents_command(cfg, device, batch_size)
+        counts = cache_latents_command(cfg, device, batch_size)
     except (ValueError, FileNotFoundError) as e:
         _fail("cache-latents", e)
-    typer.echo(f"{misses} image(s) encoded, {hits} already cached in {cfg.model.latent_cache}")
+    (img_hits, img_new), (txt_hits, txt_new) = counts["images"], counts["prompts"]
+    typer.echo(f"encoded {img_new} image(s) and {txt_new} prompt(s); {img_hits} image(s) and {txt_hits} prompt(s) "
+               f"were already cached in {cfg.model.latent_cache}")
 
 
 # --- the main job: demo, compare (lead) ----------------------------------------------------------------------
