@@ -129,7 +129,8 @@ class ModelConfig:
                                       "null for models without one (FLUX.1-schnell, flux-tiny).")
     offload_encoders: bool = _f(False, "flux: keep the frozen VAE and T5/CLIP on the CPU, moved to the device only "
                                        "while they encode (saves accelerator memory, costs transfers).")
-    latent_cache: str | None = _f(None, "flux: folder caching VAE latents by image content (e.g. <dataset>/latents); "
+    latent_cache: str | None = _f(None, "flux: folder caching VAE latents by image content and T5/CLIP features by "
+                                        "prompt (e.g. <dataset>/latents; fill it with `focusdpo cache-latents`); "
                                         "null: encode every time.")
 
     def __post_init__(self) -> None:
