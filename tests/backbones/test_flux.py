@@ -204,3 +204,17 @@ def test_checkpoint_round_trip_through_load_backbone(backbone, tmp_path):
         load_backbone(ModelConfig(**{**TINY, "num_layers": 3}, checkpoint=str(tmp_path)))
     with pytest.raises(FileNotFoundError, match="model.checkpoint"):
         load_backbone(ModelConfig(**TINY, checkpoint=str(tmp_path / "nowhere")))
+
+
+def test_bf16_base_keeps_float32_adapters_and_trains():
+    torch.manual_seed(0)
+    bb = build_tiny(ModelConfig(**TINY, dtype="bfloat16"), VOCAB)
+    assert bb.dtype == torch.bfloat16
+    bb.add_lora(LoraConfig(rank=2, alpha=2.0))
+    lora = [p for n, p in bb.transformer.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora)
+    x_t, t, text, refs, grid = _inputs(bb)
+    pred, feats = bb.predict(x_t, t, text, refs, grid, tap=True)
+    assert pred.dtype == torch.float32 and feats.dtype == torch.bfloat16
+    pred.pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora)

@@ -33,11 +33,13 @@ def has_lora(module: nn.Module) -> bool:
     return bool(_tuner_layers(module))
 
 
-def attach_lora(module: nn.Module, cfg: LoraConfig) -> int:
+def attach_lora(module: nn.Module, cfg: LoraConfig, dtype: torch.dtype | None = torch.float32) -> int:
     """Freeze ``module`` and inject LoRA adapters on the linear layers named by ``cfg.targets``.
 
-    A target matches a module whose qualified name ends with ``.<target>`` (peft's rule). Returns the number
-    of trainable (adapter) parameters. Raises if a target matches nothing or adapters are already attached.
+    A target matches a module whose qualified name ends with ``.<target>`` (peft's rule). The adapter weights
+    are kept in ``dtype`` (default float32, also on a bf16/fp16 base, so optimizer updates are not rounded
+    away; peft casts the layer input to it). Returns the number of trainable (adapter) parameters. Raises if
+    a target matches nothing or adapters are already attached.
     """
     if has_lora(module):
         raise ValueError("attach_lora: the module already has LoRA adapters; load weights into them instead")
@@ -50,7 +52,11 @@ def attach_lora(module: nn.Module, cfg: LoraConfig) -> int:
     peft_cfg = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                               target_modules=list(cfg.targets), init_lora_weights=True)
     inject_adapter_in_model(peft_cfg, module, adapter_name=ADAPTER)
-    return sum(p.numel() for p in lora_parameters(module))
+    params = lora_parameters(module)
+    if dtype is not None:
+        for p in params:
+            p.data = p.data.to(dtype)
+    return sum(p.numel() for p in params)
 
 
 def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
