@@ -110,3 +110,29 @@ def test_cli_sample_writes_a_grid_of_references_samples_and_truth(tmp_path):
     grid = np.asarray(Image.open(out))
     # 3 rows of (2 refs of 16 px, sample 32 px, truth 32 px) with 2 px padding
     assert grid.shape == (3 * 34 + 2, 2 + 18 * 2 + 34 * 2, 3)
+
+
+def test_cli_sample_with_own_prompt_and_reference_files(tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from focusdpo.backbones.flux import save_tiny
+    from focusdpo.cli import app
+
+    cfg = ModelConfig(**TINY)
+    torch.manual_seed(0)
+    save_tiny(build_tiny(cfg, VOCAB), tmp_path / "model.safetensors", cfg)
+    for name, colour in (("a.png", (255, 0, 0)), ("b.png", (0, 0, 255))):
+        Image.new("RGB", (40, 40), colour).save(tmp_path / name)
+    overrides = [f"model.{k}={v}" for k, v in TINY.items()]
+    out = tmp_path / "own.png"
+    args = ["sample", "--out", str(out), "--prompt", "a ball on the left and a box on the right on sand",
+            "--ref", str(tmp_path / "a.png"), "--ref", str(tmp_path / "b.png"), f"model.checkpoint={tmp_path}",
+            "sample.steps=2", *overrides]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (34 + 2, 2 + 18 * 2 + 34, 3)
+    assert (grid[2:18, 2:18] == [255, 0, 0]).all()  # the first reference, resized to world.ref_size
+    bad = CliRunner().invoke(app, args[:4] + [f"model.checkpoint={tmp_path}", *overrides])
+    assert bad.exit_code == 2 and "--ref" in bad.output
