@@ -103,6 +103,7 @@ def dip_build_cmd(
     import sys
 
     from focusdpo.data import build_manifest_dip, build_toy_dip
+    from focusdpo.data.sources import plugin_extras
 
     cfg = _load(config, overrides)
     command = shlex.join(["focusdpo", *sys.argv[1:]])
@@ -112,11 +113,11 @@ def dip_build_cmd(
     try:
         if world is not None:
             s = build_toy_dip(cfg, out, n=n, seed=seed, patch=patch, overwrite=overwrite, progress=True,
-                              command=command)
+                              command=command, extras=plugin_extras(cfg, toy=True))
         else:
             s = build_manifest_dip(cfg, manifest, out, seed=seed, patch=patch, auto_masks=auto_masks,
                                    overwrite=overwrite, progress=True, command=command, root=root, size=size,
-                                   ref_size=ref_size)
+                                   ref_size=ref_size, extras=plugin_extras(cfg, toy=False))
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         typer.secho(f"dip build: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from e

@@ -232,3 +232,25 @@ def test_unregistered_disruption_in_the_mix_fails_before_building(tmp_path):
     with pytest.raises(DisruptionError, match="regenerate.*not registered"):
         build_toy_dip(cfg, tmp_path / "out", n=2, seed=0)
     assert not (tmp_path / "out").exists()
+
+
+def test_dip_build_command_with_regenerate_uses_the_shipped_base(tmp_path):
+    """`focusdpo dip build` with regenerate in the mix loads the base itself (plugin_extras); every negative
+    differs from its positive only inside M_prior."""
+    from typer.testing import CliRunner
+
+    import focusdpo.data.regenerate as regen
+    from focusdpo.cli import app
+    from focusdpo.data import disruptions as D
+
+    if "regenerate" not in D.registered_disruptions():  # another test may have swapped the plug-in out
+        D.register_disruption("regenerate", regen.regenerate, needs=("backbone",), replace=True)
+    out = tmp_path / "dip"
+    result = CliRunner().invoke(app, ["dip", "build", "--world", "toy", "--n", "3", "--seed", "1", "--out", str(out),
+                                      "data.disruptions={regenerate: 1.0}"])
+    assert result.exit_code == 0, result.output
+    records = list(read_records(out))
+    assert len(records) >= 1
+    for rec in records:
+        assert rec.disruption == "regenerate"
+        assert np.array_equal(rec.negative[~rec.m_prior], rec.positive[~rec.m_prior])

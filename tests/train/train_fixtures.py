@@ -16,8 +16,8 @@ def tiny_overrides(root: Path, base: Path, **extra: object) -> list[str]:
     """Overrides of the toy config for a tiny run under ``root`` (data cache shared through ``root``)."""
     out = TINY_MODEL + TINY_WORLD + [
         f"model.checkpoint={base}", f"data.cache_dir={root / 'cache'}", "data.n_records=16", "data.batch_size=2",
-        "train.max_steps=3", "train.warmup_steps=0", "train.checkpoint_every=0", "train.lr=0.001", "loss.lambda_sft=0.0",
-        "sample.steps=2", "train.val_records=2", f"train.output_dir={root / 'run'}",
+        "train.max_steps=3", "train.warmup_steps=0", "train.checkpoint_every=0", "train.lr=0.001",
+        "loss.lambda_sft=0.0", "sample.steps=2", "train.val_records=2", f"train.output_dir={root / 'run'}",
     ]
     out += [f"{k.replace('__', '.')}={v}" for k, v in extra.items()]
     return out

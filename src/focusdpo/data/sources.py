@@ -47,6 +47,16 @@ def _settings(cfg, seed: int, patch: int | None, progress: bool, extras: dict[st
                          progress=progress, command=command)
 
 
+def plugin_extras(cfg, toy: bool) -> dict[str, Any]:
+    """``extras`` the plug-in disruptions of ``data.disruptions`` need (``regenerate``: the base backbone,
+    loaded once per build, and the world when ``toy``); empty when the mix has no plug-in."""
+    if cfg.data.disruptions.get("regenerate", 0) <= 0:
+        return {}
+    from focusdpo.data.regenerate import regenerate_extras  # importing it registers the disruption
+
+    return regenerate_extras(cfg, toy=toy)
+
+
 def _identity_swapper(world, scene, by_class: dict[str, list[int]]):
     """``swap_identity`` hook for a toy scene: another train identity of the target's class, same placement."""
     used = {ident.id for ident in scene.identities}
