@@ -47,3 +47,13 @@ def test_summarise_over_training_seeds_with_paired_differences():
     text = results_markdown(out, "focusdpo compare", [0, 1], load_config())
     assert "| focusdpo | 0.750 ± 0.071 | 0.300 ± 0.141 |" in text
     assert "| focusdpo | +0.150 ± 0.071 | -0.200 ± 0.141 |" in text
+
+
+def test_compare_command_rejects_an_unknown_variant_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from focusdpo.cli import app
+
+    result = CliRunner().invoke(app, ["compare", "--variants", "dpo,focusdpo-no-magic", "--out", str(tmp_path / "c")])
+    assert result.exit_code == 2 and "focusdpo-no-magic" in result.output
+    assert not (tmp_path / "c" / "runs").exists()

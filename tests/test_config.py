@@ -67,3 +67,14 @@ def test_exponent_without_dot_is_a_float():
     assert load_config(None, ["train.lr=5e-4"]).train.lr == pytest.approx(5e-4)
     with pytest.raises(ConfigError, match="train.lr"):
         load_config(None, ["train.lr=fast"])
+
+
+def test_config_command_prints_the_resolved_config_and_rejects_bad_values():
+    from typer.testing import CliRunner
+
+    from focusdpo.cli import app
+
+    ok = CliRunner().invoke(app, ["config", "train.max_steps=3"])
+    assert ok.exit_code == 0 and Config.from_yaml(ok.output).train.max_steps == 3
+    bad = CliRunner().invoke(app, ["config", "focus.tau=2"])
+    assert bad.exit_code == 2 and "focus.tau=2" in bad.output
