@@ -230,6 +230,9 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0: off).")
     mixed_precision: str = _f("auto", "auto (bf16 where the device has it, else fp32), no, bf16 or fp16.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    compile: bool = _f(False, "Regional torch.compile of the transformer's repeated blocks (diffusers "
+                              "compile_repeated_blocks), for GPUs: the policy and reference forwards of every step.")
+    compile_backend: str = _f("inductor", "torch.compile backend for train.compile (inductor; eager to debug).")
     seed: int = _f(0, "Seed of everything in the run: LoRA init, data order, noise, timesteps.")
     checkpoint_every: int = _f(100, "Checkpoint every N optimizer steps (0: only at the end and on signals).")
     output_dir: str | None = _f(None, "The run folder. None: runs/<objective>-<time>.")
@@ -250,6 +253,7 @@ class TrainConfig:
         _check(self.grad_accum >= 1, "train.grad_accum", self.grad_accum, ">= 1")
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, ">= 0")
         _choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
+        _check(bool(self.compile_backend), "train.compile_backend", self.compile_backend, "a torch.compile backend")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every, ">= 0")
         _check(self.log_every >= 1, "train.log_every", self.log_every, ">= 1")
         _check(self.val_every >= 0, "train.val_every", self.val_every, ">= 0")

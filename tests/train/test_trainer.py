@@ -188,6 +188,23 @@ def test_gradient_checkpointing_gives_the_same_steps(straight, tiny_env, tmp_pat
     assert _losses(out) == pytest.approx(_losses(run)[:2], rel=1e-6)
 
 
+def test_regional_compile_gives_the_same_steps(straight, tiny_env, tmp_path) -> None:
+    """train.compile traces every repeated block with dynamo (the eager backend: no code generation on CPU);
+    the tap hook, the adapters and their switch-off for the reference must survive it unchanged."""
+    import torch
+
+    _, run = straight
+    out = tmp_path / "run"
+    torch._dynamo.reset()
+    try:
+        train(tiny_config(*tiny_env, train__max_steps=2, train__compile="true", train__compile_backend="eager",
+                          train__output_dir=out))
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the blocks really were compiled
+    finally:
+        torch._dynamo.reset()
+    assert _losses(out) == pytest.approx(_losses(run)[:2], rel=1e-5)
+
+
 def test_bf16_autocast_after_an_fp32_run_in_the_same_process(straight, tiny_env, tmp_path) -> None:
     """accelerate keeps its state process-wide; a later train() may still switch to bf16 (the demo's pattern)."""
     _, run = straight

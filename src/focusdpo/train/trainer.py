@@ -220,6 +220,8 @@ def _setup(cfg: Config, accelerator: Any, run_dir: Path, resume: bool) -> _Run:
     params = _lora_params(module)
     if cfg.train.gradient_checkpointing:
         _enable_gradient_checkpointing(module.net)
+    if cfg.train.compile:
+        _compile_regions(module.net, cfg.train.compile_backend)
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
     module, optimizer = accelerator.prepare(module, optimizer)
@@ -275,6 +277,16 @@ def _enable_gradient_checkpointing(net: nn.Module) -> None:
         raise ConfigError(f"train.gradient_checkpointing=True is invalid: {type(net).__name__} has no "
                           f"enable_gradient_checkpointing(); allowed false for this backbone")
     enable()
+
+
+def _compile_regions(net: nn.Module, backend: str) -> None:
+    """Regional compilation (DESIGN section 5): each repeated transformer block is compiled once and reused, so
+    compile time stays small and the LoRA step runs at the compiled speed (tap hooks and adapters included)."""
+    compile_blocks = getattr(net, "compile_repeated_blocks", None)
+    if compile_blocks is None:
+        raise ConfigError(f"train.compile=True is invalid: {type(net).__name__} has no compile_repeated_blocks(); "
+                          f"allowed false for this backbone")
+    compile_blocks(backend=backend)
 
 
 def lr_factor(cfg: Config) -> Any:
