@@ -16,10 +16,8 @@ from focusdpo.eval.dreambench_data import (
     read_classes,
     subject_images,
 )
-
-SHARED = Path("/work/shared/data/dreambench")
-needs_shared = pytest.mark.skipif(not (SHARED / "uno_dreambench_singleip.json").is_file(),
-                                  reason="shared DreamBench copy absent")
+from shared_data import DREAMBENCH as SHARED
+from shared_data import needs_dreambench as needs_shared
 
 
 @needs_shared

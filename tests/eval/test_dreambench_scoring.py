@@ -25,10 +25,8 @@ from focusdpo.eval.dreambench import (
     summarize,
 )
 from focusdpo.eval.dreambench_data import Entry, load_entries, subject_images
-
-SHARED = Path("/work/shared/data/dreambench")
-needs_shared = pytest.mark.skipif(not (SHARED / "uno_dreambench_multiip.json").is_file(),
-                                  reason="shared DreamBench copy absent")
+from shared_data import DREAMBENCH as SHARED
+from shared_data import needs_dreambench as needs_shared
 
 
 def _save_tiny_models(root: Path) -> tuple[str, str]:

@@ -8,15 +8,15 @@ quantisation to ``bins`` levels, a per-patch ``np.bincount`` histogram and its e
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from focusdpo.focus import complexity_map, pool_to_tokens
+from shared_data import DREAMBENCH as _SHARED
 
-DREAMBENCH = Path("/work/shared/data/dreambench/dataset")
+DREAMBENCH = _SHARED / "dataset"
 
 
 def _np_blur(lum: np.ndarray, sigma: float) -> np.ndarray:

@@ -1,6 +1,6 @@
 """DreamBench scoring: DINO, CLIP-I and CLIP-T of a folder of generated images against the references.
 
-Protocol (published practice, ``/work/shared/data/dreambench/README.md``):
+Protocol (published practice, the README of the DreamBench copy):
 
 - DINO: DINO v1 ViT-S/16, CLS token of the last layer; resize the shorter side to 256 (bicubic), center-crop
   224, ImageNet mean/std. (The crop is the model's ``image_size``; the resize keeps the 256/224 ratio.)
