@@ -90,3 +90,23 @@ def test_focus_map_command_writes_a_png(run, tiny_env, tmp_path) -> None:
     bad = CliRunner().invoke(app, ["focus-map", "--run", str(run), "--sigmas", "0.5,1.5", "--out",
                                    str(tmp_path / "x.png")])
     assert bad.exit_code == 2 and "sigma=1.5 is invalid" in bad.output
+
+
+def test_unfinished_run_gives_its_newest_checkpoint_lora(run, tiny_env, tmp_path) -> None:
+    """Without lora.safetensors: the eval loader refuses the run, the focus-map loader takes the checkpoint's."""
+    import shutil
+
+    from focusdpo.eval.methods import MethodError, load_method
+    from focusdpo.train import checkpoint as ckpt
+
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(run, unfinished)
+    (unfinished / "lora.safetensors").unlink()
+    latest = ckpt.latest_checkpoint(unfinished)
+    assert latest is not None
+    cfg = tiny_config(*tiny_env)
+    with pytest.raises(MethodError, match="no lora.safetensors"):
+        load_method(cfg, unfinished, check_world=False)
+    saved = load_file(str(latest / "lora.safetensors"))
+    own = load_run_backbone(cfg, unfinished).lora_state_dict()
+    assert set(own) == set(saved) and all(torch.equal(own[k], saved[k]) for k in saved)

@@ -48,11 +48,12 @@ def resolve_methods(run_dirs: Sequence[str | Path], base: bool) -> dict[str, Pat
 
 
 def load_method(cfg: Config, run_dir: str | Path | None, device: torch.device | str | None = None,
-                check_world: bool = True) -> Backbone:
+                check_world: bool = True, allow_checkpoint: bool = False) -> Backbone:
     """The base backbone of ``cfg.model`` (``run_dir`` None), or the run's backbone with its final LoRA loaded.
 
     With ``check_world`` (the toy benchmark) a run must have been trained on the world ``cfg`` evaluates (same
-    held-out identities), else :class:`MethodError` names the differing fields.
+    held-out identities), else :class:`MethodError` names the differing fields. ``allow_checkpoint``: an
+    unfinished run gives the LoRA of its newest checkpoint (focus maps during training) instead of an error.
     """
     from focusdpo.train.lora import load_lora
 
@@ -65,6 +66,11 @@ def load_method(cfg: Config, run_dir: str | Path | None, device: torch.device | 
         raise MethodError(f"--run {run_dir} was trained on another world {diff} (run, eval config): evaluate it "
                           f"with --config {Path(run_dir) / 'config.yaml'} or matching world.* overrides")
     lora_file = Path(run_dir) / "lora.safetensors"
+    if not lora_file.is_file() and allow_checkpoint:
+        from focusdpo.train import checkpoint as ckpt
+
+        latest = ckpt.latest_checkpoint(run_dir)
+        lora_file = lora_file if latest is None else latest / "lora.safetensors"
     if not lora_file.is_file():
         raise MethodError(f"--run {run_dir}: no lora.safetensors (the run has not finished); finish it with "
                           f"`focusdpo train --resume` or evaluate a finished run")

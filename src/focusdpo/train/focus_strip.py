@@ -164,28 +164,13 @@ def focus_strip(backbone: Backbone, batch: Mapping[str, Any], cfg: Config, out_p
 
 
 def load_run_backbone(cfg: Config, run_dir: str | Path | None, device: torch.device | str = "cpu") -> Backbone:
-    """The backbone of ``cfg`` with the run's LoRA: ``lora.safetensors``, else its newest checkpoint's.
+    """The backbone with the run's LoRA (``lora.safetensors``, else its newest checkpoint's) and ``cfg``'s tap
+    layer; ``run_dir`` None: the base model of ``cfg.model`` (no adapters)."""
+    from focusdpo.eval.methods import load_method
 
-    ``run_dir`` None: the base model (no adapters).
-    """
-    from focusdpo.backbones import load_backbone
-    from focusdpo.train import checkpoint as ckpt
-    from focusdpo.train.lora import load_lora
-
-    backbone = load_backbone(cfg.model, device=device)
+    backbone = load_method(cfg, run_dir, device, check_world=False, allow_checkpoint=True)
     if cfg.focus.tap_layer is not None:
         backbone.tap_layer = cfg.focus.tap_layer
-    if run_dir is None:
-        return backbone
-    path = Path(run_dir) / "lora.safetensors"
-    if not path.is_file():
-        latest = ckpt.latest_checkpoint(run_dir)
-        if latest is None:
-            raise FileNotFoundError(f"--run {run_dir}: no lora.safetensors and no checkpoint; pass a folder "
-                                    f"written by `focusdpo train`")
-        path = latest / "lora.safetensors"
-    backbone.add_lora(cfg.lora)
-    backbone.load_lora_state_dict({k: v.to(backbone.device) for k, v in load_lora(path).items()})
     return backbone
 
 
