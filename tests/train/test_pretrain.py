@@ -66,3 +66,37 @@ def test_cli_pretrain_max_steps(tmp_path):
                                       *SMALL])
     assert result.exit_code == 0, result.output
     assert "step 1 loss" in result.output and (tmp_path / "model.safetensors").is_file()
+
+
+def test_init_warm_starts_from_a_checkpoint_and_resume_wins(tmp_path):
+    """--init copies a checkpoint's weights into step 0 of a new run; an existing state/ is resumed instead."""
+    first = pretrain(_cfg(2), tmp_path / "a", log=lambda _: None)
+    lines: list[str] = []
+    pretrain(_cfg(2, ("train.lr=1e-30",)), tmp_path / "b", PretrainOptions(init=str(tmp_path / "a")),
+             log=lines.append)
+    a, b = load_file(str(first)), load_file(str(tmp_path / "b/model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-12) for k in a)  # lr ~0: the init
+    assert any("steps 0..2" in line for line in lines)
+    fresh = load_file(str(pretrain(_cfg(2, ("train.lr=1e-30",)), tmp_path / "c", log=lambda _: None)))
+    assert not all(torch.allclose(a[k], fresh[k], rtol=0, atol=1e-6) for k in a)  # no init: a random start
+    pretrain(_cfg(3), tmp_path / "b", PretrainOptions(init=str(tmp_path / "c")), log=lines.append)
+    assert any("steps 2..3" in line for line in lines)  # state/ present: resumed, init ignored
+
+
+def test_init_rejects_a_missing_or_mismatched_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="init"):
+        pretrain(_cfg(1), tmp_path / "x", PretrainOptions(init=str(tmp_path / "nothing")), log=lambda _: None)
+    pretrain(_cfg(1), tmp_path / "a", log=lambda _: None)
+    with pytest.raises(ValueError, match="architecture"):
+        pretrain(_cfg(1, ("model.num_layers=2",)), tmp_path / "y", PretrainOptions(init=str(tmp_path / "a")),
+                 log=lambda _: None)
+
+
+def test_cli_init_shipped_continues_the_packaged_base(tmp_path):
+    from focusdpo.backbones import shipped_base_path
+
+    result = CliRunner().invoke(app, ["pretrain", "--out", str(tmp_path), "--init", "shipped", "--max-steps", "1",
+                                      "--threads", "1", "data.batch_size=1", "train.lr=1e-30", "train.log_every=1"])
+    assert result.exit_code == 0, result.output
+    a, b = load_file(str(shipped_base_path())), load_file(str(tmp_path / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-12) for k in a)

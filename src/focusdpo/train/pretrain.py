@@ -44,6 +44,9 @@ class PretrainOptions:
     min_lr_fraction: float = 0.1                 # floor of the linear / cosine decay
     stop_at: int | None = None                   # stop (and checkpoint) after this step; the schedule still
                                                  # runs to train.max_steps, so a later call continues it
+    init: str | None = None                      # warm start: a flux-tiny checkpoint (file or run folder) whose
+                                                 # weights start a new run (step 0, new schedule); ignored
+                                                 # when output_dir/state exists (then the run resumes)
 
     def __post_init__(self) -> None:
         if not self.subject_counts or any(k not in (1, 2, 3) for k in self.subject_counts):
@@ -147,6 +150,22 @@ def _load_state(out: Path, modules: nn.ModuleDict, ema: _Ema, optim: torch.optim
     return int(json.loads((state / "step.json").read_text())["step"])
 
 
+def _load_init(init: str, backbone: FluxInContext, cfg: Config) -> None:
+    """Copy the weights of the tiny checkpoint ``init`` (same architecture and vocabulary) into ``backbone``."""
+    from focusdpo.backbones.flux import load_tiny, read_tiny_metadata
+
+    path = Path(init)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrain init={init}: no such checkpoint file (give model.safetensors or its folder)")
+    _, vocabulary = read_tiny_metadata(path)
+    if vocabulary != backbone.text_encoder.vocabulary:
+        raise ValueError(f"pretrain init={init}: its vocabulary differs from this world's; use a matching checkpoint")
+    source = load_tiny(path, cfg.model)
+    _modules(backbone).load_state_dict(_modules(source).state_dict())
+
+
 def _write_model(out: Path, backbone: FluxInContext, ema: _Ema, cfg: Config) -> None:
     """``model.safetensors`` = the EMA weights in the tiny checkpoint format."""
     current = {k: v.clone() for k, v in _modules(backbone).state_dict().items()}
@@ -198,7 +217,11 @@ def pretrain(cfg: Config, output_dir: str | Path, opts: PretrainOptions | None =
     modules.train()
     optim = torch.optim.AdamW(modules.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     ema = _Ema(modules, opts.ema_decay)
-    start = _load_state(out, modules, ema, optim) if resume and (out / "state").exists() else 0
+    resuming = resume and (out / "state").exists()
+    if opts.init is not None and not resuming:
+        _load_init(opts.init, backbone, cfg)
+        ema = _Ema(modules, opts.ema_decay)
+    start = _load_state(out, modules, ema, optim) if resuming else 0
     cfg.save(out / "config.yaml")
     n_params = sum(p.numel() for p in modules.parameters())
     end = min(cfg.train.max_steps, opts.stop_at or cfg.train.max_steps)
