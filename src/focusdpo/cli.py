@@ -268,7 +268,7 @@ def pretrain_cmd(
                                                                "runs to train.max_steps; resume later)."),
     threads: int = typer.Option(2, "--threads", help="torch CPU threads."),
     device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda:0."),
-    init: Path | None = typer.Option(None, "--init", help="Warm start from a flux-tiny checkpoint (file or run "
+    init: str | None = typer.Option(None, "--init", help="Warm start from a flux-tiny checkpoint (file or run "
                                                           "folder; 'shipped': the packaged base): its weights start "
                                                           "a new run at step 0. Ignored when --out has a state/."),
     config: Path | None = ConfigOpt,
@@ -283,11 +283,8 @@ def pretrain_cmd(
     torch.set_num_threads(threads)
     try:
         counts = tuple(int(k) for k in subjects.split(","))
-        if init is not None and str(init) == "shipped":
-            from focusdpo.backbones import shipped_base_path
-            init = shipped_base_path()
         opts = PretrainOptions(subject_counts=counts, text_dropout=text_dropout, ema_decay=ema_decay,
-                               stop_at=stop_at, init=None if init is None else str(init))
+                               stop_at=stop_at, init=init)
         path = pretrain(cfg, out, opts, device=device, resume=not fresh, log=typer.echo)
     except (ValueError, FileNotFoundError) as e:
         _fail("pretrain", e)

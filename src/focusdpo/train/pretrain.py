@@ -44,9 +44,9 @@ class PretrainOptions:
     min_lr_fraction: float = 0.1                 # floor of the linear / cosine decay
     stop_at: int | None = None                   # stop (and checkpoint) after this step; the schedule still
                                                  # runs to train.max_steps, so a later call continues it
-    init: str | None = None                      # warm start: a flux-tiny checkpoint (file or run folder) whose
-                                                 # weights start a new run (step 0, new schedule); ignored
-                                                 # when output_dir/state exists (then the run resumes)
+    init: str | None = None                      # warm start: a flux-tiny checkpoint (file, run folder or
+                                                 # "shipped") whose weights start a new run (step 0, new
+                                                 # schedule); ignored when output_dir/state exists (resume)
 
     def __post_init__(self) -> None:
         if not self.subject_counts or any(k not in (1, 2, 3) for k in self.subject_counts):
@@ -151,14 +151,17 @@ def _load_state(out: Path, modules: nn.ModuleDict, ema: _Ema, optim: torch.optim
 
 
 def _load_init(init: str, backbone: FluxInContext, cfg: Config) -> None:
-    """Copy the weights of the tiny checkpoint ``init`` (same architecture and vocabulary) into ``backbone``."""
+    """Copy the weights of the tiny checkpoint ``init`` (a file, a run folder, or ``shipped``) into ``backbone``.
+
+    The checkpoint must have this config's architecture and this world's vocabulary (same words, same order).
+    """
+    from focusdpo.backbones import tiny_checkpoint_file
     from focusdpo.backbones.flux import load_tiny, read_tiny_metadata
 
-    path = Path(init)
-    if path.is_dir():
-        path = path / "model.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrain init={init}: no such checkpoint file (give model.safetensors or its folder)")
+    try:
+        path = tiny_checkpoint_file(None if init == "shipped" else init)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"pretrain init={init}: {e}") from None
     _, vocabulary = read_tiny_metadata(path)
     if vocabulary != backbone.text_encoder.vocabulary:
         raise ValueError(f"pretrain init={init}: its vocabulary differs from this world's; use a matching checkpoint")
