@@ -51,5 +51,5 @@ def test_shipped_base_draws_held_out_subjects_and_still_leaks():
     body = np.mean([s["fidelity"]["body"] for s in subjects])
     cls = np.mean([s["fidelity"]["class"] for s in subjects])
     leaked = np.mean([s["leaked"] for s in subjects])
-    assert body >= 0.85 and cls >= 0.3
+    assert body >= 0.85 and cls >= 0.35  # measured: 1.00 and 0.54 (the 11,000-step base unguided: 0.17)
     assert leaked > 0.05
