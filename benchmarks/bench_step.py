@@ -3,10 +3,11 @@
 For every case (references K, gradient checkpointing, eager or ``compile_repeated_blocks``) each objective runs
 the trainer's step -- ``focusdpo.train.step.pair_step``, backward, AdamW on the LoRA -- on the same pair batch
 and the same noise, after warm-up steps; the median over ``--iters`` steps is reported with the peak memory,
-the FocusDPO/DPO time ratio and the model-FLOP utilisation (MFU). Objectives: ``sft``; ``plain-dpo``,
-Diffusion-DPO (W = 1) without the feature tap and focus maps, as a DPO-only trainer runs it; ``dpo``, the same
-loss through ``pair_step``, which also taps and computes the focus to log the alignment of every baseline;
-``focusdpo``. The FocusDPO/DPO column gives the ratio to both DPO rows. The objectives' steps interleave
+the FocusDPO/DPO time ratio and the model-FLOP utilisation (MFU). Objectives: ``sft``; ``dpo``, Diffusion-DPO
+(W = 1; ``pair_step`` runs it without the focus tap); ``focusdpo`` with the default focus (the attention-field
+readout over every block, ``focus.readout=attention focus.tap_layer=all``); ``focusdpo-cosine``, the first
+implementation's readout (hidden-state cosine of the middle double-stream block). The FocusDPO/DPO column
+gives each focusdpo row's time over the dpo row's. The objectives' steps interleave
 (one step of each in turn), so a change in the machine's load hits all of them alike.
 
 Presets:
@@ -57,7 +58,7 @@ from focusdpo.backbones.base import TextCond, Tokens
 from focusdpo.config import Config, LoraConfig, ModelConfig, TrainConfig
 from focusdpo.train.step import NoiseKey, pair_step
 
-OBJECTIVES = ("sft", "plain-dpo", "dpo", "focusdpo")
+OBJECTIVES = ("sft", "dpo", "focusdpo", "focusdpo-cosine")
 LORA = LoraConfig(rank=16, alpha=16.0)
 FLUX_DEV = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
             "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
@@ -162,48 +163,26 @@ def make_batch(size: int, ref_size: int, k: int, patch: int, b: int = 1, seed: i
 class StepRunner:
     """One objective's training step on a fixed batch: ``pair_step`` -> backward -> AdamW on the LoRA.
 
-    ``plain-dpo`` is Diffusion-DPO as a trainer without focus would run it: the same encode, noise, reference
-    and loss, but the policy forward without the feature tap and no SPAF (``pair_step`` taps and computes the
-    focus for every objective, to log the alignment of the baselines too).
+    ``focusdpo-cosine`` is ``focusdpo`` with ``focus.readout=cosine`` on the middle double-stream block.
     """
 
     def __init__(self, bb, batch: dict, objective: str, autocast: torch.dtype | None) -> None:
         self.bb, self.batch, self.autocast, self.objective = bb, batch, autocast, objective
-        name = "dpo" if objective == "plain-dpo" else objective
-        self.cfg = Config(lora=LORA, train=TrainConfig(objective=name))
+        cfg = Config(lora=LORA, train=TrainConfig(objective=objective.removesuffix("-cosine")))
+        if objective == "focusdpo-cosine":
+            cfg = cfg.with_overrides(["focus.readout=cosine", "focus.tap_layer=null"])
+        self.cfg = cfg
         params = [p for p in bb.transformer.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=1e-6)
 
     def __call__(self, i: int, optimize: bool = True) -> None:
-        device = self.bb.device
-        with torch.autocast(device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            if self.objective == "plain-dpo":
-                loss = plain_dpo_loss(self.bb, self.batch, NoiseKey(seed=0, step=i), self.cfg)
-            else:
-                loss = pair_step(self.bb.predict, self.bb, self.batch, NoiseKey(seed=0, step=i), self.cfg).loss
+        self.bb.tap_layer = self.cfg.focus.tap_layer
+        with torch.autocast(self.bb.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            loss = pair_step(self.bb.predict, self.bb, self.batch, NoiseKey(seed=0, step=i), self.cfg).loss
         loss.backward()
         if optimize:
             self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-
-
-def plain_dpo_loss(bb, batch: dict, noise: NoiseKey, cfg: Config) -> torch.Tensor:
-    """Diffusion-DPO (W = 1) without tap or focus, from the trainer's public pieces (DESIGN 2.2)."""
-    from focusdpo.losses import objective_loss, token_errors
-    from focusdpo.train.step import encode_batch, noisy
-
-    inputs = encode_batch(bb, batch)
-    b, n, c = inputs.x0_w.shape
-    eps, s = noise.draw(b, n, c, cfg.loss)
-    eps, s = eps.to(inputs.x0_w).repeat(2, 1, 1), s.to(inputs.x0_w.device).repeat(2)
-    x_t, target = noisy(torch.cat([inputs.x0_w, inputs.x0_l]), eps, s)
-    text = TextCond.cat([inputs.text, inputs.text])
-    refs = [Tokens(torch.cat([r.tokens, r.tokens]), r.grid) for r in inputs.refs]
-    with torch.no_grad(), bb.reference():
-        ref_err = token_errors(bb.predict(x_t, s, text, refs, inputs.grid)[0], target)
-    err = token_errors(bb.predict(x_t, s, text, refs, inputs.grid)[0], target)
-    loss, _ = objective_loss("dpo", err[:b], err[b:], ref_err[:b], ref_err[b:], beta=cfg.loss.beta)
-    return loss.mean()
 
 
 def _sync(device: torch.device) -> None:
@@ -337,8 +316,8 @@ def run_case(bb, k: int, checkpointing: bool, args: argparse.Namespace, flops: d
     for objective in OBJECTIVES:
         t, mem = results[objective]
         ratio = ""
-        if objective == "focusdpo":
-            ratio = f"{t / results['dpo'][0]:.3f} / {t / results['plain-dpo'][0]:.3f}"
+        if objective.startswith("focusdpo"):
+            ratio = f"{t / results['dpo'][0]:.3f}"
         f = flops[(k, objective)]
         rows.append(f"| {name} | {objective} | {t * 1e3:.1f} | {mem:.2f} | {ratio} | {f / 1e9:.3f} | "
                     f"{100 * f / t / peak:.1f}% |")
@@ -366,12 +345,14 @@ def _focus_row(bb, k: int, args: argparse.Namespace) -> list[float]:
     refs = [Tokens(torch.cat([r.tokens, r.tokens]), r.grid) for r in inputs.refs]
     grids = [r.grid for r in inputs.refs]
     t = torch.full((x.shape[0],), 0.5, device=bb.device)
+    masks = token_masks(batch, bb.patch, grids, bb.device)
+    bb.tap_layer = Config().focus.tap_layer
     with torch.no_grad():
-        feats = bb.predict(x, t, text, refs, inputs.grid, tap=True)[1]
+        tap = bb.predict(x, t, text, refs, inputs.grid, tap=True, ref_masks=[torch.cat([m, m]) for m in masks[2]])[1]
 
     def focus() -> None:
-        masks = token_masks(batch, bb.patch, grids, feats.device)
-        compute_focus(feats[: len(batch["id"])], inputs.x0_w.shape[1], grids, masks, Config().focus)
+        compute_focus(tap.select(slice(0, len(batch["id"]))), token_masks(batch, bb.patch, grids, bb.device),
+                      Config().focus)
 
     def forward(tap: bool) -> None:
         with torch.no_grad():
@@ -447,7 +428,7 @@ def main() -> None:
         if args.focus_cost:
             focus_cost(bb, args)
             return
-        print("| case | objective | step ms | peak GiB | FocusDPO/DPO (pair_step / plain) | GFLOP/step | MFU |")
+        print("| case | objective | step ms | peak GiB | FocusDPO/DPO | GFLOP/step | MFU |")
         print("|---|---|---|---|---|---|---|")
         flops = count_flops(bb, args)
         for mode in compile_modes:  # eager first: compile_repeated_blocks compiles in place

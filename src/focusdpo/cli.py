@@ -390,6 +390,44 @@ def focus_map_cmd(
     typer.echo(f"wrote {path}")
 
 
+@app.command("focus-probe")
+def focus_probe_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: probe.json, probe.md, probe.png."),
+    run: Path | None = typer.Option(None, "--run", help="A run folder (its config.yaml and LoRA)."),
+    base: bool = typer.Option(False, "--base", help="Probe the base model of --config (the default without --run)."),
+    dip: Path | None = typer.Option(None, "--dip", help="A DIP set whose positives to probe (any backbone); "
+                                                        "default: held-out toy scenes with 2 and 3 subjects."),
+    n: int = typer.Option(64, "--n", help="Toy scenes per subject count, or DIP records."),
+    draws: int = typer.Option(4, "--draws", help="Noise draws per positive and timestep."),
+    blocks: str = typer.Option("", "--blocks", help="Comma-separated blocks to probe (double:i, single:i, all); "
+                                                    "default: every block and all."),
+    device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda:0."),
+    config: Path | None = ConfigOpt,
+    overrides: list[str] | None = OverridesArg,
+) -> None:
+    """How well each SPAF readout (attention field, cosine) finds the subjects, per block and noise level."""
+    from focusdpo.eval.probe import focus_probe_command
+
+    if run is not None and base:
+        _fail("focus-probe", ValueError("give --run DIR or --base, not both"))
+    if run is not None and config is None:
+        config = run / "config.yaml"
+    cfg = _load(config, overrides)
+    if n < 1 or draws < 1:
+        _fail("focus-probe", ValueError(f"--n={n} and --draws={draws} are invalid: allowed >= 1"))
+    try:
+        chosen = [b.strip() for b in blocks.split(",") if b.strip()] or None
+        result = focus_probe_command(cfg, run, dip, out, n, draws, chosen, device, log=typer.echo)
+    except (ValueError, FileNotFoundError) as e:
+        _fail("focus-probe", e)
+    best = max(result["readouts"].items(), key=lambda kv: kv[1]["a_train"])
+    typer.echo(f"default {result['default']}: a_train {result['readouts'][result['default']]['a_train']:.2f}"
+               if result["default"] in result["readouts"] else f"default {result['default']} not probed")
+    typer.echo(f"best {best[0]}: a_train {best[1]['a_train']:.2f}; chance {result['chance']['a_train']:.2f}, "
+               f"ceiling {result['ceiling']['a_train']:.2f}")
+    typer.echo(f"wrote {Path(out) / 'probe.json'}, probe.md, probe.png")
+
+
 @app.command("export-lora")
 def export_lora_cmd(
     run: Path = typer.Argument(..., help="A finished run folder (its lora.safetensors)."),

@@ -150,7 +150,17 @@ class FocusConfig:
     spaf: bool = _f(True, "Use the Structure-Preserving Attention Field terms (M_s, A).")
     dpce: bool = _f(True, "Use the Detail-Preserving Complexity Estimator term (M_d).")
     dynamic: bool = _f(True, "Gate the detail term on alignment a >= tau; false: always on.")
-    tap_layer: int | None = _f(None, "Double-stream block whose hidden states feed SPAF; None: the middle one.")
+    readout: str = _f("attention", "SPAF's score S_k[n]: attention (the model's own attention field: softmax mass "
+                                   "of target query n on reference k's keys, mask-weighted, head-averaged), cosine "
+                                   "(hidden-state cosine to the pooled reference; the first implementation, kept as "
+                                   "an ablation) or cosine_centered. Chosen with `focusdpo focus-probe --base`: "
+                                   "a_train 0.83 (attention@all) vs 0.31 (cosine@double:1), chance 0.11 "
+                                   "(docs/focus-probe.md).")
+    tap_layer: str | int | None = _f("all", "Block(s) the focus tap reads: double:i, single:i, all (mean over "
+                                           "every block) or null (the middle double-stream block); an int i means "
+                                           "double:i. Chosen with `focusdpo focus-probe --base` (docs/focus-probe.md).")
+    log_alignment: bool = _f(False, "Compute and log SPAF's alignment a for objectives that do not use the focus "
+                                    "(sft, dpo, patchdpo); off, the policy forward runs without the tap.")
     rho: float = _f(1.0, "Top-k size factor: k_k = ceil(rho * |P_k|).")
     top_k: int = _f(16, "Top-k size when the subject region P_k is unknown.")
     alpha_s: float = _f(2.0, "Weight added on confused/unmatched subject tokens M_s.")
@@ -174,8 +184,12 @@ class FocusConfig:
         for name in ("alpha_s", "alpha_a", "alpha_d", "ref_complexity_scale"):
             _check(getattr(self, name) >= 0, f"focus.{name}", getattr(self, name), ">= 0")
         _choice("focus.weights_from", self.weights_from, ("positive", "each"))
-        if self.tap_layer is not None:
+        _choice("focus.readout", self.readout, ("attention", "cosine", "cosine_centered"))
+        if isinstance(self.tap_layer, int):
             _check(self.tap_layer >= 0, "focus.tap_layer", self.tap_layer, ">= 0 or null")
+        elif self.tap_layer is not None:
+            _check(re.fullmatch(r"all|(double|single):\d+", str(self.tap_layer).strip().lower()) is not None,
+                   "focus.tap_layer", self.tap_layer, "double:i, single:i, all or null")
 
 
 @dataclass

@@ -85,10 +85,11 @@ def test_position_ids_offsets_never_collide():
 def test_predict_shapes_for_k_references_of_mixed_sizes(backbone, k):
     sizes = [(16, 16), (8, 16), (12, 8)][:k]
     x_t, t, text, refs, grid = _inputs(backbone, ref_sizes=sizes)
-    pred, feats = backbone.predict(x_t, t, text, refs, grid, tap=True)
+    pred, tap = backbone.predict(x_t, t, text, refs, grid, tap=True)
     assert pred.shape == x_t.shape == (2, 64, 48)
-    m = sum(h * w // 16 for h, w in sizes)
-    assert feats.shape == (2, 64 + m, 32) and not feats.requires_grad
+    assert tap.target.shape == (2, 64, 32) and not tap.target.requires_grad
+    assert [r.shape for r in tap.refs] == [(2, h * w // 16, 32) for h, w in sizes]
+    assert tap.field.shape == (2, k, 64) and tap.field.dtype == torch.float32
     assert isinstance(backbone, Backbone)
 
 
@@ -105,7 +106,8 @@ def test_tap_returns_the_blocks_real_hidden_states(backbone):
     """Recompute the image stream up to the tap block by hand and compare with the hook's capture."""
     x_t, t, text, refs, grid = _inputs(backbone, ref_sizes=((16, 16), (8, 8)))
     backbone.tap_layer = 1
-    pred, feats = backbone.predict(x_t, t, text, refs, grid, tap=True)
+    pred, tap = backbone.predict(x_t, t, text, refs, grid, tap=True)
+    feats = torch.cat([tap.target, *tap.refs], dim=1)
     tr = backbone.transformer
     with torch.no_grad():
         hidden = tr.x_embedder(torch.cat([x_t] + [r.tokens for r in refs], dim=1))
@@ -122,6 +124,13 @@ def test_tap_returns_the_blocks_real_hidden_states(backbone):
 def test_tap_layer_out_of_range_names_the_field(backbone):
     with pytest.raises(ValueError, match="focus.tap_layer=5"):
         backbone.tap_layer = 5
+    for bad in ("single:1", "double:-1", "triple:0", "middle", ""):
+        with pytest.raises(ValueError, match="allowed double:0..1, single:0..0, all"):
+            backbone.tap_layer = bad
+    backbone.tap_layer = None
+    assert backbone.tap_blocks == ["double:1"]
+    backbone.tap_layer = "ALL"
+    assert backbone.tap_blocks == ["double:0", "double:1", "single:0"] and backbone.tap_layer == "all"
 
 
 def test_reference_equals_base_and_restores_adapters_after_exception(backbone):
@@ -214,7 +223,8 @@ def test_bf16_base_keeps_float32_adapters_and_trains():
     lora = [p for n, p in bb.transformer.named_parameters() if "lora_" in n]
     assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora)
     x_t, t, text, refs, grid = _inputs(bb)
-    pred, feats = bb.predict(x_t, t, text, refs, grid, tap=True)
-    assert pred.dtype == torch.float32 and feats.dtype == torch.bfloat16
+    pred, tap = bb.predict(x_t, t, text, refs, grid, tap=True)
+    assert pred.dtype == torch.float32 and tap.target.dtype == torch.bfloat16 and tap.field.dtype == torch.float32
+    assert torch.allclose(tap.field.sum(1), tap.field.sum(1).clamp(0, 1.01))  # masses, also from bf16 logits
     pred.pow(2).mean().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora)

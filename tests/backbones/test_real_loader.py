@@ -32,7 +32,7 @@ def test_load_backbone_gives_the_saved_frozen_models(folder: str) -> None:
     bb = load_backbone(_cfg(folder))
     assert isinstance(bb, Backbone)
     assert isinstance(bb.codec, FluxVAECodec) and isinstance(bb.text_encoder, FluxTextEncoder)
-    assert bb.patch == 16 and bb.guidance == 4.0 and bb.tap_layer == 1
+    assert bb.patch == 16 and bb.guidance == 4.0 and bb.tap_layer == "double:1"
     saved = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer")
     for (name, p), (_, q) in zip(bb.transformer.state_dict().items(), saved.state_dict().items(), strict=True):
         assert torch.equal(p, q), name
@@ -45,8 +45,10 @@ def test_encode_predict_decode_shapes(folder: str) -> None:
     refs = [bb.encode_images(torch.rand(2, 3, 32, 32)), bb.encode_images(torch.rand(2, 3, 16, 48))]
     assert tgt.tokens.shape == (2, 8, 64) and tgt.grid == (4, 2)
     text = bb.encode_prompts(["a red dog", "a blue cat on the grass"])
-    pred, feats = bb.predict(torch.randn(2, 8, 64), torch.tensor([0.2, 0.9]), text, refs, tgt.grid, tap=True)
-    assert pred.shape == (2, 8, 64) and feats.shape == (2, 8 + 4 + 3, 32)
+    bb.tap_layer = "all"  # the real FLUX stack: the attention field of every block, double and single
+    pred, tap = bb.predict(torch.randn(2, 8, 64), torch.tensor([0.2, 0.9]), text, refs, tgt.grid, tap=True)
+    assert pred.shape == (2, 8, 64) and tap.target.shape == (2, 8, 32) and [r.shape[1] for r in tap.refs] == [4, 3]
+    assert tap.field.shape == (2, 2, 8) and ((tap.field > 0) & (tap.field.sum(1) < 1)).all()
     assert torch.isfinite(pred).all()
     assert bb.decode_tokens(tgt.tokens, tgt.grid).shape == (2, 3, 64, 32)
 

@@ -54,9 +54,9 @@ def test_pair_shares_noise_and_timestep(tiny_env) -> None:
     cfg, backbone, batch = _setup(tiny_env, train__objective="dpo")
     seen = {}
 
-    def spy(x_t, t, text, refs, grid, tap=False):
+    def spy(x_t, t, text, refs, grid, tap=False, ref_masks=None):
         seen["x_t"], seen["t"] = x_t.detach(), t.detach()
-        return backbone.predict(x_t, t, text, refs, grid, tap=tap)
+        return backbone.predict(x_t, t, text, refs, grid, tap=tap, ref_masks=ref_masks)
 
     pair_step(spy, backbone, batch, NoiseKey(0, 1), cfg)
     b = batch["positive"].shape[0]
@@ -75,9 +75,12 @@ def test_first_dpo_step_is_log2(tiny_env, objective) -> None:
     out = pair_step(backbone.predict, backbone, batch, NoiseKey(0, 1), cfg)
     assert out.loss.item() == pytest.approx(math.log(2), abs=1e-6)
     assert torch.all(out.metrics["margin"] == 0)
-    for key in ("loss", "implicit_acc", "margin", "err_w", "err_l", "ref_err_w", "ref_err_l", "w_in_prior",
-                "w_out_prior", "a", "gate"):
+    for key in ("loss", "implicit_acc", "margin", "err_w", "err_l", "ref_err_w", "ref_err_l"):
         assert out.metrics[key].shape == (2,), key
+    if objective == "dpo":  # dpo uses no focus: none is computed unless asked (focus.log_alignment)
+        assert "a" not in out.metrics and out.focus is None
+    else:
+        assert out.metrics["a"].shape == out.metrics["w_confused"].shape == (2,)
 
 
 def test_focusdpo_without_focus_terms_is_dpo(tiny_env) -> None:

@@ -220,6 +220,12 @@ def test_objectives_without_reference_leave_dpo_columns_empty(tiny_env, tmp_path
     out = tmp_path / "run"
     train(tiny_config(*tiny_env, train__max_steps=1, train__objective=objective, train__output_dir=out))
     row = read_metrics(out)[0]
-    assert math.isfinite(row["loss"]) and math.isfinite(row["err_w"]) and math.isfinite(row["a"])
+    assert math.isfinite(row["loss"]) and math.isfinite(row["err_w"])
     assert math.isnan(row["ref_err_w"]) and math.isnan(row["implicit_acc"])
+    assert math.isnan(row["a"])  # the focus is computed only for the objective that uses it ...
+    logged = tmp_path / "logged"  # ... or when asked
+    train(tiny_config(*tiny_env, train__max_steps=1, train__objective=objective, train__output_dir=logged,
+                      focus__log_alignment="true"))
+    row = read_metrics(logged)[0]
+    assert math.isfinite(row["a"]) and 0 <= row["a"] <= 1
     assert row["w_in_prior"] == 1.0 and row["w_out_prior"] == 1.0  # no focus weights in these losses

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from focusdpo.backbones.base import Backbone, Codec, TextCond, TextEncoder, Tokens
+from focusdpo.backbones.base import Backbone, Codec, FocusTap, TextCond, TextEncoder, Tokens
 from focusdpo.config import ModelConfig
 
-__all__ = ["Backbone", "Codec", "TextCond", "TextEncoder", "Tokens", "load_backbone", "shipped_base_path",
+__all__ = ["Backbone", "Codec", "FocusTap", "TextCond", "TextEncoder", "Tokens", "load_backbone", "shipped_base_path",
            "tiny_checkpoint_file"]
 
 CHECKPOINT_FILE = "model.safetensors"

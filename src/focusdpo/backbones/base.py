@@ -2,7 +2,8 @@
 
 A backbone turns images into tokens and back, prompts into text conditioning, and predicts the flow-matching
 velocity of noisy target tokens given text and K reference token blocks, optionally returning the hidden
-states of one block (the SPAF tap) from the same forward pass. LoRA adapters attach to ``trainable()``;
+states and the attention field of the tapped block(s) (the focus tap, :class:`FocusTap`) from the same
+forward pass. LoRA adapters attach to ``trainable()``;
 ``reference()`` switches them off for the frozen reference model of DPO.
 
 Conventions (FLUX flow matching): ``x_t = (1 - s) x_0 + s eps`` with ``s`` (``sigma``) in ``[0, 1]``,
@@ -70,6 +71,42 @@ class TextCond:
         return TextCond(torch.cat([c.tokens for c in conds]), torch.cat([c.pooled for c in conds]))
 
 
+@dataclass
+class FocusTap:
+    """What the policy's own forward says about where it puts each subject (DESIGN 2.3), detached.
+
+    ``target``: ``[B, N, D]`` hidden states of the target tokens; ``refs``: K tensors ``[B, M_k, D]``, each
+    reference's hidden states (both: the image stream of the tapped block, averaged over blocks when several
+    are tapped); ``field``: ``[B, K, N]`` float32 in ``[0, 1]``, the attention field: for target query ``n``
+    the softmax mass on reference k's keys weighted by k's token mask, averaged over heads (and over the
+    tapped blocks); ``blocks``: block name -> that block's own field ``[B, K, N]``.
+    """
+
+    target: torch.Tensor
+    refs: list[torch.Tensor]
+    field: torch.Tensor
+    blocks: dict[str, torch.Tensor]
+
+    @staticmethod
+    def from_blocks(hidden: Sequence[torch.Tensor], fields: dict[str, torch.Tensor], n_target: int,
+                    ref_grids: Sequence[tuple[int, int]], names: Sequence[str]) -> FocusTap:
+        """Average the tapped blocks' image-stream states ``[B, N + sum M_k, D]`` and fields ``[B, K, N]``."""
+        missing = [n for n in names if n not in fields]
+        if missing or len(hidden) != len(names):
+            raise RuntimeError(f"focus tap: blocks {missing or list(names)} ran no tapped attention; the backbone's "
+                               "attention processors were replaced after it was built")
+        feats = hidden[0] if len(hidden) == 1 else torch.stack(hidden).float().mean(0)
+        sizes = [h * w for h, w in ref_grids]
+        refs = list(torch.split(feats[:, n_target:], sizes, dim=1))
+        field = torch.stack([fields[n] for n in names]).mean(0)
+        return FocusTap(feats[:, :n_target], refs, field, {n: fields[n] for n in names})
+
+    def select(self, index: slice | torch.Tensor) -> FocusTap:
+        """The tap of a sub-batch (e.g. ``slice(0, B)``: the positives of a ``[positives; negatives]`` batch)."""
+        return FocusTap(self.target[index], [r[index] for r in self.refs], self.field[index],
+                        {k: v[index] for k, v in self.blocks.items()})
+
+
 @runtime_checkable
 class Codec(Protocol):
     """Images <-> tokens. The tiny model patchifies pixels; a full FLUX loader plugs in its VAE here."""
@@ -116,8 +153,8 @@ class Backbone(Protocol):
     def device(self) -> torch.device: ...
 
     @property
-    def tap_layer(self) -> int:
-        """Index of the block whose hidden states ``predict(..., tap=True)`` returns."""
+    def tap_layer(self) -> str:
+        """The block(s) ``predict(..., tap=True)`` reads: ``"double:i"``, ``"single:i"`` or ``"all"``."""
 
     def encode_images(self, images: torch.Tensor) -> Tokens:
         """``float [B, 3, H, W]`` in ``[0, 1]`` -> ``Tokens [B, N, C]``."""
@@ -128,12 +165,14 @@ class Backbone(Protocol):
     def encode_prompts(self, prompts: Sequence[str]) -> TextCond: ...
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, text: TextCond, refs: Sequence[Tokens],
-                grid: tuple[int, int], tap: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                grid: tuple[int, int], tap: bool = False, ref_masks: Sequence[torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, FocusTap | None]:
         """Velocity of the noisy target tokens.
 
         x_t: ``[B, N, C]``; t: ``[B]`` sigma in ``[0, 1]``; refs: K >= 1 clean reference blocks of
-        ``[B, M_k, C]``. Returns ``pred [B, N, C]`` and, with ``tap``, ``feats [B, N + sum M_k, D]``
-        (target tokens first, then each reference in order), detached; else ``None``.
+        ``[B, M_k, C]``; ref_masks: K ``[B, M_k]`` token masks in [0, 1] weighting the attention field (None:
+        all ones). Returns ``pred [B, N, C]`` and, with ``tap``, a :class:`FocusTap` from the same forward
+        (detached); else ``None``.
         """
 
     def token_grid(self, size: tuple[int, int]) -> tuple[int, int]: ...

@@ -7,8 +7,10 @@ timestep embedding. Position ids (RoPE axes ``(index, row, col)``): text at ``(0
 ``o_1 = max(h, w)`` and ``o_{k+1} = o_k + max(h_k, w_k)``, so references never share a position with the target
 or with each other (UNO's universal rotary embedding, simplified to one diagonal shift).
 
-The SPAF tap is a forward hook on ``transformer_blocks[tap_layer]`` (default: the middle double-stream block)
-that captures the image-stream output of that block, detached, in the same forward pass.
+The focus tap (``predict(..., tap=True)``) returns a :class:`~focusdpo.backbones.base.FocusTap` from the same
+forward pass: the image-stream output of the tapped block(s) (a forward hook) and their attention field,
+computed inside the attention processor (:mod:`focusdpo.backbones.flux_tap`). ``tap_layer`` names one block
+(``double:i``, ``single:i``) or ``all`` (mean over every block).
 
 The timestep convention follows the diffusers pipeline: we pass sigma in ``[0, 1]``; the model multiplies
 it by 1000 internally.
@@ -27,7 +29,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from focusdpo.backbones.base import Codec, TextCond, TextEncoder, Tokens
+from focusdpo.backbones import flux_tap
+from focusdpo.backbones.base import Codec, FocusTap, TextCond, TextEncoder, Tokens
 from focusdpo.backbones.codecs import PixelCodec
 from focusdpo.backbones.text import TinyTextEncoder
 from focusdpo.config import ModelConfig
@@ -65,12 +68,13 @@ class FluxInContext:
         codec: images <-> tokens (pixel patchify for the tiny model, the VAE for FLUX).
         text_encoder: prompts -> ``TextCond`` whose widths match ``joint_attention_dim`` and
             ``pooled_projection_dim``.
-        tap_layer: double-stream block for the SPAF tap; None = ``num_layers // 2``.
+        tap_layer: the block(s) of the focus tap (:func:`~focusdpo.backbones.flux_tap.parse_tap_layer`:
+            ``"double:i"``, ``"single:i"``, ``"all"``; None = the middle double-stream block).
         guidance: guidance-embedding value for guidance-distilled models (FLUX.1-dev); must be None otherwise.
     """
 
     def __init__(self, transformer: FluxTransformer2DModel, codec: Codec, text_encoder: TextEncoder,
-                 tap_layer: int | None = None, guidance: float | None = None) -> None:
+                 tap_layer: str | int | None = None, guidance: float | None = None) -> None:
         cfg = transformer.config
         if cfg.in_channels != codec.channels:
             raise ValueError(f"transformer in_channels={cfg.in_channels} != codec channels {codec.channels}: "
@@ -84,21 +88,25 @@ class FluxInContext:
         self.text_encoder = text_encoder
         self.guidance = guidance
         self.patch = codec.patch
-        self._tap_layer = 0
-        self.tap_layer = cfg.num_layers // 2 if tap_layer is None else tap_layer
+        self._store = flux_tap.TapStore()
+        self.block_names = flux_tap.install(transformer, self._store)
+        self._tap_blocks: list[str] = []
+        self.tap_layer = tap_layer
 
     @property
-    def tap_layer(self) -> int:
-        return self._tap_layer
+    def tap_layer(self) -> str:
+        """The tapped block(s): ``"double:i"``, ``"single:i"`` or ``"all"``."""
+        return "all" if len(self._tap_blocks) > 1 else self._tap_blocks[0]
 
     @tap_layer.setter
-    def tap_layer(self, index: int | None) -> None:
-        n = len(self.transformer.transformer_blocks)
-        index = n // 2 if index is None else index
-        if not 0 <= index < n:
-            raise ValueError(f"focus.tap_layer={index} is invalid: the model has {n} double-stream blocks "
-                             f"(allowed 0..{n - 1} or null for the middle one)")
-        self._tap_layer = index
+    def tap_layer(self, spec: str | int | None) -> None:
+        n_double, n_single = len(self.transformer.transformer_blocks), len(self.transformer.single_transformer_blocks)
+        self._tap_blocks = flux_tap.parse_tap_layer(spec, n_double, n_single)
+
+    @property
+    def tap_blocks(self) -> list[str]:
+        """Names of the tapped blocks (one, or every block for ``"all"``)."""
+        return list(self._tap_blocks)
 
     @property
     def device(self) -> torch.device:
@@ -121,8 +129,9 @@ class FluxInContext:
         return self.text_encoder.encode(list(prompts))
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, text: TextCond, refs: Sequence[Tokens],
-                grid: tuple[int, int], tap: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """See :meth:`Backbone.predict`: ``pred [B, N, C]``, ``feats [B, N + sum M_k, D]`` or None."""
+                grid: tuple[int, int], tap: bool = False, ref_masks: Sequence[torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, FocusTap | None]:
+        """See :meth:`Backbone.predict`: ``pred [B, N, C]`` and, with ``tap``, a :class:`FocusTap`."""
         self._check_inputs(x_t, t, text, refs, grid)
         dtype, device = self.dtype, self.device
         seq = torch.cat([x_t] + [r.tokens for r in refs], dim=1).to(device, dtype)
@@ -131,21 +140,30 @@ class FluxInContext:
         guidance = None
         if self.guidance is not None:
             guidance = torch.full((x_t.shape[0],), float(self.guidance), device=device, dtype=dtype)
-        captured: list[torch.Tensor] = []
-        handle = None
+        hidden: list[torch.Tensor] = []
+        handles = []
         if tap:
+            masks = _tap_masks(refs, ref_masks, device)
+            self._store.arm(self._tap_blocks, text.tokens.shape[1], x_t.shape[1],
+                            flux_tap.reference_values(masks, x_t.shape[1]))
+            modules = flux_tap.block_modules(self.transformer)
+
             def hook(_module: nn.Module, _inputs: object, output: tuple[torch.Tensor, torch.Tensor]) -> None:
-                captured.append(output[1].detach())
-            handle = self.transformer.transformer_blocks[self.tap_layer].register_forward_hook(hook)
+                hidden.append(output[1].detach())
+            handles = [modules[name].register_forward_hook(hook) for name in self._tap_blocks]
         try:
             out = self.transformer(hidden_states=seq, encoder_hidden_states=text.tokens.to(device, dtype),
                                    pooled_projections=text.pooled.to(device, dtype), timestep=t.to(device, dtype),
                                    img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
+            fields = dict(self._store.fields)
         finally:
-            if handle is not None:
+            for handle in handles:
                 handle.remove()
+            self._store.disarm()
         pred = out[:, : x_t.shape[1]].to(x_t.dtype)
-        return pred, (captured[0] if tap else None)
+        if not tap:
+            return pred, None
+        return pred, FocusTap.from_blocks(hidden, fields, x_t.shape[1], [r.grid for r in refs], self._tap_blocks)
 
     def _check_inputs(self, x_t: torch.Tensor, t: torch.Tensor, text: TextCond, refs: Sequence[Tokens],
                       grid: tuple[int, int]) -> None:
@@ -176,6 +194,20 @@ class FluxInContext:
 
     def load_lora_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         lora_utils.load_lora_state_dict(self.transformer, state_dict)
+
+
+def _tap_masks(refs: Sequence[Tokens], ref_masks: Sequence[torch.Tensor] | None, device: torch.device
+               ) -> list[torch.Tensor]:
+    """Reference token masks ``[B, M_k]`` float32 for the attention field (all ones when not given)."""
+    if ref_masks is None:
+        return [torch.ones(r.tokens.shape[:2], device=device) for r in refs]
+    if len(ref_masks) != len(refs):
+        raise ValueError(f"predict: {len(ref_masks)} reference masks for {len(refs)} references")
+    for k, (m, r) in enumerate(zip(ref_masks, refs, strict=True)):
+        if tuple(m.shape) != tuple(r.tokens.shape[:2]):
+            raise ValueError(f"predict: ref_masks[{k}] has shape {tuple(m.shape)}, expected "
+                             f"{tuple(r.tokens.shape[:2])} (one value per reference token)")
+    return [m.to(device, torch.float32) for m in ref_masks]
 
 
 # --- the built-in tiny model: construction and its single-file checkpoint -------------------------------------

@@ -1,8 +1,18 @@
 """Structure-Preserving Attention Field (SPAF, DESIGN 2.3): where the model puts each subject.
 
-From hidden states tapped in the policy's own forward pass (detached), each reference subject ``k`` is
-pooled to one vector ``r_k`` over its reference mask, every target token is scored by cosine similarity to
-every ``r_k``, and each subject claims its ``k_k`` best-scoring target tokens.
+Every target token ``n`` gets a score ``S_k[n]`` for every reference subject ``k`` from one readout of the
+policy's own forward (detached, :class:`~focusdpo.backbones.base.FocusTap`), and each subject claims its
+``k_k`` best-scoring target tokens (:func:`claim_tokens`). Readouts (``focus.readout``, :func:`readout_scores`):
+
+- ``attention`` (default): the model's attention field, ``S_k[n]`` = softmax mass that target query ``n`` puts
+  on reference k's keys, mask-weighted, head-averaged (computed by the backbone inside its attention).
+- ``cosine``: pool each subject's tapped hidden states over its reference mask to ``r_k`` and score
+  ``cos(T[n], r_k)`` (:func:`match_subjects`, the first implementation, kept as an ablation).
+- ``cosine_centered``: the same after subtracting the mean hidden state of the sample's image tokens
+  (target and references), which removes the component every token shares.
+
+Measured on the shipped base (``focusdpo focus-probe``, docs/focus-probe.md): the cosine readout is near
+chance at ``s >= 0.7``, where half of the training timesteps fall; the attention field is not.
 
 Choices the design leaves open, made here:
 
@@ -131,6 +141,23 @@ def match_subjects(tgt_feats: torch.Tensor, ref_feats: Sequence[torch.Tensor], r
     """
     _validate(tgt_feats, ref_feats, ref_masks, top_k)
     with torch.no_grad():
+        scores = cosine_scores(tgt_feats, ref_feats, ref_masks)
+        matches = claim_tokens(scores, top_k)
+    return matches, scores
+
+
+def cosine_scores(tgt_feats: torch.Tensor, ref_feats: Sequence[torch.Tensor], ref_masks: Sequence[torch.Tensor],
+                  centered: bool = False) -> torch.Tensor:
+    """Cosine readout ``S_k[n] = cos(T[n], r_k)``: ``[B, K, N]`` float32 (float64 for float64 input) in [-1, 1].
+
+    ``centered``: subtract each sample's mean hidden state over its target and reference tokens first.
+    """
+    with torch.no_grad():
+        if centered:
+            dt = _score_dtype(tgt_feats.dtype)
+            every = torch.cat([tgt_feats.to(dt)] + [r.to(dt) for r in ref_feats], dim=1)
+            mean = every.mean(dim=1, keepdim=True)
+            tgt_feats, ref_feats = tgt_feats.to(dt) - mean, [r.to(dt) - mean for r in ref_feats]
         pooled = pool_subjects(ref_feats, ref_masks)  # [B, K, D]
         for k, ok in enumerate(torch.isfinite(pooled).all(dim=2).all(dim=0).tolist()):
             if not ok:  # NaN/inf anywhere in a reference reaches its pooled vector (0 * NaN = NaN)
@@ -142,13 +169,54 @@ def match_subjects(tgt_feats: torch.Tensor, ref_feats: Sequence[torch.Tensor], r
         scores = dots / torch.linalg.vector_norm(tgt, dim=-1).clamp_min(1e-12)[:, None, :]
         if not torch.isfinite(scores).all():
             raise ValueError("tgt_feats contains NaN or inf values: check the model's tapped features")
-        b, k, n = scores.shape
+    return scores
+
+
+def claim_tokens(scores: torch.Tensor, top_k: int | torch.Tensor) -> torch.Tensor:
+    """SPAF's top-k rule (DESIGN 2.3 step 2): each subject claims its ``k_k`` best tokens; a token claimed by
+    several subjects goes to the one with the highest score (ties: lowest subject index).
+
+    Args:
+        scores: ``[B, K, N]`` float, any readout (higher = more of subject k).
+        top_k: one int, or ``[B, K]`` long (:func:`subject_top_k`).
+
+    Returns:
+        ``[B, K, N]`` bool, at most one True per (sample, token).
+    """
+    if scores.dim() != 3:
+        raise ValueError(f"scores has shape {tuple(scores.shape)}: expected [B, K, N]")
+    _check_finite("scores", scores)
+    b, k, n = scores.shape
+    with torch.no_grad():
         order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
         ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(n, device=order.device).expand(b, k, n))
         kk = top_k if isinstance(top_k, torch.Tensor) else torch.full((b, k), top_k, device=scores.device)
         claimed = ranks < kk.to(scores.device)[..., None]  # M'_k before conflicts
-        # a token claimed by several subjects goes to the claimant with the highest S
         best = scores.masked_fill(~claimed, float("-inf")).argmax(dim=1)  # [B, N]
         owner = F.one_hot(best, k).permute(0, 2, 1).bool()
-        matches = claimed & owner
-    return matches, scores
+    return claimed & owner
+
+
+READOUTS = ("attention", "cosine", "cosine_centered")
+
+
+def readout_scores(readout: str, field: torch.Tensor | None, tgt_feats: torch.Tensor | None,
+                   ref_feats: Sequence[torch.Tensor] | None, ref_masks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """SPAF scores ``S_k[n]`` ``[B, K, N]`` of one readout (module docstring).
+
+    ``field``: ``[B, K, N]`` attention field (``FocusTap.field``), needed for ``attention``; ``tgt_feats`` and
+    ``ref_feats``: tapped hidden states, needed for the cosine readouts; ``ref_masks``: K ``[B, M_k]``.
+    """
+    if readout == "attention":
+        if field is None or field.dim() != 3 or field.shape[1] != len(ref_masks):
+            got = None if field is None else tuple(field.shape)
+            raise ValueError(f"focus.readout='attention' needs the attention field [B, K={len(ref_masks)}, N], "
+                             f"got {got}: the backbone's tap did not return one")
+        _check_finite("attention field", field)
+        return field.float()
+    if readout in ("cosine", "cosine_centered"):
+        if tgt_feats is None or ref_feats is None:
+            raise ValueError(f"focus.readout={readout!r} needs the tapped hidden states")
+        _validate(tgt_feats, ref_feats, ref_masks, 0)
+        return cosine_scores(tgt_feats, ref_feats, ref_masks, centered=readout == "cosine_centered")
+    raise ValueError(f"focus.readout={readout!r} is invalid: allowed {', '.join(READOUTS)}")

@@ -1,7 +1,7 @@
 """Focus-map strips (issue 8 point 2): where the method looks, across noise timesteps.
 
 For one DIP record and a (post-trained) backbone, the positive is noised to several ``s`` with one fixed
-noise draw, the policy runs once per ``s`` with the feature tap, and the adaptive focus of
+noise draw, the policy runs once per ``s`` with the focus tap, and the adaptive focus of
 :func:`focusdpo.train.step.compute_focus` (the very code the training step uses) gives, per timestep:
 
 - ``M'``: the SPAF top-k tokens each subject claims (one colour per subject),
@@ -55,8 +55,8 @@ def focus_maps(backbone: Backbone, batch: Mapping[str, Any], cfg: Config, sigmas
         s = torch.full((1,), float(sigma), device=x0.device)
         x_t, _ = noisy(x0, eps, s)
         with torch.no_grad():
-            _, feats = backbone.predict(x_t, s, inputs.text, inputs.refs, inputs.grid, tap=True)
-        focus = compute_focus(feats, h * w, [r.grid for r in inputs.refs], masks, cfg.focus)
+            _, tap = backbone.predict(x_t, s, inputs.text, inputs.refs, inputs.grid, tap=True, ref_masks=masks[2])
+        focus = compute_focus(tap, masks, cfg.focus)
         claimed = (focus.matches[0].long() * torch.arange(1, focus.matches.shape[1] + 1,
                                                           device=x0.device)[:, None]).sum(0)
         union = focus.sets["union"][0]
@@ -169,8 +169,7 @@ def load_run_backbone(cfg: Config, run_dir: str | Path | None, device: torch.dev
     from focusdpo.eval.methods import load_method
 
     backbone = load_method(cfg, run_dir, device, check_world=False, allow_checkpoint=True)
-    if cfg.focus.tap_layer is not None:
-        backbone.tap_layer = cfg.focus.tap_layer
+    backbone.tap_layer = cfg.focus.tap_layer
     return backbone
 
 

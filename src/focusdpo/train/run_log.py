@@ -20,7 +20,7 @@ import torch
 # DESIGN 2.2's step metrics, then optimisation and timing.
 COLUMNS = (
     "step", "loss", "implicit_acc", "margin", "err_w", "err_l", "ref_err_w", "ref_err_l",
-    "w_in_prior", "w_out_prior", "a", "gate", "lr", "grad_norm",
+    "w_in_prior", "w_out_prior", "w_confused", "w_aligned", "a", "gate", "lr", "grad_norm",
     "time_data", "time_forward", "time_backward", "time_optim", "steps_per_s",
 )
 

@@ -1,7 +1,7 @@
 """One training step on a batch of DIP pairs, in the order of DESIGN section 3's data flow:
 
 encode -> shared noise and timestep per pair -> reference prediction (no grad, adapters off) -> policy
-prediction with the feature tap -> SPAF + stored ``M_d`` + gating -> ``W`` -> objective.
+prediction with the focus tap (focusdpo only) -> SPAF + stored ``M_d`` + gating -> ``W`` -> objective.
 
 The step knows only the backbone contract (:mod:`focusdpo.backbones.base`). Forwards go through ``policy``
 (a callable with ``Backbone.predict``'s signature), so that the trainer can route them through the module
@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from focusdpo.backbones.base import Backbone, TextCond, Tokens
+from focusdpo.backbones.base import Backbone, FocusTap, TextCond, Tokens
 from focusdpo.config import Config, FocusConfig, LossConfig
-from focusdpo.focus import focus_sets, focus_weights, match_subjects, pool_to_tokens, subject_top_k
+from focusdpo.focus import claim_tokens, focus_sets, focus_weights, pool_to_tokens, readout_scores, subject_top_k
 from focusdpo.losses import needs_negative, needs_reference, objective_loss, token_errors
 from focusdpo.sampling import shift_mu, time_shift
 
@@ -70,7 +70,7 @@ class FocusResult:
 @dataclass
 class StepOutput:
     """``loss``: scalar to back-propagate (mean over pairs); ``metrics``: name -> ``[B]`` detached values;
-    ``focus``: the focus maps when the objective computed them (None for plain baselines without a tap)."""
+    ``focus``: the focus maps when the step computed them (``focusdpo``, or ``focus.log_alignment``), else None."""
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor]
@@ -166,20 +166,16 @@ def token_masks(batch: Mapping[str, Any], patch: int, ref_grids: Sequence[tuple[
     return regions, m_prior, ref_masks, m_d.flatten(1).float()
 
 
-def compute_focus(feats: torch.Tensor, n_target: int, ref_grids: Sequence[tuple[int, int]],
-                  masks: tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor],
+def compute_focus(tap: FocusTap, masks: tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor],
                   cfg: FocusConfig) -> FocusResult:
-    """SPAF + stored DPCE + gating -> ``W`` (DESIGN 2.3-2.5), from tapped policy features.
+    """SPAF (``cfg.readout`` of the tap) + stored DPCE + gating -> ``W`` (DESIGN 2.3-2.5).
 
-    feats: ``[B, N + sum M_k, D]`` (target tokens first, then each reference in order), detached.
+    tap: the policy's :class:`~focusdpo.backbones.base.FocusTap` of the batch (detached).
     masks: the output of :func:`token_masks`.
     """
     regions, m_prior, ref_masks, m_d = masks
-    tgt = feats[:, :n_target]
-    sizes = [h * w for h, w in ref_grids]
-    ref_feats = list(torch.split(feats[:, n_target:], sizes, dim=1))
-    top_k = subject_top_k(regions, cfg.rho)  # k_k = ceil(rho * |P_k|)
-    matches, scores = match_subjects(tgt, ref_feats, ref_masks, top_k)
+    scores = readout_scores(cfg.readout, tap.field, tap.target, tap.refs, ref_masks)  # S_k [B, K, N]
+    matches = claim_tokens(scores, subject_top_k(regions, cfg.rho))  # k_k = ceil(rho * |P_k|)
     W, stats = focus_weights(matches, regions.float(), m_d if cfg.dpce else None, cfg)
     sets = focus_sets(matches, regions.float())
     return FocusResult(W, matches, scores, regions, m_prior, m_d, sets, stats)
@@ -242,41 +238,46 @@ def pair_step(policy: Policy, backbone: Backbone, batch: Mapping[str, Any], nois
     if needs_reference(objective):
         ref_err = _reference_errors(policy, backbone, x_t, s, text, refs, inputs.grid, target)
         _check_finite("reference prediction", ref_err)
-    pred, feats = policy(x_t, s, text, refs, inputs.grid, tap=True)
+    masks = token_masks(batch, backbone.patch, [r.grid for r in inputs.refs], device)
+    use_focus = objective == "focusdpo" or cfg.focus.log_alignment
+    tap_masks = [torch.cat([m] * sides) for m in masks[2]] if use_focus else None
+    pred, tap = policy(x_t, s, text, refs, inputs.grid, tap=use_focus, ref_masks=tap_masks)
     err = token_errors(pred, target)  # [sides * B, N]
     _check_finite("policy prediction", err)
-    masks = token_masks(batch, backbone.patch, [r.grid for r in inputs.refs], device)
-    focus = compute_focus(feats[:b], n, [r.grid for r in inputs.refs], masks, cfg.focus)
-    weights = _objective_weights(objective, focus, feats, b, n, [r.grid for r in inputs.refs], masks, cfg)
+    focus = compute_focus(tap.select(slice(0, b)), masks, cfg.focus) if use_focus else None
+    weights = _objective_weights(objective, focus, tap, b, masks, cfg)
     loss, metrics = objective_loss(
         objective, err[:b], err[b:] if sides == 2 else None, None if ref_err is None else ref_err[:b],
         None if ref_err is None else ref_err[b:], weights=weights, m_prior_tok=masks[1], beta=cfg.loss.beta,
         lambda_sft=cfg.loss.lambda_sft, patch_alpha=cfg.loss.patch_alpha)
     _check_finite("loss", loss)
-    metrics = {**metrics, **_focus_metrics(focus, masks[1], objective)}
+    if focus is not None:
+        metrics = {**metrics, **_focus_metrics(focus, masks[1], objective)}
     return StepOutput(loss.mean(), {k: v.detach() for k, v in metrics.items()}, focus)
 
 
-def _objective_weights(objective: str, focus: FocusResult, feats: torch.Tensor, b: int, n: int,
-                       ref_grids: list[tuple[int, int]], masks: tuple, cfg: Config
-                       ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
+def _objective_weights(objective: str, focus: FocusResult | None, tap: FocusTap | None, b: int, masks: tuple,
+                       cfg: Config) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
     """``W`` for ``focusdpo`` (from the positive, or ``(W_w, W_l)`` with ``focus.weights_from=each``)."""
-    if objective != "focusdpo":
+    if objective != "focusdpo" or focus is None or tap is None:
         return None
     if cfg.focus.weights_from == "each":
-        return focus.W, compute_focus(feats[b:], n, ref_grids, masks, cfg.focus).W
+        return focus.W, compute_focus(tap.select(slice(b, 2 * b)), masks, cfg.focus).W
     return focus.W
 
 
 def _focus_metrics(focus: FocusResult, m_prior: torch.Tensor, objective: str) -> dict[str, torch.Tensor]:
-    """Alignment ``a``, gate and the mean weight inside / outside ``M_prior`` (``[B]`` each).
+    """Alignment ``a``, gate and the mean weight inside / outside ``M_prior`` and on the confused (``M_s``) and
+    aligned (``A``) tokens (``[B]`` each; NaN where a set is empty).
 
     For objectives other than ``focusdpo`` the loss uses no focus weights, so the logged weights are 1.
     """
     w = focus.W if objective == "focusdpo" else torch.ones_like(focus.W)
     inside = m_prior >= 0.5
     out = {"a": focus.stats["a"], "gate": focus.stats["gate"]}
-    for key, mask in (("w_in_prior", inside), ("w_out_prior", ~inside)):
+    sets = (("w_in_prior", inside), ("w_out_prior", ~inside), ("w_confused", focus.sets["confused"]),
+            ("w_aligned", focus.sets["aligned"]))
+    for key, mask in sets:
         count = mask.sum(dim=1)
         total = (w.float() * mask).sum(dim=1)
         out[key] = torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan")))
