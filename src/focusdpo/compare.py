@@ -31,6 +31,8 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "focusdpo-no-spaf": ("train.objective=focusdpo", "focus.spaf=false"),
     "focusdpo-no-dpce": ("train.objective=focusdpo", "focus.dpce=false"),
     "focusdpo-no-gate": ("train.objective=focusdpo", "focus.dynamic=false"),
+    # the first implementation's focus: hidden-state cosine of the middle double block, gate threshold 0.5
+    "focusdpo-cosine": ("train.objective=focusdpo", "focus.readout=cosine", "focus.tap_layer=null", "focus.tau=0.5"),
 }
 HEADLINE = ("fidelity", "leakage", "prompt")
 LOWER_IS_BETTER = {"leakage"}

@@ -164,3 +164,27 @@ def test_bad_input_names_the_argument() -> None:
         match_subjects(tgt[0], refs, masks, 3)
     with pytest.raises(ValueError, match="ref_feats"):
         match_subjects(tgt, refs, masks[:1], 3)
+
+
+def test_readouts_planted_field_and_cosine() -> None:
+    """``attention`` passes the field through; the cosine readouts score by hidden states; unknown names fail."""
+    from focusdpo.focus import claim_tokens, readout_scores
+
+    field = torch.zeros(1, 2, 6)
+    field[0, 0, :2], field[0, 1, 3:5] = 0.4, 0.3
+    scores = readout_scores("attention", field, None, None, [torch.ones(1, 3), torch.ones(1, 3)])
+    matches = claim_tokens(scores, 2)
+    assert matches[0, 0].nonzero().flatten().tolist() == [0, 1] and matches[0, 1].nonzero().flatten().tolist() == [3, 4]
+    tgt = torch.zeros(1, 6, 4)
+    tgt[0, :3, 0], tgt[0, 3:, 1] = 1.0, 1.0  # tokens 0-2 look like subject 0, 3-5 like subject 1
+    tgt += 5.0  # a shared offset: plain cosine sees every token alike, the centered one does not
+    refs = [torch.tensor([[[6.0, 5.0, 5.0, 5.0]]]), torch.tensor([[[5.0, 6.0, 5.0, 5.0]]])]
+    masks = [torch.ones(1, 1), torch.ones(1, 1)]
+    centered = readout_scores("cosine_centered", None, tgt, refs, masks)
+    assert (centered[0, 0, :3] > centered[0, 1, :3]).all() and (centered[0, 1, 3:] > centered[0, 0, 3:]).all()
+    plain = readout_scores("cosine", None, tgt, refs, masks)
+    assert float(plain.min()) > 0.95  # the offset dominates
+    with pytest.raises(ValueError, match="focus.readout='attention' needs the attention field"):
+        readout_scores("attention", None, tgt, refs, masks)
+    with pytest.raises(ValueError, match="focus.readout='dot' is invalid"):
+        readout_scores("dot", field, tgt, refs, masks)

@@ -50,7 +50,7 @@ def test_sets_match_the_hand_built_grid() -> None:
 
 def test_weights_match_hand_computation_gate_on() -> None:
     matches, regions, m_d = _grid_case()
-    w, stats = focus_weights(matches, regions, m_d, FocusConfig())  # a = 2/3 >= tau = 0.5: gate on
+    w, stats = focus_weights(matches, regions, m_d, FocusConfig(tau=0.5))  # a = 2/3 >= tau = 0.5: gate on
     # W_raw = 1 + 2 M_s - 0.5 A + 1 * M_d * U:
     #   A tokens 1 - 0.5 + 0.5 = 1; token 5: 1 + 2 + 1 = 4; tokens 8, 15: 1 + 2 + 0.5 = 3.5; others 1.
     #   sum = 6 + 4 + 3.5 + 3.5 + 7 = 24, mean 1.5
@@ -78,7 +78,7 @@ def test_weights_match_hand_computation_gate_off() -> None:
     # dynamic: false keeps the detail term whatever a is
     w_always, stats_always = focus_weights(matches, regions, m_d, dataclasses.replace(cfg, dynamic=False))
     assert stats_always["gate"].tolist() == [1.0]
-    torch.testing.assert_close(w_always, focus_weights(matches, regions, m_d, FocusConfig())[0])
+    torch.testing.assert_close(w_always, focus_weights(matches, regions, m_d, FocusConfig(tau=0.5))[0])
 
 
 def test_gate_threshold_is_inclusive() -> None:

@@ -39,14 +39,16 @@ from focusdpo.focus import READOUTS, claim_tokens, focus_sets, pool_to_tokens, r
 
 SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)
 PROBE_SEED = 20_251_130
+TRAIN_SEED = 20_251_131  # scenes of training identities, for tuning (never the evaluation's held-out scenes)
 
 
 # ------------------------------------------------------------------------------------------------- inputs
 
 
-def toy_batches(cfg: Config, n_scenes: int, counts: Sequence[int] = (2, 3), batch_size: int = 32
-                ) -> Iterator[dict[str, Any]]:
-    """Held-out toy scenes (the evaluation's scenes) as probe batches: ground-truth positive, references, masks.
+def toy_batches(cfg: Config, n_scenes: int, counts: Sequence[int] = (2, 3), batch_size: int = 32,
+                split: str = "heldout") -> Iterator[dict[str, Any]]:
+    """Toy scenes as probe batches: ground-truth positive, references, masks. ``split="heldout"``: the
+    evaluation's held-out scenes; ``"train"``: scenes of training identities (for tuning, :data:`TRAIN_SEED`).
 
     Each batch: ``positive [B, 3, S, S]``, K ``references [B, 3, R, R]``, K ``ref_masks [B, R, R]``,
     ``regions [B, K, S, S]`` (float 0/1), ``prompt`` (list of str).
@@ -57,7 +59,14 @@ def toy_batches(cfg: Config, n_scenes: int, counts: Sequence[int] = (2, 3), batc
     def image(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.stack(a)).permute(0, 3, 1, 2).float().div(255)
 
-    scenes = heldout_scenes(World(cfg.world), n_scenes, counts)
+    world = World(cfg.world)
+    if split == "heldout":
+        scenes = heldout_scenes(world, n_scenes, counts)
+    elif split == "train":
+        scenes = {k: [world.sample_scene(rng, "train", k) for _ in range(n_scenes)]
+                  for k in counts for rng in [np.random.default_rng([TRAIN_SEED, k])]}
+    else:
+        raise ValueError(f"split={split!r} is invalid: allowed heldout, train")
     for k in counts:
         for start in range(0, n_scenes, batch_size):
             part = scenes[k][start:start + batch_size]
