@@ -341,6 +341,8 @@ def sample_cmd(
 @app.command("train")
 def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue train.output_dir from its newest checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run in train.output_dir (its "
+                                                              "checkpoints, metrics, LoRA) by a new one."),
     config: Path | None = ConfigOpt,
     overrides: list[str] | None = OverridesArg,
 ) -> None:
@@ -348,18 +350,19 @@ def train_cmd(
     `accelerate launch -m focusdpo train`."""
     from focusdpo.config import ConfigError
     from focusdpo.train.checkpoint import CheckpointError
+    from focusdpo.train.run_folder import RunFolderError
     from focusdpo.train.trainer import TrainingError, TrainingInterrupted, train
 
     cfg = _load(config, overrides)
     try:
-        run_dir = train(cfg, resume=resume)
+        run_dir = train(cfg, resume=resume, overwrite=overwrite)
     except TrainingInterrupted as e:
         typer.secho(str(e), fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(130) from e
     except TrainingError as e:
         typer.secho(f"train: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from e
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:  # bad inputs: the message names the fix
+    except (ConfigError, CheckpointError, RunFolderError, FileNotFoundError, ValueError) as e:  # bad inputs
         _fail("train", e)
     typer.echo(f"run folder: {run_dir}")
 

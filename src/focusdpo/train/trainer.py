@@ -19,6 +19,12 @@ Choices made here:
 - A non-finite loss, prediction or gradient norm raises :class:`TrainingError` naming the step and the
   metric before the optimizer moves; no checkpoint is written after it, so the last good one stays intact.
 - SIGINT/SIGTERM: the current optimizer step finishes, a checkpoint is written, :class:`TrainingInterrupted`.
+  At the last step the run is finished instead (final checkpoint, then ``lora.safetensors``; the final
+  validation grids are skipped), so no interruption leaves a run that ``--resume`` cannot finish: a checkpoint
+  at ``train.max_steps`` without its final LoRA (killed in between) is finished by ``--resume``, and
+  ``--resume`` of a finished run says so and exits cleanly (issue 15 point 3).
+- The run folder is locked while a trainer uses it, and a new run refuses a folder holding an earlier run
+  unless ``overwrite`` (:mod:`focusdpo.train.run_folder`, issue 15 point 2).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from torch import nn
 from focusdpo.config import Config, ConfigError
 from focusdpo.train import checkpoint as ckpt
 from focusdpo.train.batches import Position, ShardedBatches
+from focusdpo.train.run_folder import RunFolderError, RunFolderLock, check_fresh
 from focusdpo.train.run_log import RunLog
 from focusdpo.train.step import NoiseKey, NonFiniteError, StepOutput, pair_step
 
@@ -97,23 +104,32 @@ class _Run:
 # --------------------------------------------------------------------------------------------- entry point
 
 
-def train(cfg: Config, resume: bool = False) -> Path:
+def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
     """Post-train the backbone's LoRA with ``cfg.train.objective``; returns the run folder.
 
     The run folder gets ``config.yaml``, ``metrics.csv``, ``tb/`` (TensorBoard), ``val/`` (sample grids and
     focus strips), ``checkpoints/step-N/`` and, at the end, ``lora.safetensors``. ``resume=True`` continues
-    from the newest checkpoint of ``train.output_dir`` exactly (same per-step losses).
+    from the newest checkpoint of ``train.output_dir`` exactly (same per-step losses). A new run refuses a
+    folder holding an earlier run's files unless ``overwrite=True`` (which removes them first). The folder is
+    locked for the whole call (:class:`~focusdpo.train.run_folder.RunFolderError` when another trainer holds it).
     """
     check_config(cfg, resume)
     accelerator = make_accelerator(cfg)
     run_dir = _run_dir(cfg, accelerator, resume)
-    run = _setup(cfg, accelerator, run_dir, resume)
+    lock = _claim_run_dir(accelerator, run_dir, resume, overwrite)
+    run = None
     try:
-        with _stop_on_signals() as stop:
-            _loop(run, stop)
-        _finish(run)
+        if resume and _already_finished(cfg, run_dir):
+            return run_dir
+        run = _setup(cfg, accelerator, run_dir, resume)
+        try:
+            with _stop_on_signals() as stop:
+                _loop(run, stop)
+                _finish(run, stop)
+        finally:
+            run.log.close()
     finally:
-        run.log.close()
+        lock.release(remove_if_empty=run is None)
     return run_dir
 
 
@@ -176,14 +192,53 @@ def _run_dir(cfg: Config, accelerator: Any, resume: bool) -> Path:
         if accelerator.num_processes > 1:
             broadcast_object_list(stamp)  # every process names the same folder
         run_dir = Path("runs") / f"{cfg.train.objective}-{stamp[0]}"
-    has_ckpt = ckpt.latest_checkpoint(run_dir) is not None
-    if resume and not has_ckpt:
+    if resume and ckpt.latest_checkpoint(run_dir) is None:
         raise TrainingError(f"--resume: {ckpt.checkpoint_dir(run_dir)} holds no complete checkpoint: start the "
                             f"run without --resume")
-    if not resume and has_ckpt:
-        raise TrainingError(f"{run_dir} already holds checkpoints: continue it with --resume or choose another "
-                            f"train.output_dir")
     return run_dir
+
+
+def _claim_run_dir(accelerator: Any, run_dir: Path, resume: bool, overwrite: bool) -> RunFolderLock:
+    """Lock ``run_dir`` (main process) and, for a new run, check it holds no earlier run (``overwrite``: clear
+    it). Every process raises the same :class:`RunFolderError` when the main process cannot."""
+    from accelerate.utils import broadcast_object_list
+
+    lock, error = RunFolderLock(run_dir), [None]
+    if accelerator.is_main_process:
+        try:
+            lock.acquire()
+            if not resume:
+                check_fresh(run_dir, overwrite)
+        except RunFolderError as e:
+            lock.release(remove_if_empty=True)
+            error = [str(e)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(error)
+    if error[0] is not None:
+        raise RunFolderError(error[0])
+    return lock
+
+
+def _already_finished(cfg: Config, run_dir: Path) -> bool:
+    """True (with a message) when the newest checkpoint is at or past ``train.max_steps`` and the run's
+    ``lora.safetensors`` was written from it: ``--resume`` of a finished run has nothing to do."""
+    import json
+
+    from safetensors import safe_open
+
+    path = ckpt.latest_checkpoint(run_dir)
+    lora = run_dir / "lora.safetensors"
+    try:
+        step = int(json.loads((path / "state.json").read_text())["step"])
+        with safe_open(str(lora), "pt") as f:
+            lora_step = int((f.metadata() or {}).get("step", -1))
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
+        return False  # unreadable: the normal resume path names what is wrong
+    if step < cfg.train.max_steps or lora_step != step:
+        return False
+    print(f"{run_dir} is already finished at step {step} ({lora}): nothing to resume; raise train.max_steps "
+          f"to train further", flush=True)
+    return True
 
 
 # ------------------------------------------------------------------------------------------------- set-up
@@ -314,8 +369,8 @@ def _read_resume(cfg: Config, accelerator: Any, run_dir: Path) -> dict[str, Any]
     saved = ckpt.load_checkpoint(path, accelerator.process_index)
     _check_resumable(cfg, Config.from_yaml(saved["config_yaml"]), path)
     state: ckpt.TrainState = saved["state"]
-    if state.step >= cfg.train.max_steps:
-        raise TrainingError(f"{path} is at step {state.step} >= train.max_steps={cfg.train.max_steps}: "
+    if state.step > cfg.train.max_steps:  # == max_steps: a final checkpoint without its LoRA, finished below
+        raise TrainingError(f"{path} is at step {state.step} > train.max_steps={cfg.train.max_steps}: "
                             f"raise train.max_steps to train further")
     if state.world_size != accelerator.num_processes:
         raise TrainingError(f"{path} was written by {state.world_size} process(es), this run has "
@@ -390,7 +445,7 @@ def _loop(run: _Run, stop: threading.Event) -> None:
         stop_now = _any_process(run.accelerator, stop.is_set())
         if stop_now or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
             _save(run)
-        if stop_now:
+        if stop_now and step < cfg.train.max_steps:  # at the last step: finish (quick) rather than stop
             raise TrainingInterrupted(run.run_dir, step)
         if cfg.train.val_every and step % cfg.train.val_every == 0 and step < cfg.train.max_steps:
             _validate(run)
@@ -509,8 +564,9 @@ def _lora_state(run: _Run) -> dict[str, torch.Tensor]:
             if ".lora_A." in k or ".lora_B." in k}
 
 
-def _finish(run: _Run) -> None:
-    """Last checkpoint, the final LoRA (``lora.safetensors``) and the final validation grids."""
+def _finish(run: _Run, stop: threading.Event) -> None:
+    """Last checkpoint, the final LoRA (``lora.safetensors``) and the final validation grids (skipped when a
+    signal asked to stop). The checkpoint comes first: killed before the LoRA is written, ``--resume`` writes it."""
     from focusdpo.train.lora import save_lora
 
     if run.last_saved != run.state.step:
@@ -522,6 +578,10 @@ def _finish(run: _Run) -> None:
                 "rank": str(cfg.lora.rank), "alpha": str(cfg.lora.alpha), "targets": ",".join(cfg.lora.targets),
                 "base": str(cfg.model.checkpoint), "backbone": cfg.model.backbone}
         save_lora(run.run_dir / "lora.safetensors", lora, metadata=meta)
+    if _any_process(run.accelerator, stop.is_set()):
+        run.log.message(f"interrupted at the last step: the run is finished ({run.run_dir / 'lora.safetensors'}); "
+                        f"final validation grids skipped")
+        return
     _validate(run)
     if run.accelerator.is_main_process:
         run.log.message(f"done: {run.run_dir / 'lora.safetensors'}")
