@@ -103,6 +103,7 @@ def dip_build_cmd(
     import sys
 
     from focusdpo.data import build_manifest_dip, build_toy_dip
+    from focusdpo.data.builder import BuildStopped
     from focusdpo.data.sources import plugin_extras
 
     cfg = _load(config, overrides)
@@ -118,7 +119,7 @@ def dip_build_cmd(
             s = build_manifest_dip(cfg, manifest, out, seed=seed, patch=patch, auto_masks=auto_masks,
                                    overwrite=overwrite, progress=True, command=command, root=root, size=size,
                                    ref_size=ref_size, extras=plugin_extras(cfg, toy=False))
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
+    except (BuildStopped, ImportError, OSError, ValueError) as e:  # OSError: FileExistsError, full disk, ...
         typer.secho(f"dip build: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from e
     typer.echo(f"wrote {s.written} records to {s.out_dir} in {s.seconds:.1f} s ({s.records_per_s:.1f} records/s); "

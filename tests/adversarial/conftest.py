@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))  # train_fixtures: the tiny overrides
+for _helpers in ("train", "data"):  # train_fixtures (tiny overrides), dip_fixtures (synthetic scenes)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / _helpers))
 
 from train_fixtures import tiny_overrides  # noqa: E402
 
