@@ -2,7 +2,8 @@
 
 Commands import their implementation lazily so that ``focusdpo --help`` stays fast. Every command that
 reads a config takes ``--config FILE`` (default: the packaged ``toy.yaml``) and trailing ``key.sub=value``
-overrides.
+overrides. Expected failures go through one error path (:mod:`focusdpo.cli_errors`): one message naming the
+file or field and the fix, exit code 2, no traceback; ``focusdpo --debug <command>`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -24,9 +25,17 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (default: the
 OverridesArg = typer.Argument(None, help="Config overrides, key.sub=value.", show_default=False)
 
 
+_DEBUG = {"on": False}
+
+
 @app.callback()
-def _root() -> None:
+def _root(ctx: typer.Context,
+          debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error.")) -> None:
     """FocusDPO: preference post-training for multi-subject personalized image generators."""
+    from focusdpo.cli_errors import guard
+
+    _DEBUG["on"] = debug
+    guard(ctx.command, debug)
 
 
 def _load(config: Path | None, overrides: list[str] | None):
@@ -35,6 +44,8 @@ def _load(config: Path | None, overrides: list[str] | None):
     try:
         return load_config(config, overrides or [])
     except ConfigError as e:
+        if _DEBUG["on"]:
+            raise
         typer.secho(f"config error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from e
 
@@ -153,6 +164,8 @@ def dip_show_cmd(
 
 
 def _fail(command: str, e: Exception) -> NoReturn:
+    if _DEBUG["on"]:
+        raise e
     typer.secho(f"{command}: {e}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2) from e
 

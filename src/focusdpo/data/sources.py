@@ -38,7 +38,10 @@ from focusdpo.data.manifest import BadRecord, check_encoding, load_entry, manife
 def _settings(cfg, seed: int, patch: int | None, progress: bool, extras: dict[str, Any] | None,
               command: str | None, call: str) -> BuildSettings:
     """Build settings from ``cfg``; ``command`` None records the Python call and the process's command line."""
-    patch = patch or cfg.model.patch
+    patch = cfg.model.patch if patch is None else patch  # `--patch 0` is an error, not the default
+    if not isinstance(patch, int) or patch < 1:
+        raise ValueError(f"--patch {patch} is invalid: allowed an integer >= 1 (pixels per token side of M_d; "
+                         f"default model.patch={cfg.model.patch})")
     check_mix(cfg.data.disruptions)  # an unregistered plug-in fails here, before the output folder is touched
     if command is None:
         command = f"{call}(seed={seed}, patch={patch}) in `{shlex.join(sys.argv)}`"
@@ -128,7 +131,7 @@ def ensure_toy_dip(cfg, patch: int | None = None, progress: bool = False) -> Pat
             raise FileNotFoundError(f"data.path={cfg.data.path!r} has no card.json; build it with "
                                     "`focusdpo dip build` or set data.path=null to use the toy set")
         return path
-    patch = patch or cfg.model.patch
+    patch = cfg.model.patch if patch is None else patch
     final = Path(cfg.data.cache_dir).expanduser() / f"toy-{cache_key(cfg, patch)}"
     if (final / "card.json").exists():
         return final
