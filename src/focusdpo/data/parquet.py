@@ -222,6 +222,19 @@ def shard_paths(path: str | Path) -> list[Path]:
     return files
 
 
+def fingerprint(path: str | Path) -> dict[str, Any]:
+    """What identifies a built set's content cheaply: the SHA-256 of its ``card.json`` and its shard sizes.
+
+    A run records it; a set rebuilt in place (other seed, records or settings) changes it.
+    """
+    import hashlib
+
+    folder = Path(path)
+    card = folder / "card.json" if folder.is_dir() else None
+    digest = hashlib.sha256(card.read_bytes()).hexdigest() if card is not None and card.is_file() else None
+    return {"card_sha256": digest, "shards": {p.name: p.stat().st_size for p in shard_paths(folder)}}
+
+
 def write_records(records: Iterable[DipRecord], out_dir: str | Path, shard_records: int = 1000) -> list[Path]:
     """Write records into shards under ``out_dir``; returns the shard paths."""
     with ShardWriter(out_dir, shard_records) as w:

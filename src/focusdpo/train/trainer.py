@@ -99,6 +99,7 @@ class _Run:
     log: RunLog
     params: list[nn.Parameter] = field(default_factory=list)
     last_saved: int = -1
+    fingerprint: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------- entry point
@@ -261,7 +262,9 @@ def _setup(cfg: Config, accelerator: Any, run_dir: Path, resume: bool) -> _Run:
     _check_strategy(cfg, accelerator)
     saved = _read_resume(cfg, accelerator, run_dir) if resume else None  # fail before any heavy work
     set_seed(cfg.train.seed)  # LoRA init and every global RNG; noise and data order have their own keys
-    dataset = DipDataset(_data_path(cfg, accelerator))
+    data_path = _data_path(cfg, accelerator)
+    fingerprint = _check_dataset(data_path, saved)
+    dataset = DipDataset(data_path)
     data = ShardedBatches(dataset, collate_dip, dataset.keys, cfg.data.batch_size, accelerator.process_index,
                           accelerator.num_processes, cfg.train.seed, cfg.data.num_workers,
                           pin_memory=accelerator.device.type == "cuda")
@@ -294,7 +297,7 @@ def _setup(cfg: Config, accelerator: Any, run_dir: Path, resume: bool) -> _Run:
     accelerator.wait_for_everyone()
     log = RunLog(run_dir, state.step, cfg.train.max_steps, enabled=accelerator.is_main_process)
     return _Run(cfg, accelerator, run_dir, backbone, module, optimizer, scheduler, data, dataset, state, log,
-                params, last_saved=state.step if resume else -1)
+                params, last_saved=state.step if resume else -1, fingerprint=fingerprint)
 
 
 def _is_fsdp(accelerator: Any) -> bool:
@@ -364,9 +367,23 @@ def lr_factor(cfg: Config) -> Any:
 
 
 def _read_resume(cfg: Config, accelerator: Any, run_dir: Path) -> dict[str, Any]:
-    """The newest checkpoint of ``run_dir`` (this process's optimizer shard), checked against ``cfg``."""
-    path = ckpt.latest_checkpoint(run_dir)
-    saved = ckpt.load_checkpoint(path, accelerator.process_index)
+    """The newest intact checkpoint of ``run_dir`` (this process's optimizer shard), checked against ``cfg``.
+
+    Newer corrupt checkpoints are named in a warning and set aside (``.corrupt-step-N``) so the resumed run can
+    write those steps again; none intact is a :class:`~focusdpo.train.checkpoint.CheckpointError` listing why
+    each failed.
+    """
+    path, saved, skipped = ckpt.newest_intact(run_dir, accelerator.process_index)
+    if path is None:
+        reasons = "; ".join(reason for _, reason in skipped)
+        raise ckpt.CheckpointError(f"--resume: no checkpoint of {run_dir} is intact ({reasons}): start a new run")
+    for bad, reason in skipped:
+        warnings.warn(f"{reason}; skipped it and resuming from {path} (the corrupt folder is kept as "
+                      f"{bad.with_name(ckpt.CORRUPT_PREFIX + bad.name)})", stacklevel=2)
+    accelerator.wait_for_everyone()  # every process has chosen before the main process renames
+    if accelerator.is_main_process:
+        for bad, _ in skipped:
+            ckpt.set_aside(bad)
     _check_resumable(cfg, Config.from_yaml(saved["config_yaml"]), path)
     state: ckpt.TrainState = saved["state"]
     if state.step > cfg.train.max_steps:  # == max_steps: a final checkpoint without its LoRA, finished below
@@ -377,6 +394,20 @@ def _read_resume(cfg: Config, accelerator: Any, run_dir: Path) -> dict[str, Any]
                             f"{accelerator.num_processes}: resume with the same number of processes (the data "
                             f"order and the noise depend on the global batch)")
     return saved
+
+
+def _check_dataset(data_path: Path, saved: dict[str, Any] | None) -> dict[str, Any]:
+    """The DIP set's fingerprint; on resume it must equal the checkpoint's (when the checkpoint recorded one)."""
+    from focusdpo.data.parquet import fingerprint
+
+    now = fingerprint(data_path)
+    then = None if saved is None else saved.get("dataset")
+    if then is not None and then != now:
+        changed = "card.json" if then.get("card_sha256") != now["card_sha256"] else "shard sizes"
+        raise TrainingError(f"the DIP set {data_path} changed since the checkpoint was written ({changed} differ: "
+                            f"it was rebuilt or edited in place): resume with the set the run started on, or start "
+                            f"a new run on this one")
+    return now
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -546,7 +577,8 @@ def _save(run: _Run) -> None:
         acc.wait_for_everyone()
     if acc.is_main_process:
         path = ckpt.save_checkpoint(run.run_dir, run.state, lora, None if sharded else run.optimizer.state_dict(),
-                                    run.scheduler.state_dict(), rng, run.cfg.to_yaml(), started=sharded)
+                                    run.scheduler.state_dict(), rng, run.cfg.to_yaml(), started=sharded,
+                                    dataset=run.fingerprint)
         ckpt.prune(run.run_dir, run.cfg.train.keep_checkpoints)
         run.log.message(f"checkpoint {path}")
     run.last_saved = run.state.step
