@@ -181,3 +181,33 @@ def test_killed_between_final_checkpoint_and_lora_then_resume_finishes(finished,
     again = CliRunner().invoke(app, ["train", "--resume", *tiny_overrides(*tiny_env), f"train.output_dir={out}",
                                      "train.max_steps=2", "train.checkpoint_every=1"])
     assert again.exit_code == 0 and "already finished at step 2" in again.output, again.output
+
+
+@pytest.mark.slow
+def test_two_train_commands_at_once_the_second_fails_naming_the_first(tiny_env, tmp_path) -> None:
+    """The issue's case, as a user starts it: two `focusdpo train` on one train.output_dir (other lr and
+    objective). The second stops at once with exit 2 naming the first's pid; the first finishes undisturbed."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
+    first = subprocess.Popen([sys.executable, "-m", "focusdpo", "train", *tiny_overrides(*tiny_env),
+                              f"train.output_dir={out}", "train.max_steps=40", "train.checkpoint_every=5"],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not ((out / LOCK_NAME).is_file() and (out / LOCK_NAME).read_text()) and time.time() < deadline:
+            time.sleep(0.2)
+        second = subprocess.run([sys.executable, "-m", "focusdpo", "train", *tiny_overrides(*tiny_env),
+                                 f"train.output_dir={out}", "train.max_steps=40", "train.lr=0.01",
+                                 "train.objective=dpo"], env=env, capture_output=True, text=True, timeout=120)
+        assert first.poll() is None, "the first trainer ended before the second started"
+        assert second.returncode == 2 and f"pid {first.pid} on " in second.stderr, second.stderr[-2000:]
+        assert "Traceback" not in second.stderr
+        assert first.wait(timeout=240) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 41)) and (out / "lora.safetensors").is_file()
+    saved = ckpt.load_checkpoint(ckpt.latest_checkpoint(out))
+    assert "objective: focusdpo" in saved["config_yaml"] and "lr: 0.001" in saved["config_yaml"]
