@@ -54,13 +54,14 @@ def expected_errors() -> tuple[type[BaseException], ...]:
 
 def describe(e: BaseException) -> str:
     """One line for an expected error: its message, with the file and the fix for OS errors."""
-    if isinstance(e, OSError) and not str(e).startswith(("cannot ", "no ")) and e.errno in _OS_FIXES:
+    if isinstance(e, OSError) and e.strerror and e.errno in _OS_FIXES:  # from the OS, not one of our messages
         where = f" ({e.filename})" if e.filename else ""
-        return f"{e.strerror or e}{where}: {_OS_FIXES[e.errno]}"
+        return f"{e.strerror}{where}: {_OS_FIXES[e.errno]}"
     if isinstance(e, EOFError):
         return f"a file ended early ({e or 'EOFError'}): it is truncated or empty; replace it"
     text = str(e) or type(e).__name__
-    return text if type(e).__module__.startswith("focusdpo") else f"{type(e).__name__}: {text}"
+    ours = type(e).__module__ == "builtins" or type(e).__module__.startswith("focusdpo")
+    return text if ours else f"{type(e).__name__}: {text}"  # a library's error: its name tells what failed
 
 
 def _guarded(name: str, callback: Callable[..., Any], debug: bool) -> Callable[..., Any]:

@@ -77,3 +77,15 @@ def test_focus_map_on_a_missing_run_folder_names_it(tmp_path) -> None:
     result = CliRunner().invoke(app, ["focus-map", "--run", str(run)])
     assert result.exit_code == 2 and f"config {run / 'config.yaml'} cannot be read" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_text_file_as_model_checkpoint_is_one_message_and_debug_shows_the_traceback(tmp_path) -> None:
+    """The issue's `model.checkpoint=/etc/passwd`: handled by the one error path of every command."""
+    fake = tmp_path / "passwd"
+    fake.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    args = ["sample", "--n", "1", "--out", str(tmp_path / "s.png"), f"model.checkpoint={fake}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "sample: SafetensorError" in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "s.png").exists()
+    loud = CliRunner().invoke(app, ["--debug", *args])
+    assert loud.exit_code != 2 and type(loud.exception).__name__ == "SafetensorError"
