@@ -124,9 +124,12 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
             return run_dir
         run = _setup(cfg, accelerator, run_dir, resume)
         try:
-            with _stop_on_signals() as stop:
+            with _stop_on_signals() as stop:  # the final checkpoint and LoRA too: a signal never splits them
                 _loop(run, stop)
-                _finish(run, stop)
+                stopped = _finish(run, stop)
+            if not stopped:  # outside the signal guard: Ctrl-C stops the final grids at once
+                _validate(run)
+                run.log.message(f"done: {run.run_dir / 'lora.safetensors'}")
         finally:
             run.log.close()
     finally:
@@ -596,9 +599,9 @@ def _lora_state(run: _Run) -> dict[str, torch.Tensor]:
             if ".lora_A." in k or ".lora_B." in k}
 
 
-def _finish(run: _Run, stop: threading.Event) -> None:
-    """Last checkpoint, the final LoRA (``lora.safetensors``) and the final validation grids (skipped when a
-    signal asked to stop). The checkpoint comes first: killed before the LoRA is written, ``--resume`` writes it."""
+def _finish(run: _Run, stop: threading.Event) -> bool:
+    """Last checkpoint, then the final LoRA (``lora.safetensors``): killed in between, ``--resume`` writes it.
+    Returns whether a signal asked to stop (the caller then skips the final validation grids)."""
     from focusdpo.train.lora import save_lora
 
     if run.last_saved != run.state.step:
@@ -610,13 +613,11 @@ def _finish(run: _Run, stop: threading.Event) -> None:
                 "rank": str(cfg.lora.rank), "alpha": str(cfg.lora.alpha), "targets": ",".join(cfg.lora.targets),
                 "base": str(cfg.model.checkpoint), "backbone": cfg.model.backbone}
         save_lora(run.run_dir / "lora.safetensors", lora, metadata=meta)
-    if _any_process(run.accelerator, stop.is_set()):
+    stopped = _any_process(run.accelerator, stop.is_set())
+    if stopped:
         run.log.message(f"interrupted at the last step: the run is finished ({run.run_dir / 'lora.safetensors'}); "
                         f"final validation grids skipped")
-        return
-    _validate(run)
-    if run.accelerator.is_main_process:
-        run.log.message(f"done: {run.run_dir / 'lora.safetensors'}")
+    return stopped
 
 
 # ------------------------------------------------------------------------------------------------ validation
