@@ -211,3 +211,40 @@ def test_two_train_commands_at_once_the_second_fails_naming_the_first(tiny_env, 
     assert [r["step"] for r in rows] == list(range(1, 41)) and (out / "lora.safetensors").is_file()
     saved = ckpt.load_checkpoint(ckpt.latest_checkpoint(out))
     assert "objective: focusdpo" in saved["config_yaml"] and "lr: 0.001" in saved["config_yaml"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, when", [(signal.SIGTERM, "last step"), (signal.SIGINT, "last step"),
+                                          (signal.SIGKILL, "final checkpoint")])
+def test_real_process_signalled_at_the_end_is_finished_or_finishable(tiny_env, tmp_path, signum, when) -> None:
+    """A `focusdpo train` process signalled while it runs its last step (or killed -9 once its final checkpoint
+    is on disk): wherever the signal lands, the run is finished, or `--resume` finishes it with exit 0."""
+    out, steps = tmp_path / "run", 12
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
+    args = [sys.executable, "-m", "focusdpo", "train", *tiny_overrides(*tiny_env), f"train.output_dir={out}",
+            f"train.max_steps={steps}", "train.checkpoint_every=3"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            if when == "last step" and (out / "metrics.csv").is_file() \
+                    and len((out / "metrics.csv").read_text().splitlines()) >= steps:  # header + steps - 1 rows
+                break
+            if when == "final checkpoint" and ckpt.step_dir(out, steps).is_dir():
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before the signal"
+        os.kill(proc.pid, signum)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    resumed = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    with safe_open(str(out / "lora.safetensors"), "pt") as f:
+        assert f.metadata()["step"] == str(steps)
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, steps + 1))
+    final = ckpt.load_checkpoint(ckpt.step_dir(out, steps))["lora"]
+    lora = load_file(str(out / "lora.safetensors"))
+    assert all(torch.equal(lora[k], final[k]) for k in final)
