@@ -2,7 +2,8 @@
 
 Commands import their implementation lazily so that ``focusdpo --help`` stays fast. Every command that
 reads a config takes ``--config FILE`` (default: the packaged ``toy.yaml``) and trailing ``key.sub=value``
-overrides.
+overrides. Expected failures go through one error path (:mod:`focusdpo.cli_errors`): one message naming the
+file or field and the fix, exit code 2, no traceback; ``focusdpo --debug <command>`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -24,9 +25,17 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (default: the
 OverridesArg = typer.Argument(None, help="Config overrides, key.sub=value.", show_default=False)
 
 
+_DEBUG = {"on": False}
+
+
 @app.callback()
-def _root() -> None:
+def _root(ctx: typer.Context,
+          debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error.")) -> None:
     """FocusDPO: preference post-training for multi-subject personalized image generators."""
+    from focusdpo.cli_errors import guard
+
+    _DEBUG["on"] = debug
+    guard(ctx.command, debug)
 
 
 def _load(config: Path | None, overrides: list[str] | None):
@@ -35,6 +44,8 @@ def _load(config: Path | None, overrides: list[str] | None):
     try:
         return load_config(config, overrides or [])
     except ConfigError as e:
+        if _DEBUG["on"]:
+            raise
         typer.secho(f"config error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from e
 
@@ -103,6 +114,7 @@ def dip_build_cmd(
     import sys
 
     from focusdpo.data import build_manifest_dip, build_toy_dip
+    from focusdpo.data.builder import BuildStopped
     from focusdpo.data.sources import plugin_extras
 
     cfg = _load(config, overrides)
@@ -118,7 +130,7 @@ def dip_build_cmd(
             s = build_manifest_dip(cfg, manifest, out, seed=seed, patch=patch, auto_masks=auto_masks,
                                    overwrite=overwrite, progress=True, command=command, root=root, size=size,
                                    ref_size=ref_size, extras=plugin_extras(cfg, toy=False))
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
+    except (BuildStopped, ImportError, OSError, ValueError) as e:  # OSError: FileExistsError, full disk, ...
         typer.secho(f"dip build: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from e
     typer.echo(f"wrote {s.written} records to {s.out_dir} in {s.seconds:.1f} s ({s.records_per_s:.1f} records/s); "
@@ -152,6 +164,8 @@ def dip_show_cmd(
 
 
 def _fail(command: str, e: Exception) -> NoReturn:
+    if _DEBUG["on"]:
+        raise e
     typer.secho(f"{command}: {e}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2) from e
 
@@ -341,6 +355,8 @@ def sample_cmd(
 @app.command("train")
 def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue train.output_dir from its newest checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run in train.output_dir (its "
+                                                              "checkpoints, metrics, LoRA) by a new one."),
     config: Path | None = ConfigOpt,
     overrides: list[str] | None = OverridesArg,
 ) -> None:
@@ -348,18 +364,19 @@ def train_cmd(
     `accelerate launch -m focusdpo train`."""
     from focusdpo.config import ConfigError
     from focusdpo.train.checkpoint import CheckpointError
+    from focusdpo.train.run_folder import RunFolderError
     from focusdpo.train.trainer import TrainingError, TrainingInterrupted, train
 
     cfg = _load(config, overrides)
     try:
-        run_dir = train(cfg, resume=resume)
+        run_dir = train(cfg, resume=resume, overwrite=overwrite)
     except TrainingInterrupted as e:
         typer.secho(str(e), fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(130) from e
     except TrainingError as e:
         typer.secho(f"train: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from e
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:  # bad inputs: the message names the fix
+    except (ConfigError, CheckpointError, RunFolderError, FileNotFoundError, ValueError) as e:  # bad inputs
         _fail("train", e)
     typer.echo(f"run folder: {run_dir}")
 

@@ -49,6 +49,7 @@ def resolve_variants(names: Sequence[str]) -> dict[str, tuple[str, ...]]:
 def train_runs(cfg: Config, variants: Mapping[str, Sequence[str]], seeds: Sequence[int], runs_dir: Path,
                log: Callable[[str], None] = print) -> dict[str, Path]:
     """Train (or reuse) one run per variant and seed; returns ``{"<variant>@s<seed>": run_dir}``."""
+    from focusdpo.train import checkpoint as ckpt
     from focusdpo.train.trainer import train
 
     runs: dict[str, Path] = {}
@@ -58,7 +59,8 @@ def train_runs(cfg: Config, variants: Mapping[str, Sequence[str]], seeds: Sequen
             if not (run_dir / "lora.safetensors").is_file():
                 log(f"training {name} (seed {seed}) -> {run_dir}")
                 run_cfg = cfg.with_overrides([*overrides, f"train.seed={seed}", f"train.output_dir={run_dir}"])
-                train(run_cfg, resume=(run_dir / "checkpoints").is_dir())
+                resume = ckpt.latest_checkpoint(run_dir) is not None  # else: an earlier try left no checkpoint
+                train(run_cfg, resume=resume, overwrite=not resume)
             runs[f"{name}@s{seed}"] = run_dir
     return runs
 

@@ -5,6 +5,10 @@ bad values with a :class:`ConfigError` that names the field, the value and what 
 command line fails before any work starts. The resolved :class:`Config` dumps to YAML and loads back
 identically (``Config.from_yaml(cfg.to_yaml()) == cfg``).
 
+Checked for every field at load (issue 15): floats are finite (``.inf``/``.nan`` are refused), seeds (fields
+named ``seed``, ``*_seed``, ``seeds``) lie in [0, 2**32), a YAML mapping may not repeat a key, and an
+unreadable or malformed file or override is named with the place of the problem.
+
 Usage::
 
     cfg = load_config("configs/toy.yaml", ["train.max_steps=50", "focus.spaf=false"])
@@ -14,6 +18,7 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -401,6 +406,8 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         return float(value)
     if tp is float and isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):
         return float(value)  # YAML 1.1 reads "5e-4" (no dot) as a string
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} is invalid: allowed a finite number")
     if tp is bool and isinstance(value, bool):
         return value
     if tp in (int, float, str) and isinstance(value, tp) and not isinstance(value, bool):
@@ -424,7 +431,48 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
             kwargs[key] = _build(tp, value, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(tp, value, prefix + key)
+            _check_seed(prefix + key, kwargs[key])
     return cls(**kwargs)
+
+
+SEED_RANGE = (0, 2**32 - 1)  # what numpy, torch and accelerate's set_seed all accept
+
+
+def _check_seed(name: str, value: Any) -> None:
+    """Seeds (``seed``, ``*_seed``, ``seeds``) must be integers in :data:`SEED_RANGE`."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf != "seeds" and leaf != "seed" and not leaf.endswith("_seed"):
+        return
+    lo, hi = SEED_RANGE
+    for v in value if isinstance(value, list) else [value]:
+        _check(isinstance(v, int) and lo <= v <= hi, name, value, f"integers in [{lo}, {hi}]")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping repeating a key (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1} (first at line "
+                                  f"{seen[key]}): keep one")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml(text: str, source: str) -> Any:
+    """``text`` parsed as YAML (safe, unique keys); a :class:`ConfigError` naming ``source`` and the place."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{source} is not valid YAML{where} ({problem}): fix it") from e
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -445,7 +493,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip().lstrip("-")
     if not key:
         raise ConfigError(f"override {text!r} is invalid: empty key")
-    return key, yaml.safe_load(raw) if raw.strip() else None
+    return key, _yaml(raw, f"override {text!r}") if raw.strip() else None
 
 
 def default_config_text(name: str = "toy") -> str:
@@ -453,10 +501,22 @@ def default_config_text(name: str = "toy") -> str:
     return resources.files("focusdpo").joinpath("configs", f"{name}.yaml").read_text()
 
 
+def _read_config_file(path: Path) -> str:
+    """The text of a config file; a :class:`ConfigError` naming it when it is missing, a folder or not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at {e.start}): give a "
+                          f"YAML file saved as UTF-8") from e
+    except OSError as e:
+        what = "is a folder" if path.is_dir() else f"cannot be read ({e.strerror or e})"
+        raise ConfigError(f"config {path} {what}: give an existing YAML file to --config") from e
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Read a YAML config (None: the packaged ``toy.yaml``), apply dotted overrides, validate."""
-    text = default_config_text() if path is None else Path(path).read_text()
-    data = yaml.safe_load(text) or {}
+    text = default_config_text() if path is None else _read_config_file(Path(path))
+    data = _yaml(text, f"config {path or 'toy.yaml'}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config {path or 'toy.yaml'} must be a mapping at the top level")
     for item in overrides:

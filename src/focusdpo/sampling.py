@@ -147,9 +147,12 @@ def read_image(path: str, size: int | None = None) -> torch.Tensor:
     """An image file -> ``float [1, 3, H, W]`` in ``[0, 1]`` (RGB), resized to ``size x size`` when given."""
     from PIL import Image
 
+    from focusdpo.data.manifest import to_rgb8
+
     try:
-        img = Image.open(path).convert("RGB")
-    except OSError as e:
+        with Image.open(path) as im:
+            img = Image.fromarray(to_rgb8(im))  # 16-bit greyscale scaled, not clipped to white
+    except (OSError, Image.DecompressionBombError) as e:
         raise ValueError(f"reference image {path}: cannot be read ({e}); pass a PNG or JPEG file") from e
     if size is not None:
         img = img.resize((size, size), Image.BICUBIC)

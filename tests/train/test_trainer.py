@@ -17,6 +17,7 @@ from focusdpo.cli import app
 from focusdpo.config import Config, ConfigError
 from focusdpo.train import checkpoint as ckpt
 from focusdpo.train import trainer as trainer_mod
+from focusdpo.train.run_folder import RunFolderError
 from focusdpo.train.run_log import COLUMNS, read_metrics
 from focusdpo.train.step import NonFiniteError
 from focusdpo.train.trainer import TrainingError, TrainingInterrupted, lr_factor, train
@@ -171,7 +172,7 @@ def test_resume_refuses_a_changed_config_and_fresh_runs_refuse_a_used_folder(str
     cfg, run = straight
     with pytest.raises(TrainingError, match="train.lr: 0.001 -> 0.002"):
         train(tiny_config(*tiny_env, train__max_steps=6, train__lr=0.002, train__output_dir=run), resume=True)
-    with pytest.raises(TrainingError, match="already holds checkpoints"):
+    with pytest.raises(RunFolderError, match="already holds checkpoints"):
         train(cfg)
     with pytest.raises(ConfigError, match="train.output_dir=None is invalid with --resume"):
         train(tiny_config(*tiny_env, train__output_dir="null"), resume=True)

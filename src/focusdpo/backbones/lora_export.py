@@ -82,18 +82,20 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, dtype: to
     ``out_dir`` (default: the run folder itself, so ``FluxPipeline.load_lora_weights(run_dir)`` works).
     No model is loaded."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     src = Path(run_dir) / "lora.safetensors"
     if not src.is_file():
         raise FileNotFoundError(f"{src} not found: pass a finished run folder (train writes lora.safetensors)")
+    from focusdpo.train.lora import load_lora
+
+    state = load_lora(src)  # names a truncated file or NaN/inf weights before anything is written
     with safe_open(str(src), "pt") as f:
         meta = f.metadata() or {}
     if "rank" not in meta or "alpha" not in meta:
         raise ValueError(f"{src} has no rank/alpha metadata (keys {sorted(meta)}): it was not written by "
                          f"`focusdpo train`; use export_diffusers_lora on a model with the LoRA attached")
     scale = float(meta["alpha"]) / float(meta["rank"])
-    return _write(scaled_lora_state_dict(load_file(str(src)), scale), out_dir or run_dir, dtype)
+    return _write(scaled_lora_state_dict(state, scale), out_dir or run_dir, dtype)
 
 
 def _write(state: dict[str, torch.Tensor], out_dir: str | Path, dtype: torch.dtype) -> Path:

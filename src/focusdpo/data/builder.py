@@ -2,7 +2,15 @@
 
 ``build_toy_dip`` and ``build_manifest_dip`` write ``out_dir/data-*.parquet``, ``card.json`` and
 ``rejected.jsonl`` (one JSON line per record that could not be used: its line or index, id, the record and
-the reason). A bad record never stops a build: it is listed and the others are written.
+the reason). A bad record never stops a build, whatever exception it raises: it is listed and the others are
+written.
+
+Staging (issue 15 point 1): a build is written into a hidden sibling ``.<out>.building-<pid>`` and swapped in
+for ``out_dir`` only when it finishes (:func:`staged_build`), so ``--overwrite`` never loses the previous set to
+a build that fails. A build stopped by an exception (a full disk, Ctrl-C, a failing plug-in) writes what it had
+accepted into valid shards with a card marked ``"complete": false`` and leaves them in the staging folder,
+which :class:`BuildStopped` names; the previous set stays as it was. (``kill -9`` can cost the records of the
+open shard: Parquet needs its footer.)
 
 Determinism: record ``i`` of a toy build depends only on ``(seed, i)`` and the world (its own
 ``numpy.random.Generator`` seeded with ``[seed, i]`` draws K, the scene, the disruption and its parameters);
@@ -17,6 +25,7 @@ batches of records of one size.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -24,7 +33,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,6 +185,84 @@ def compute_m_d(images: list[np.ndarray], patch: int, sigma: float, bins: int) -
     return out  # type: ignore[return-value]
 
 
+class BuildStopped(RuntimeError):
+    """A build stopped before its end (I/O error of the output, interrupt); the message says where the records
+    accepted so far are kept and that the previous set is untouched."""
+
+
+OUTPUT_FILES = ("card.json", "rejected.jsonl")
+
+
+def _old_build(out: Path) -> list[Path]:
+    return sorted(out.glob(SHARD_PATTERN)) + [out / n for n in OUTPUT_FILES if (out / n).exists()]
+
+
+def staged_build(out_dir: str | Path, overwrite: bool, build: Callable[[Path], BuildSummary]) -> BuildSummary:
+    """Run ``build(staging folder)`` and swap the result in for ``out_dir`` only once it finished.
+
+    Refuses (:class:`FileExistsError`) an ``out_dir`` that is a file or holds a build, unless ``overwrite``; the
+    old build stays until the new one is complete (and is kept when the new one wrote no record). Other files in
+    ``out_dir`` are kept. On failure the staging folder keeps what was written and :class:`BuildStopped` names
+    it (a ``ValueError`` or ``FileNotFoundError`` raised before any record, i.e. bad settings, passes through
+    and the staging folder is removed).
+    """
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; give a folder (it is created when missing)")
+    old = _old_build(out) if out.is_dir() else []
+    if old and not overwrite:
+        raise FileExistsError(f"{out} already holds a DIP build ({old[0].name}); pass --overwrite or another --out")
+    stage = out.with_name(f".{out.name}.building-{os.getpid()}")
+    try:
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True)
+    except OSError as e:
+        raise BuildStopped(f"cannot create the staging folder {stage} next to --out ({e.strerror or e}); "
+                           f"check the permissions and free space of {out.parent}") from e
+    try:
+        summary = build(stage)
+    except BaseException as e:
+        kept = list(stage.glob(SHARD_PATTERN))
+        if not kept and isinstance(e, ValueError | FileNotFoundError) and not isinstance(e, OSError):
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        where = f"kept in {stage}" if stage.is_dir() else "lost"
+        raise BuildStopped(f"the build stopped ({_describe(e)}); the records accepted so far are {where} "
+                           f"(card.json there says how many); {out} is unchanged") from e
+    if old and summary.written == 0:  # a rebuild that rejected everything never replaces a set
+        raise BuildStopped(f"the new build rejected every record (reasons in {stage / 'rejected.jsonl'}); "
+                           f"{out} keeps its previous set")
+    _swap_in(stage, out)
+    summary.out_dir = out
+    return summary
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, BuildStopped):
+        return str(e)
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return f"No space left on device writing {e.filename or 'the output'}: free space or choose another --out"
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    return f"{type(e).__name__}: {e}"
+
+
+def _swap_in(stage: Path, out: Path) -> None:
+    """Replace ``out`` by ``stage`` (two renames); files of ``out`` that are not a build are moved over."""
+    if not out.exists():
+        stage.rename(out)
+        return
+    retired = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+    shutil.rmtree(retired, ignore_errors=True)
+    out.rename(retired)
+    stage.rename(out)
+    old = {p.name for p in _old_build(retired)}
+    for path in retired.iterdir():
+        if path.name not in old and not (out / path.name).exists():
+            path.rename(out / path.name)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
 class _Rejected:
     """Appends rejections to ``rejected.jsonl`` (created even when empty, so a reader knows it was checked)."""
 
@@ -191,9 +278,18 @@ class _Rejected:
             f.write(json.dumps(line, default=str) + "\n")
 
 
+def _where(cand: Candidate) -> dict[str, Any]:
+    """Where a candidate came from, for ``rejected.jsonl``: its id and, for a manifest record, its line."""
+    return {"line": cand.source["line"], "id": cand.id} if "line" in cand.source else {"id": cand.id}
+
+
 def _records(items: Iterable[Candidate | Rejection], s: BuildSettings,
              rejected: _Rejected) -> Iterator[DipRecord]:
-    """Disrupt candidates, add M_d in batches, yield finished records (rejections go to ``rejected``)."""
+    """Disrupt candidates, add M_d in batches, yield finished records (rejections go to ``rejected``).
+
+    Any exception of one candidate's disruption rejects that candidate; when the source itself fails (or the
+    build is interrupted) the pending batch is still yielded before the exception goes on.
+    """
     pending: list[tuple[Candidate, str, Any]] = []
 
     def flush() -> Iterator[DipRecord]:
@@ -205,14 +301,26 @@ def _records(items: Iterable[Candidate | Rejection], s: BuildSettings,
                             source=c.source)
         pending.clear()
 
-    for item in items:
+    source = iter(items)
+    while True:
+        try:
+            item = next(source)
+        except StopIteration:
+            break
+        except BaseException:
+            if pending:
+                yield from flush()
+            raise
         if isinstance(item, Rejection):
             rejected.add(item)
             continue
         try:
             name, res = disrupt(item, s.mix)
         except DisruptionError as e:
-            rejected.add(Rejection({"id": item.id}, item.source, str(e)))
+            rejected.add(Rejection(_where(item), item.source, str(e)))
+            continue
+        except Exception as e:  # noqa: BLE001 - a plug-in's failure on one record rejects that record only
+            rejected.add(Rejection(_where(item), item.source, f"disruption failed ({type(e).__name__}: {e})"))
             continue
         pending.append((item, name, res))
         if len(pending) >= MD_BATCH:
@@ -231,19 +339,30 @@ def run_build(items: Iterable[Candidate | Rejection], out_dir: Path, s: BuildSet
     disr: Counter[str] = Counter()
     subj: Counter[int] = Counter()
     start = time.perf_counter()
-    with ShardWriter(out_dir, s.shard_records) as writer, _progress(s.progress, total) as tick:
-        for rec in _records(items, s, rejected):
-            writer.write(rec)
-            disr[rec.disruption] += 1
-            subj[rec.num_subjects] += 1
-            tick(writer.count, rejected.count)
+    writer = ShardWriter(out_dir, s.shard_records)
+    try:
+        with writer, _progress(s.progress, total) as tick:
+            for rec in _records(items, s, rejected):
+                try:
+                    rec.validate()
+                except Exception as e:  # noqa: BLE001 - a broken record is listed, never written
+                    rejected.add(Rejection({**({"line": rec.source["line"]} if "line" in rec.source else {}),
+                                            "id": rec.id}, rec.source, str(e)))
+                    continue
+                writer.write(rec)
+                disr[rec.disruption] += 1
+                subj[rec.num_subjects] += 1
+                tick(writer.count, rejected.count)
+    except BaseException:
+        _write_partial_card(out_dir, writer, rejected)
+        raise
     summary.seconds = time.perf_counter() - start
     summary.written, summary.rejected = writer.count, rejected.count
     summary.disruptions, summary.subjects = dict(sorted(disr.items())), dict(sorted(subj.items()))
     summary.shards = [p.name for p in writer.shards]
     summary.never_drawn = {n: _needs(n) for n in mix if n not in disr}
-    card = {"format": FORMAT, "build_version": BUILD_VERSION, **card_extra, "records": summary.written,
-            "rejected": summary.rejected,
+    card = {"format": FORMAT, "build_version": BUILD_VERSION, **card_extra, "complete": True,
+            "records": summary.written, "rejected": summary.rejected,
             "shards": summary.shards, "disruption_mix": mix, "disruption_counts": summary.disruptions,
             "never_drawn": summary.never_drawn,
             "subject_counts": {str(k): v for k, v in summary.subjects.items()}, "seed": s.seed,
@@ -251,6 +370,16 @@ def run_build(items: Iterable[Candidate | Rejection], out_dir: Path, s: BuildSet
             "seconds": round(summary.seconds, 3), "records_per_s": round(summary.records_per_s, 1)}
     (out_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
     return summary
+
+
+def _write_partial_card(out_dir: Path, writer: ShardWriter, rejected: _Rejected) -> None:
+    """The card of a build that stopped: how many records its (closed, valid) shards hold."""
+    card = {"format": FORMAT, "build_version": BUILD_VERSION, "complete": False, "records": writer.count,
+            "rejected": rejected.count, "shards": [p.name for p in writer.shards]}
+    try:
+        (out_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    except OSError:
+        pass  # the output itself failed (full disk): the exception that stopped the build says so
 
 
 def _needs(name: str) -> str:

@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from focusdpo.data.parquet import INDEX_COLUMNS, row_to_record, shard_paths
+from focusdpo.data.parquet import INDEX_COLUMNS, decode_row, open_shard, read_row_group, shard_paths
 
 
 class DipDataset(Dataset):
@@ -62,8 +62,8 @@ class DipDataset(Dataset):
         self._cached_bytes = 0
         loc, keys, ids = [], [], []
         for s, shard in enumerate(self.shards):
-            pf = pq.ParquetFile(shard)
-            meta = pf.read(columns=INDEX_COLUMNS).to_pydict()
+            pf = open_shard(shard)
+            meta = read_row_group(pf, None, shard, INDEX_COLUMNS).to_pydict()
             row = 0
             for g in range(pf.num_row_groups):
                 n = pf.metadata.row_group(g).num_rows
@@ -97,7 +97,7 @@ class DipDataset(Dataset):
             return self._cache[key]
         if shard not in self._files:
             self._files[shard] = pq.ParquetFile(self.shards[shard])
-        rows = self._files[shard].read_row_group(group)
+        rows = read_row_group(self._files[shard], group, self.shards[shard])
         self._cache[key] = rows
         self._cached_bytes += rows.nbytes
         while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
@@ -109,7 +109,8 @@ class DipDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"record index {index} is out of range for a set of {len(self)} records")
         shard, group, row = (int(v) for v in self._loc[index])
-        return row_to_record(self._row_group(shard, group).slice(row, 1).to_pylist()[0])
+        return decode_row(self._row_group(shard, group).slice(row, 1).to_pylist()[0], self.shards[shard],
+                          f"row {row} of row group {group}")
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """One record as tensors (the per-item version of the batch layout in the module docstring)."""

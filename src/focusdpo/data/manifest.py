@@ -14,8 +14,12 @@ a failure and rejects the record. Without ``auto_masks`` a reference without a m
 all-ones mask (unknown) and a record without ``target_masks`` is rejected.
 
 Every problem raises :class:`BadRecord` with a reason that names the file and the fix; the builder lists it in
-``rejected.jsonl`` and goes on. The target and its masks are centre-cropped to a multiple of the token patch
-(the crop is recorded in the record's provenance).
+``rejected.jsonl`` and goes on. Whatever exception a line raises (a NUL byte in a path, JSON nested too deep
+to parse) becomes a :class:`BadRecord` of that line. The manifest must be UTF-8 (a UTF-8 BOM is allowed): a
+UTF-16/32 file is refused as a whole and a line that is not valid UTF-8 is rejected with the offending byte,
+never stored with replacement characters. High-bit-depth images (16-bit greyscale PNG, 32-bit integer or float
+modes) are scaled to 8 bits rather than clipped. The target and its masks are centre-cropped to a multiple of
+the token patch (the crop is recorded in the record's provenance).
 """
 
 from __future__ import annotations
@@ -77,6 +81,34 @@ def manifest_root(path: str | Path, root: str | Path | None = None) -> Path:
     return base
 
 
+# Byte-order marks of encodings a JSONL manifest may not use (checked longest first).
+_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32-LE"), (b"\x00\x00\xfe\xff", "UTF-32-BE"), (b"\xff\xfe", "UTF-16-LE"),
+         (b"\xfe\xff", "UTF-16-BE"))
+
+
+def check_encoding(path: str | Path) -> None:
+    """Refuse a manifest encoded in UTF-16/32 (by its byte-order mark, or NUL bytes in its first line)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    for bom, name in _BOMS:
+        if head.startswith(bom):
+            raise ValueError(f"manifest {path} is encoded in {name}; re-save it as UTF-8 (one JSON object a line)")
+    if b"\x00" in head.split(b"\n", 1)[0]:
+        raise ValueError(f"manifest {path} holds NUL bytes in its first line (UTF-16 without a byte-order mark?); "
+                         f"re-save it as UTF-8")
+
+
+def _decode_line(raw: bytes, n: int) -> str:
+    """A manifest line as text; :class:`BadRecord` naming the byte and the likely encoding when not UTF-8."""
+    try:
+        return raw.decode("utf-8-sig" if n == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        bad = raw[e.start:e.start + 1]
+        guess = "Latin-1 or Windows-1252" if bad and bad[0] >= 0x80 else "not UTF-8"
+        raise BadRecord(f"line {n} is not UTF-8 (byte 0x{bad.hex()} at column {e.start + 1}; the file looks "
+                        f"{guess}): re-save the manifest as UTF-8") from e
+
+
 def read_manifest(path: str | Path, root: str | Path | None = None
                   ) -> Iterator[tuple[int, dict[str, Any] | str, ManifestEntry | BadRecord]]:
     """Yield ``(line number, raw object or text, entry or the BadRecord)`` for each non-empty line.
@@ -86,25 +118,48 @@ def read_manifest(path: str | Path, root: str | Path | None = None
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} does not exist; give a JSONL file (one record per line)")
+    check_encoding(path)
     root = manifest_root(path, root)
     seen: set[str] = set()
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for n, text in enumerate(f, start=1):
-            if not text.strip():
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                yield n, text.rstrip("\n"), BadRecord(f"line {n} is not valid JSON ({e.msg}); fix the line")
+                text = _decode_line(raw, n)
+                obj = _parse_json(text, n)
+            except BadRecord as e:
+                yield n, raw.decode("utf-8", errors="backslashreplace").rstrip("\n"), e
                 continue
             try:
-                entry = parse_entry(obj, n, root)
+                entry = _checked_entry(obj, n, root)
                 if entry.id in seen:
                     raise BadRecord(f"id {entry.id!r} is used by an earlier line; give each record a unique id")
                 seen.add(entry.id)
                 yield n, obj, entry
             except BadRecord as e:
                 yield n, obj, e
+
+
+def _parse_json(text: str, n: int) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadRecord(f"line {n} is not valid JSON ({e.msg}); fix the line") from e
+    except RecursionError as e:
+        raise BadRecord(f"line {n} is JSON nested too deeply to read; fix the line") from e
+    except Exception as e:  # noqa: BLE001 - whatever one line raises rejects that line only
+        raise BadRecord(f"line {n} cannot be parsed ({type(e).__name__}: {e}); fix the line") from e
+
+
+def _checked_entry(obj: Any, n: int, root: Path) -> ManifestEntry:
+    """:func:`parse_entry`, with any unexpected exception of one line turned into its :class:`BadRecord`."""
+    try:
+        return parse_entry(obj, n, root)
+    except BadRecord:
+        raise
+    except Exception as e:  # noqa: BLE001 - e.g. ValueError "embedded null byte" from a path
+        raise BadRecord(f"line {n} cannot be used ({type(e).__name__}: {e}); fix the line") from e
 
 
 def parse_entry(obj: Any, line: int, root: Path) -> ManifestEntry:
@@ -139,6 +194,8 @@ def resolve_inside(root: Path, rel: Any, name: str) -> Path:
     """``root / rel`` resolved (symlinks followed); raises unless it stays inside ``root``."""
     if not isinstance(rel, str) or not rel:
         raise BadRecord(f"{name} must be a path string, got {rel!r}")
+    if "\x00" in rel:
+        raise BadRecord(f"{name} {rel!r} holds a NUL byte; fix the path")
     path = (root / rel).resolve()
     if not path.is_relative_to(root):
         raise BadRecord(f"{name} {rel!r} leaves the manifest's root {root}; keep every file under it "
@@ -161,12 +218,29 @@ def load_image(path: Path, name: str, max_pixels: int) -> np.ndarray:
                 raise BadRecord(f"{name} {path} has {w}x{h} = {w * h} pixels, over the limit {max_pixels}; "
                                 "downscale it or raise data.max_pixels")
             im.load()
-            return np.asarray(ImageOps.exif_transpose(im).convert("RGB")).copy()
+            return to_rgb8(ImageOps.exif_transpose(im))
     except BadRecord:
         raise
     except Exception as e:  # noqa: BLE001 - any decoder failure (OSError, SyntaxError, struct.error...) is bad input
         raise BadRecord(f"{name} {path} cannot be read ({type(e).__name__}: {e}); "
                         "replace the file with a valid image") from e
+
+
+def to_rgb8(im: Image.Image) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` of any PIL image; high-bit-depth greyscale modes are scaled, not clipped.
+
+    ``I;16*`` (16-bit PNG/TIFF) and ``I`` (32-bit int, how some Pillow versions open 16-bit PNGs) are divided by
+    257 (65535 -> 255); ``F`` is taken as [0, 1] when its maximum is <= 1, else as 16-bit.
+    """
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        if im.mode == "F" and np.nanmax(arr, initial=0.0) <= 1.0:
+            arr = arr * 255.0
+        else:
+            arr = arr / 257.0
+        grey = np.clip(np.nan_to_num(np.rint(arr)), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    return np.asarray(im.convert("RGB")).copy()
 
 
 def load_mask(path: Path, name: str, size: tuple[int, int], max_pixels: int) -> np.ndarray:

@@ -20,6 +20,11 @@ def _cv2():
     return cv2
 
 
+def require_opencv() -> None:
+    """Raise the ImportError of :func:`_cv2` (naming the extra to install) when OpenCV is missing."""
+    _cv2()
+
+
 def grabcut_mask(image: np.ndarray, margin: float = 0.1, iters: int = 5, seed: int = 0,
                  max_side: int | None = 192) -> np.ndarray:
     """Foreground of ``image`` by GrabCut initialised with a centre box.

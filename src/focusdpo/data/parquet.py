@@ -27,6 +27,9 @@ params, source      string                 JSON
 
 Masks are written as 0/255 and read back as ``> 127``, so bool masks round-trip exactly; PNG is lossless, so
 images do; ``m_d`` is stored as float32, so it round-trips bit for bit.
+
+Reading a damaged set (issue 15): a shard that is not Parquet (truncated, corrupt) or lacks columns, and a row
+whose bytes do not decode, raise :class:`ShardError` naming the shard, the record id and row, and the fix.
 """
 
 from __future__ import annotations
@@ -60,6 +63,47 @@ SCHEMA = pa.schema([
 
 # Columns small enough to read for a whole set when building the loader's index.
 INDEX_COLUMNS = ["id", "num_subjects", "height", "width", "ref_heights", "ref_widths"]
+
+
+class ShardError(ValueError):
+    """A shard or one of its rows cannot be read; the message names the shard (and record) and the fix."""
+
+
+_REBUILD = "rebuild the set with `focusdpo dip build`"
+
+
+def open_shard(path: str | Path) -> pq.ParquetFile:
+    """A shard opened for reading, its columns checked against :data:`SCHEMA` (:class:`ShardError` if not)."""
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, ValueError) as e:  # pyarrow: ArrowInvalid (a ValueError) or ArrowIOError (an OSError)
+        raise ShardError(f"shard {path} is not a readable Parquet file ({type(e).__name__}: {e}); it is truncated "
+                         f"or corrupt: {_REBUILD}") from e
+    missing = [n for n in SCHEMA.names if n not in pf.schema_arrow.names]
+    if missing:
+        raise ShardError(f"shard {path} lacks the column(s) {missing}: it is not a DIP shard of this version; "
+                         f"{_REBUILD}")
+    return pf
+
+
+def decode_row(row: dict[str, Any], shard: str | Path, where: str) -> DipRecord:
+    """:func:`row_to_record`, naming the shard, ``where`` (e.g. "row 3") and the record id when it cannot decode."""
+    try:
+        return row_to_record(row)
+    except Exception as e:  # noqa: BLE001 - any decoder failure (PIL, JSON, numpy) is damaged data
+        raise ShardError(f"record {row.get('id')!r} ({where} of shard {shard}) cannot be decoded "
+                         f"({type(e).__name__}: {e}): {_REBUILD}") from e
+
+
+def read_row_group(pf: pq.ParquetFile, group: int | None, shard: str | Path,
+                   columns: list[str] | None = None) -> pa.Table:
+    """Row group ``group`` (None: all rows) of ``columns`` of an open shard (:class:`ShardError` naming the shard
+    if its bytes are damaged)."""
+    try:
+        return pf.read(columns=columns) if group is None else pf.read_row_group(group, columns=columns)
+    except (OSError, ValueError) as e:
+        raise ShardError(f"shard {shard}: row group {group} cannot be read ({type(e).__name__}: {e}): "
+                         f"{_REBUILD}") from e
 
 
 def encode_png(arr: np.ndarray, compress_level: int = 1) -> bytes:
@@ -178,6 +222,19 @@ def shard_paths(path: str | Path) -> list[Path]:
     return files
 
 
+def fingerprint(path: str | Path) -> dict[str, Any]:
+    """What identifies a built set's content cheaply: the SHA-256 of its ``card.json`` and its shard sizes.
+
+    A run records it; a set rebuilt in place (other seed, records or settings) changes it.
+    """
+    import hashlib
+
+    folder = Path(path)
+    card = folder / "card.json" if folder.is_dir() else None
+    digest = hashlib.sha256(card.read_bytes()).hexdigest() if card is not None and card.is_file() else None
+    return {"card_sha256": digest, "shards": {p.name: p.stat().st_size for p in shard_paths(folder)}}
+
+
 def write_records(records: Iterable[DipRecord], out_dir: str | Path, shard_records: int = 1000) -> list[Path]:
     """Write records into shards under ``out_dir``; returns the shard paths."""
     with ShardWriter(out_dir, shard_records) as w:
@@ -189,6 +246,9 @@ def write_records(records: Iterable[DipRecord], out_dir: str | Path, shard_recor
 def read_records(path: str | Path) -> Iterator[DipRecord]:
     """Stream the records of a built set (folder) or shard file, one row group at a time."""
     for shard in shard_paths(path):
-        pf = pq.ParquetFile(shard)
+        pf = open_shard(shard)
+        start = 0
         for g in range(pf.num_row_groups):
-            yield from (row_to_record(r) for r in pf.read_row_group(g).to_pylist())
+            rows = read_row_group(pf, g, shard).to_pylist()
+            yield from (decode_row(r, shard, f"row {start + i}") for i, r in enumerate(rows))
+            start += len(rows)

@@ -28,17 +28,20 @@ from focusdpo.data.builder import (
     Rejection,
     atomic_build,
     cache_key,
-    prepare_out_dir,
     run_build,
+    staged_build,
 )
 from focusdpo.data.disruptions import DisruptionContext, check_mix
-from focusdpo.data.manifest import BadRecord, load_entry, manifest_root, read_manifest
+from focusdpo.data.manifest import BadRecord, check_encoding, load_entry, manifest_root, read_manifest
 
 
 def _settings(cfg, seed: int, patch: int | None, progress: bool, extras: dict[str, Any] | None,
               command: str | None, call: str) -> BuildSettings:
     """Build settings from ``cfg``; ``command`` None records the Python call and the process's command line."""
-    patch = patch or cfg.model.patch
+    patch = cfg.model.patch if patch is None else patch  # `--patch 0` is an error, not the default
+    if not isinstance(patch, int) or patch < 1:
+        raise ValueError(f"--patch {patch} is invalid: allowed an integer >= 1 (pixels per token side of M_d; "
+                         f"default model.patch={cfg.model.patch})")
     check_mix(cfg.data.disruptions)  # an unregistered plug-in fails here, before the output folder is touched
     if command is None:
         command = f"{call}(seed={seed}, patch={patch}) in `{shlex.join(sys.argv)}`"
@@ -111,10 +114,10 @@ def build_toy_dip(cfg, out_dir: str | Path, n: int | None = None, seed: int | No
     if cfg.world.scene_size % s.patch:
         raise ValueError(f"patch={s.patch} does not divide world.scene_size={cfg.world.scene_size}; "
                          "pick a patch that divides the scene size")
-    out = prepare_out_dir(out_dir, overwrite)
     world = World(cfg.world)
-    return run_build(toy_candidates(world, n, seed, s.extras), out, s, n,
-                     {"kind": "toy", "world": asdict(cfg.world), "split": "train"})
+    return staged_build(out_dir, overwrite, lambda out: run_build(
+        toy_candidates(world, n, seed, s.extras), out, s, n, {"kind": "toy", "world": asdict(cfg.world),
+                                                              "split": "train"}))
 
 
 def ensure_toy_dip(cfg, patch: int | None = None, progress: bool = False) -> Path:
@@ -128,7 +131,7 @@ def ensure_toy_dip(cfg, patch: int | None = None, progress: bool = False) -> Pat
             raise FileNotFoundError(f"data.path={cfg.data.path!r} has no card.json; build it with "
                                     "`focusdpo dip build` or set data.path=null to use the toy set")
         return path
-    patch = patch or cfg.model.patch
+    patch = cfg.model.patch if patch is None else patch
     final = Path(cfg.data.cache_dir).expanduser() / f"toy-{cache_key(cfg, patch)}"
     if (final / "card.json").exists():
         return final
@@ -149,6 +152,10 @@ def manifest_candidates(path: Path, seed: int, patch: int, max_pixels: int, auto
             got = load_entry(entry, root, patch, max_pixels, auto_masks, size, ref_size)
         except BadRecord as e:
             yield Rejection({"line": line, "id": entry.id}, raw, str(e))
+            continue
+        except Exception as e:  # noqa: BLE001 - whatever one line's files raise rejects that line only
+            yield Rejection({"line": line, "id": entry.id}, raw, f"line {line} cannot be loaded "
+                                                                 f"({type(e).__name__}: {e}); fix its files")
             continue
         ctx = DisruptionContext(got.references, got.ref_masks, entry.prompt, extras=extras)
         yield Candidate(entry.id, entry.prompt, got.image, got.regions, got.references, got.ref_masks, ctx,
@@ -176,12 +183,16 @@ def build_manifest_dip(cfg, manifest: str | Path, out_dir: str | Path, seed: int
     for name, v in (("size", size), ("ref_size", ref_size)):
         if v is not None and (v < s.patch or v % s.patch):
             raise ValueError(f"{name}={v} must be a positive multiple of the patch {s.patch}")
-    out = prepare_out_dir(out_dir, overwrite)
-    with manifest.open(encoding="utf-8", errors="replace") as f:
+    if auto_masks:
+        from focusdpo.data.masks import require_opencv
+
+        require_opencv()  # before the output folder is touched, not mid-build
+    check_encoding(manifest)
+    with manifest.open("rb") as f:
         total = sum(1 for t in f if t.strip())
     items = manifest_candidates(manifest, seed, s.patch, cfg.data.max_pixels, auto_masks, s.extras, base, size,
                                 ref_size)
-    return run_build(items, out, s, total, {"kind": "manifest", "manifest": str(manifest.resolve()),
-                                            "root": str(base), "auto_masks": auto_masks, "size": size,
-                                            "ref_size": ref_size,
-                                            "max_pixels": cfg.data.max_pixels})
+    return staged_build(out_dir, overwrite, lambda out: run_build(
+        items, out, s, total, {"kind": "manifest", "manifest": str(manifest.resolve()), "root": str(base),
+                               "auto_masks": auto_masks, "size": size, "ref_size": ref_size,
+                               "max_pixels": cfg.data.max_pixels}))

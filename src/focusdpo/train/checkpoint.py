@@ -7,7 +7,15 @@ A checkpoint is a folder ``<run>/checkpoints/step-<NNNNNNNN>/`` holding
   sharded optimizer (FSDP, DeepSpeed ZeRO) one ``optimizer-rank<r>.pt`` per process instead,
 - ``rng.pt``: the Python, NumPy, torch CPU and accelerator RNG states of every process (rank order),
 - ``state.json``: the optimizer step, the data position (epoch, batch within the epoch) and the world size,
-- ``config.yaml``: the resolved config of the run.
+- ``config.yaml``: the resolved config of the run,
+- ``dataset.json``: the fingerprint of the DIP set it trained on (card hash and shard sizes), when given,
+- ``checksums.json``, written last: the SHA-256 and size of every other file.
+
+Verification (issue 15 point 4): :func:`load_checkpoint` checks ``checksums.json`` first and names the file
+that differs; every file's parse error is named too. :func:`newest_intact` walks back from the newest
+checkpoint to the newest one that loads, listing the corrupt ones it skipped, which :func:`set_aside` renames to
+hidden ``.corrupt-step-N`` folders (kept for inspection, never loaded, and no obstacle to writing that step
+again). Checkpoints written before checksums existed load without that check. LoRA tensors must be finite.
 
 Atomicity: everything is written into a hidden sibling ``.tmp-step-<N>`` folder, flushed to disk and
 then renamed to its final name in one ``os.replace``. A reader only ever sees complete folders, so a process
@@ -17,6 +25,7 @@ removed by :func:`clean_stale`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -32,6 +41,8 @@ from safetensors.torch import load_file, save_file
 
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
+CORRUPT_PREFIX = ".corrupt-"
+CHECKSUMS = "checksums.json"
 
 
 class CheckpointError(RuntimeError):
@@ -163,13 +174,15 @@ def write_optimizer_shard(tmp: Path, rank: int, optimizer: Mapping[str, Any]) ->
 
 def save_checkpoint(run_dir: str | Path, state: TrainState, lora: Mapping[str, torch.Tensor],
                     optimizer: Mapping[str, Any] | None, scheduler: Mapping[str, Any],
-                    rng: Sequence[Mapping[str, Any]], config_yaml: str, started: bool = False) -> Path:
+                    rng: Sequence[Mapping[str, Any]], config_yaml: str, started: bool = False,
+                    dataset: Mapping[str, Any] | None = None) -> Path:
     """Write one checkpoint atomically and return its final folder (main process only).
 
     ``lora``: adapter tensors; ``optimizer``/``scheduler``: their ``state_dict()`` (``optimizer`` None: every
     process already wrote its shard with :func:`write_optimizer_shard` into the folder of
     :func:`begin_checkpoint`, and ``started`` is True); ``rng``: one :func:`capture_rng` dict per process in
-    rank order. A complete checkpoint of the same step is kept as it is (it holds the same state).
+    rank order; ``dataset``: the data set's fingerprint (``dataset.json``). A complete checkpoint of the same
+    step is kept as it is (it holds the same state). ``checksums.json`` is written last.
     """
     final = step_dir(run_dir, state.step)
     if final.is_dir():
@@ -184,6 +197,9 @@ def save_checkpoint(run_dir: str | Path, state: TrainState, lora: Mapping[str, t
     torch.save([dict(r) for r in rng], tmp / "rng.pt")
     (tmp / "config.yaml").write_text(config_yaml)
     (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1))
+    if dataset is not None:
+        (tmp / "dataset.json").write_text(json.dumps(dict(dataset), indent=1, sort_keys=True))
+    _write_checksums(tmp)
     _fsync_tree(tmp)
     os.replace(tmp, final)
     _fsync_dir(final.parent)
@@ -192,8 +208,9 @@ def save_checkpoint(run_dir: str | Path, state: TrainState, lora: Mapping[str, t
 
 def load_checkpoint(path: str | Path, rank: int = 0) -> dict[str, Any]:
     """Read a checkpoint folder: ``state`` (:class:`TrainState`), ``lora``, ``optimizer`` (this ``rank``'s
-    shard when the optimizer was sharded), ``scheduler``, ``rng`` (list per rank) and ``config_yaml``.
-    Tensors load on the CPU with ``weights_only=True``."""
+    shard when the optimizer was sharded), ``scheduler``, ``rng`` (list per rank), ``config_yaml`` and
+    ``dataset`` (None when not recorded). Tensors load on the CPU with ``weights_only=True``.
+    :class:`CheckpointError` names the file when a checksum differs or a file does not parse."""
     path = Path(path)
     opt = path / "optimizer.pt"
     if not opt.is_file() and (path / f"optimizer-rank{rank:03d}.pt").is_file():
@@ -203,15 +220,94 @@ def load_checkpoint(path: str | Path, rank: int = 0) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}): resume from "
                               f"another folder under {path.parent} or delete this one")
-    state = TrainState(**json.loads((path / "state.json").read_text()))
-    return {
-        "state": state,
-        "lora": load_file(str(path / "lora.safetensors")),
-        "optimizer": torch.load(opt, map_location="cpu", weights_only=True),
-        "scheduler": torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True),
-        "rng": torch.load(path / "rng.pt", map_location="cpu", weights_only=True),
-        "config_yaml": (path / "config.yaml").read_text(),
+    verify_checkpoint(path)
+    out = {
+        "state": _read(path / "state.json", lambda f: TrainState(**json.loads(f.read_text()))),
+        "lora": _read(path / "lora.safetensors", lambda f: load_file(str(f))),
+        "optimizer": _read(opt, _torch_load),
+        "scheduler": _read(path / "scheduler.pt", _torch_load),
+        "rng": _read(path / "rng.pt", _torch_load),
+        "config_yaml": _read(path / "config.yaml", lambda f: f.read_text()),
+        "dataset": _read(path / "dataset.json", lambda f: json.loads(f.read_text()))
+        if (path / "dataset.json").is_file() else None,
     }
+    bad = [k for k, v in out["lora"].items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"checkpoint {path}: lora.safetensors holds NaN or inf in {bad[:3]} ({len(bad)} "
+                              f"tensors): resume from an earlier checkpoint")
+    return out
+
+
+def _torch_load(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _read(path: Path, reader: Any) -> Any:
+    """``reader(path)``, any failure turned into a :class:`CheckpointError` that names the file."""
+    try:
+        return reader(path)
+    except Exception as e:  # noqa: BLE001 - EOFError, UnpicklingError, RuntimeError, SafetensorError, JSON...
+        raise CheckpointError(f"checkpoint file {path} is corrupt ({type(e).__name__}: {e or 'empty'}): resume "
+                              f"from an earlier checkpoint (move {path.parent} away)") from e
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_checksums(folder: Path) -> None:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != CHECKSUMS)
+    table = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}
+    (folder / CHECKSUMS).write_text(json.dumps(table, indent=1))
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Check every file against ``checksums.json`` (:class:`CheckpointError` naming the first that differs).
+
+    A checkpoint without ``checksums.json`` (written before it existed) passes unchecked.
+    """
+    path = Path(path)
+    table_file = path / CHECKSUMS
+    if not table_file.is_file():
+        return
+    table = _read(table_file, lambda f: json.loads(f.read_text()))
+    for name, want in sorted(table.items()):
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing; resume from an earlier "
+                                  f"checkpoint")
+        if file.stat().st_size != want["bytes"] or _sha256(file) != want["sha256"]:
+            raise CheckpointError(f"checkpoint file {file} does not match its checksum ({CHECKSUMS}): it was "
+                                  f"changed or damaged after it was written; resume from an earlier checkpoint")
+
+
+def newest_intact(run_dir: str | Path, rank: int = 0) -> tuple[Path | None, dict[str, Any] | None,
+                                                                  list[tuple[Path, str]]]:
+    """The newest checkpoint that verifies and loads: ``(folder, load_checkpoint(folder), skipped)`` where
+    ``skipped`` lists the newer corrupt ones with the reason; ``(None, None, skipped)`` when none loads."""
+    skipped: list[tuple[Path, str]] = []
+    for _, path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, load_checkpoint(path, rank), skipped
+        except CheckpointError as e:
+            skipped.append((path, str(e)))
+    return None, None, skipped
+
+
+def set_aside(path: str | Path) -> Path:
+    """Rename a corrupt checkpoint folder to a hidden ``.corrupt-<name>`` sibling (never loaded again)."""
+    path = Path(path)
+    target = path.with_name(f"{CORRUPT_PREFIX}{path.name}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{CORRUPT_PREFIX}{path.name}.{n}")
+    path.rename(target)
+    return target
 
 
 def _fsync_tree(folder: Path) -> None:

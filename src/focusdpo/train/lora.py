@@ -105,8 +105,19 @@ def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
             if ".lora_A." in n or ".lora_B." in n}
 
 
+def check_finite(state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise ``ValueError`` naming ``source`` and the tensors when LoRA weights hold NaN or inf (a corrupt file or
+    a diverged run: its samples and metrics would look plausible and mean nothing)."""
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{source}: LoRA weight(s) {bad[:3]} ({len(bad)} of {len(state_dict)}) hold NaN or inf; "
+                         f"the file is corrupt or the run diverged: use an earlier checkpoint or retrain")
+
+
 def load_lora_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Copy adapter weights into the attached adapters; missing or unexpected keys and shape mismatches raise."""
+    """Copy adapter weights into the attached adapters; missing or unexpected keys, shape mismatches and NaN or
+    inf values raise."""
+    check_finite(state_dict, "the LoRA weights to load")
     own = lora_state_dict(module)
     missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
     if missing or unexpected:
@@ -135,4 +146,10 @@ def load_lora(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LoRA weights {path} not found: pass the .safetensors file a run wrote")
-    return load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - SafetensorError and friends: a truncated or foreign file
+        raise ValueError(f"LoRA weights {path} cannot be read ({type(e).__name__}: {e}): the file is truncated or "
+                         f"not safetensors; use the run's checkpoint copy or retrain") from e
+    check_finite(state, f"LoRA weights {path}")
+    return state

@@ -19,6 +19,12 @@ Choices made here:
 - A non-finite loss, prediction or gradient norm raises :class:`TrainingError` naming the step and the
   metric before the optimizer moves; no checkpoint is written after it, so the last good one stays intact.
 - SIGINT/SIGTERM: the current optimizer step finishes, a checkpoint is written, :class:`TrainingInterrupted`.
+  At the last step the run is finished instead (final checkpoint, then ``lora.safetensors``; the final
+  validation grids are skipped), so no interruption leaves a run that ``--resume`` cannot finish: a checkpoint
+  at ``train.max_steps`` without its final LoRA (killed in between) is finished by ``--resume``, and
+  ``--resume`` of a finished run says so and exits cleanly (issue 15 point 3).
+- The run folder is locked while a trainer uses it, and a new run refuses a folder holding an earlier run
+  unless ``overwrite`` (:mod:`focusdpo.train.run_folder`, issue 15 point 2).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from torch import nn
 from focusdpo.config import Config, ConfigError
 from focusdpo.train import checkpoint as ckpt
 from focusdpo.train.batches import Position, ShardedBatches
+from focusdpo.train.run_folder import RunFolderError, RunFolderLock, check_fresh
 from focusdpo.train.run_log import RunLog
 from focusdpo.train.step import NoiseKey, NonFiniteError, StepOutput, pair_step
 
@@ -92,28 +99,41 @@ class _Run:
     log: RunLog
     params: list[nn.Parameter] = field(default_factory=list)
     last_saved: int = -1
+    fingerprint: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------- entry point
 
 
-def train(cfg: Config, resume: bool = False) -> Path:
+def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
     """Post-train the backbone's LoRA with ``cfg.train.objective``; returns the run folder.
 
     The run folder gets ``config.yaml``, ``metrics.csv``, ``tb/`` (TensorBoard), ``val/`` (sample grids and
     focus strips), ``checkpoints/step-N/`` and, at the end, ``lora.safetensors``. ``resume=True`` continues
-    from the newest checkpoint of ``train.output_dir`` exactly (same per-step losses).
+    from the newest checkpoint of ``train.output_dir`` exactly (same per-step losses). A new run refuses a
+    folder holding an earlier run's files unless ``overwrite=True`` (which removes them first). The folder is
+    locked for the whole call (:class:`~focusdpo.train.run_folder.RunFolderError` when another trainer holds it).
     """
     check_config(cfg, resume)
     accelerator = make_accelerator(cfg)
     run_dir = _run_dir(cfg, accelerator, resume)
-    run = _setup(cfg, accelerator, run_dir, resume)
+    lock = _claim_run_dir(accelerator, run_dir, resume, overwrite)
+    run = None
     try:
-        with _stop_on_signals() as stop:
-            _loop(run, stop)
-        _finish(run)
+        if resume and _already_finished(cfg, run_dir):
+            return run_dir
+        run = _setup(cfg, accelerator, run_dir, resume)
+        try:
+            with _stop_on_signals() as stop:  # the final checkpoint and LoRA too: a signal never splits them
+                _loop(run, stop)
+                stopped = _finish(run, stop)
+            if not stopped:  # outside the signal guard: Ctrl-C stops the final grids at once
+                _validate(run)
+                run.log.message(f"done: {run.run_dir / 'lora.safetensors'}")
+        finally:
+            run.log.close()
     finally:
-        run.log.close()
+        lock.release(remove_if_empty=run is None)
     return run_dir
 
 
@@ -172,14 +192,53 @@ def _run_dir(cfg: Config, accelerator: Any, resume: bool) -> Path:
         if accelerator.num_processes > 1:
             broadcast_object_list(stamp)  # every process names the same folder
         run_dir = Path("runs") / f"{cfg.train.objective}-{stamp[0]}"
-    has_ckpt = ckpt.latest_checkpoint(run_dir) is not None
-    if resume and not has_ckpt:
+    if resume and ckpt.latest_checkpoint(run_dir) is None:
         raise TrainingError(f"--resume: {ckpt.checkpoint_dir(run_dir)} holds no complete checkpoint: start the "
                             f"run without --resume")
-    if not resume and has_ckpt:
-        raise TrainingError(f"{run_dir} already holds checkpoints: continue it with --resume or choose another "
-                            f"train.output_dir")
     return run_dir
+
+
+def _claim_run_dir(accelerator: Any, run_dir: Path, resume: bool, overwrite: bool) -> RunFolderLock:
+    """Lock ``run_dir`` (main process) and, for a new run, check it holds no earlier run (``overwrite``: clear
+    it). Every process raises the same :class:`RunFolderError` when the main process cannot."""
+    from accelerate.utils import broadcast_object_list
+
+    lock, error = RunFolderLock(run_dir), [None]
+    if accelerator.is_main_process:
+        try:
+            lock.acquire()
+            if not resume:
+                check_fresh(run_dir, overwrite)
+        except RunFolderError as e:
+            lock.release(remove_if_empty=True)
+            error = [str(e)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(error)
+    if error[0] is not None:
+        raise RunFolderError(error[0])
+    return lock
+
+
+def _already_finished(cfg: Config, run_dir: Path) -> bool:
+    """True (with a message) when the newest checkpoint is at or past ``train.max_steps`` and the run's
+    ``lora.safetensors`` was written from it: ``--resume`` of a finished run has nothing to do."""
+    import json
+
+    from safetensors import safe_open
+
+    path = ckpt.latest_checkpoint(run_dir)
+    lora = run_dir / "lora.safetensors"
+    try:
+        step = int(json.loads((path / "state.json").read_text())["step"])
+        with safe_open(str(lora), "pt") as f:
+            lora_step = int((f.metadata() or {}).get("step", -1))
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
+        return False  # unreadable: the normal resume path names what is wrong
+    if step < cfg.train.max_steps or lora_step != step:
+        return False
+    print(f"{run_dir} is already finished at step {step} ({lora}): nothing to resume; raise train.max_steps "
+          f"to train further", flush=True)
+    return True
 
 
 # ------------------------------------------------------------------------------------------------- set-up
@@ -202,7 +261,9 @@ def _setup(cfg: Config, accelerator: Any, run_dir: Path, resume: bool) -> _Run:
     _check_strategy(cfg, accelerator)
     saved = _read_resume(cfg, accelerator, run_dir) if resume else None  # fail before any heavy work
     set_seed(cfg.train.seed)  # LoRA init and every global RNG; noise and data order have their own keys
-    dataset = DipDataset(_data_path(cfg, accelerator))
+    data_path = _data_path(cfg, accelerator)
+    fingerprint = _check_dataset(data_path, saved)
+    dataset = DipDataset(data_path)
     data = ShardedBatches(dataset, collate_dip, dataset.keys, cfg.data.batch_size, accelerator.process_index,
                           accelerator.num_processes, cfg.train.seed, cfg.data.num_workers,
                           pin_memory=accelerator.device.type == "cuda")
@@ -237,7 +298,7 @@ def _setup(cfg: Config, accelerator: Any, run_dir: Path, resume: bool) -> _Run:
     accelerator.wait_for_everyone()
     log = RunLog(run_dir, state.step, cfg.train.max_steps, enabled=accelerator.is_main_process)
     return _Run(cfg, accelerator, run_dir, backbone, module, optimizer, scheduler, data, dataset, state, log,
-                params, last_saved=state.step if resume else -1)
+                params, last_saved=state.step if resume else -1, fingerprint=fingerprint)
 
 
 def _is_fsdp(accelerator: Any) -> bool:
@@ -307,19 +368,47 @@ def lr_factor(cfg: Config) -> Any:
 
 
 def _read_resume(cfg: Config, accelerator: Any, run_dir: Path) -> dict[str, Any]:
-    """The newest checkpoint of ``run_dir`` (this process's optimizer shard), checked against ``cfg``."""
-    path = ckpt.latest_checkpoint(run_dir)
-    saved = ckpt.load_checkpoint(path, accelerator.process_index)
+    """The newest intact checkpoint of ``run_dir`` (this process's optimizer shard), checked against ``cfg``.
+
+    Newer corrupt checkpoints are named in a warning and set aside (``.corrupt-step-N``) so the resumed run can
+    write those steps again; none intact is a :class:`~focusdpo.train.checkpoint.CheckpointError` listing why
+    each failed.
+    """
+    path, saved, skipped = ckpt.newest_intact(run_dir, accelerator.process_index)
+    if path is None:
+        reasons = "; ".join(reason for _, reason in skipped)
+        raise ckpt.CheckpointError(f"--resume: no checkpoint of {run_dir} is intact ({reasons}): start a new run")
+    for bad, reason in skipped:
+        warnings.warn(f"{reason}; skipped it and resuming from {path} (the corrupt folder is kept as "
+                      f"{bad.with_name(ckpt.CORRUPT_PREFIX + bad.name)})", stacklevel=2)
+    accelerator.wait_for_everyone()  # every process has chosen before the main process renames
+    if accelerator.is_main_process:
+        for bad, _ in skipped:
+            ckpt.set_aside(bad)
     _check_resumable(cfg, Config.from_yaml(saved["config_yaml"]), path)
     state: ckpt.TrainState = saved["state"]
-    if state.step >= cfg.train.max_steps:
-        raise TrainingError(f"{path} is at step {state.step} >= train.max_steps={cfg.train.max_steps}: "
+    if state.step > cfg.train.max_steps:  # == max_steps: a final checkpoint without its LoRA, finished below
+        raise TrainingError(f"{path} is at step {state.step} > train.max_steps={cfg.train.max_steps}: "
                             f"raise train.max_steps to train further")
     if state.world_size != accelerator.num_processes:
         raise TrainingError(f"{path} was written by {state.world_size} process(es), this run has "
                             f"{accelerator.num_processes}: resume with the same number of processes (the data "
                             f"order and the noise depend on the global batch)")
     return saved
+
+
+def _check_dataset(data_path: Path, saved: dict[str, Any] | None) -> dict[str, Any]:
+    """The DIP set's fingerprint; on resume it must equal the checkpoint's (when the checkpoint recorded one)."""
+    from focusdpo.data.parquet import fingerprint
+
+    now = fingerprint(data_path)
+    then = None if saved is None else saved.get("dataset")
+    if then is not None and then != now:
+        changed = "card.json" if then.get("card_sha256") != now["card_sha256"] else "shard sizes"
+        raise TrainingError(f"the DIP set {data_path} changed since the checkpoint was written ({changed} differ: "
+                            f"it was rebuilt or edited in place): resume with the set the run started on, or start "
+                            f"a new run on this one")
+    return now
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -388,7 +477,7 @@ def _loop(run: _Run, stop: threading.Event) -> None:
         stop_now = _any_process(run.accelerator, stop.is_set())
         if stop_now or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
             _save(run)
-        if stop_now:
+        if stop_now and step < cfg.train.max_steps:  # at the last step: finish (quick) rather than stop
             raise TrainingInterrupted(run.run_dir, step)
         if cfg.train.val_every and step % cfg.train.val_every == 0 and step < cfg.train.max_steps:
             _validate(run)
@@ -489,7 +578,8 @@ def _save(run: _Run) -> None:
         acc.wait_for_everyone()
     if acc.is_main_process:
         path = ckpt.save_checkpoint(run.run_dir, run.state, lora, None if sharded else run.optimizer.state_dict(),
-                                    run.scheduler.state_dict(), rng, run.cfg.to_yaml(), started=sharded)
+                                    run.scheduler.state_dict(), rng, run.cfg.to_yaml(), started=sharded,
+                                    dataset=run.fingerprint)
         ckpt.prune(run.run_dir, run.cfg.train.keep_checkpoints)
         run.log.message(f"checkpoint {path}")
     run.last_saved = run.state.step
@@ -507,8 +597,9 @@ def _lora_state(run: _Run) -> dict[str, torch.Tensor]:
             if ".lora_A." in k or ".lora_B." in k}
 
 
-def _finish(run: _Run) -> None:
-    """Last checkpoint, the final LoRA (``lora.safetensors``) and the final validation grids."""
+def _finish(run: _Run, stop: threading.Event) -> bool:
+    """Last checkpoint, then the final LoRA (``lora.safetensors``): killed in between, ``--resume`` writes it.
+    Returns whether a signal asked to stop (the caller then skips the final validation grids)."""
     from focusdpo.train.lora import save_lora
 
     if run.last_saved != run.state.step:
@@ -520,9 +611,11 @@ def _finish(run: _Run) -> None:
                 "rank": str(cfg.lora.rank), "alpha": str(cfg.lora.alpha), "targets": ",".join(cfg.lora.targets),
                 "base": str(cfg.model.checkpoint), "backbone": cfg.model.backbone}
         save_lora(run.run_dir / "lora.safetensors", lora, metadata=meta)
-    _validate(run)
-    if run.accelerator.is_main_process:
-        run.log.message(f"done: {run.run_dir / 'lora.safetensors'}")
+    stopped = _any_process(run.accelerator, stop.is_set())
+    if stopped:
+        run.log.message(f"interrupted at the last step: the run is finished ({run.run_dir / 'lora.safetensors'}); "
+                        f"final validation grids skipped")
+    return stopped
 
 
 # ------------------------------------------------------------------------------------------------ validation
