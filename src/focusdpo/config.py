@@ -289,6 +289,11 @@ class EvalConfig:
     clip_model: str = _f("openai/clip-vit-base-patch32", "DreamBench: CLIP ViT-B/32 path or hub id.")
     batch_size: int = _f(16, "Images per forward pass when sampling (toy) or scoring (DreamBench).")
     grid_scenes: int = _f(6, "Toy: scenes shown in each PNG comparison grid (0: no grids).")
+    bootstrap: int = _f(2000, "Toy: bootstrap replicates of the 95 % paired intervals (units and training seeds "
+                              "resampled jointly; focusdpo.eval.stats).")
+    bootstrap_seed: int = _f(0, "Toy: seed of the bootstrap draws (fixed: a rerun gives the same intervals).")
+    target_effect: float = _f(0.01, "Toy: the paired difference an evaluation should detect; reports warn when the "
+                                    "detectable effect (80 % power, alpha 0.05) is larger.")
     dreambench_size: int = _f(512, "DreamBench generate: side of the generated square images (UNO: 512).")
     dreambench_ref_size: int | None = _f(None, "DreamBench generate: longest side of the references; None: the "
                                                "UNO defaults, 512 for one subject and 320 for several.")
@@ -299,6 +304,8 @@ class EvalConfig:
         _choice("eval.benchmark", self.benchmark, ("toy", "dreambench-single", "dreambench-multi"))
         _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, ">= 1")
         _check(self.grid_scenes >= 0, "eval.grid_scenes", self.grid_scenes, ">= 0")
+        _check(self.bootstrap >= 100, "eval.bootstrap", self.bootstrap, ">= 100")
+        _check(self.target_effect > 0, "eval.target_effect", self.target_effect, "> 0")
         _check(self.dreambench_size >= 16 and self.dreambench_size % 16 == 0, "eval.dreambench_size",
                self.dreambench_size, "a multiple of 16, >= 16")
         if self.dreambench_ref_size is not None:

@@ -78,7 +78,8 @@ def test_planted_perfect_generator_scores_the_ceiling(base_ckpt, monkeypatch, tm
     monkeypatch.setattr(toy, "sample_scenes", lambda backbone, scenes, cfg, seed, sample: [s.image for s in scenes])
     metrics = toy.evaluate_toy(_cfg(base_ckpt), {"base": None}, tmp_path)
     m = metrics["base"]
-    assert m["fidelity"] == {"mean": 1.0, "std": 0.0, "per_seed": [1.0, 1.0]}
+    assert m["fidelity"] == {"mean": 1.0, "std": 0.0, "per_seed": [1.0, 1.0], "ci": [1.0, 1.0], "se_boot": 0.0}
+    assert m["units"]["fidelity"] == [1.0] * 8 and m["units"]["keys"][:3] == [[2, 0, 0, 0], [2, 0, 0, 1], [2, 1, 0, 0]]
     assert m["leakage"]["per_seed"] == [0.0, 0.0] and m["prompt"]["mean"] == 1.0
     assert m["by_subjects"]["3"]["fidelity"]["mean"] == 1.0 and m["details"]["leak_rate"]["mean"] == 0.0
 
@@ -101,6 +102,13 @@ def test_evaluate_toy_base_and_runs(base_ckpt, tmp_path):
         assert base[name]["mean"] == pytest.approx(np.mean(per_seed))
         assert set(base["by_subjects"]) == {"2", "3"} and name in base["by_subjects"]["2"]
     assert focus["run"] == str(moved) and base["run"] is None and base["seeds"] == [0, 1]
+    # paired intervals: the B = 0 run equals the base unit by unit, so its difference is exactly 0
+    same = dpo["vs_base"]["fidelity"]
+    assert same["mean"] == 0.0 and same["ci"] == [0.0, 0.0] and not same["excludes_zero"]
+    assert "vs_dpo" in focus and "vs_base" not in base and "vs_dpo" not in dpo
+    assert len(focus["units"]["leakage"]) == 2 * 2 * 2 and focus["units"]["keys"] == base["units"]["keys"]
+    lo, hi = focus["fidelity"]["ci"]
+    assert lo <= np.mean(toy.unit_scores(focus, "fidelity")) <= hi
     # the pooled per-seed value is the mean over all scenes of both counts (2 + 2 scenes here)
     world = World(cfg.world)
     scenes = toy.heldout_scenes(world, 2, [2, 3])
@@ -110,6 +118,7 @@ def test_evaluate_toy_base_and_runs(base_ckpt, tmp_path):
     assert focus["fidelity"]["per_seed"][1] == pytest.approx(np.mean(fid))
     report = (out / "report.md").read_text()
     assert "| focusdpo |" in report and "Paired difference to `base`" in report and "| dpo | 0.000 ± 0.000" in report
+    assert "- dpo vs base: no detectable difference in fidelity +0.000 [0.000, 0.000]" in report
     with Image.open(out / "grid_3subjects.png") as im:
         # 2 scenes; 3 refs of 16 px + truth and 3 method columns of 32 px, pad 2, x4, plus the 14 px label header
         assert im.size == (4 * (2 + 3 * 18 + 4 * 34), 14 + 4 * (2 + 2 * 34))

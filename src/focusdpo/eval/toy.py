@@ -18,7 +18,18 @@ Design, so that differences between methods are *paired*:
     {"<method>": {"fidelity": {"mean", "std", "per_seed"}, "leakage": {...}, "prompt": {...},
                   "details": {"leak_rate" | "count" | "classes" | "positions" | "fidelity/<attr>" | ...: {...}},
                   "by_subjects": {"2": {"fidelity", "leakage", "prompt", "details"}, "3": {...}},
-                  "n_scenes", "subject_counts", "seeds", "samples_per_prompt", "sample_steps", "run", "seconds"}}
+                  "n_scenes", "subject_counts", "seeds", "samples_per_prompt", "sample_steps", "run", "seconds",
+                  "units": {"keys": [[k, seed, sample, scene], ...], "fidelity": [...], "leakage": [...],
+                            "prompt": [...]},
+                  "vs_base": {"fidelity": {"mean", "ci", "se_boot", "excludes_zero", "se_unit", "n_units", "mde"},
+                              ...}, "vs_dpo": {...}}}
+
+Each headline block also holds ``ci`` ([lo, hi], the 95 % bootstrap interval over the units) and ``se_boot``.
+``units`` are the per-unit scores (unit = subject count x sampling seed x sample x scene; None where a unit
+has no value, e.g. leakage with no subject found), from which :mod:`focusdpo.eval.stats` recomputes intervals;
+``vs_<ref>`` are the paired differences to ``base`` and ``dpo`` with their intervals and detectable effect
+(:func:`add_intervals`). The interval pools the units: for leakage, whose per-unit values can be missing, its
+centre can differ from the per-seed mean in the last digits.
 
 ``method`` is ``base`` for the base model and the run's objective for a run (see :mod:`focusdpo.eval.methods`).
 """
@@ -36,7 +47,8 @@ import torch
 from focusdpo.backbones import Backbone
 from focusdpo.config import Config
 from focusdpo.eval.methods import load_method, resolve_methods
-from focusdpo.eval.report import comparison_grid, to_uint8, toy_markdown
+from focusdpo.eval.report import comparison_grid, difference_lines, to_uint8, toy_markdown
+from focusdpo.eval.stats import finite_or_none
 from focusdpo.eval.toy_metrics import aggregate, score_scene
 from focusdpo.world import Scene, World
 
@@ -120,7 +132,59 @@ def summarise(scores: Scores, cfg: Config) -> dict:
     out["by_subjects"] = {str(k): _block([aggregate(scores[k][s]) for s in seeds]) for k in scores}
     out.update(n_scenes=cfg.eval.n_scenes, subject_counts=list(scores), seeds=list(seeds),
                samples_per_prompt=cfg.eval.samples_per_prompt, sample_steps=cfg.sample.steps)
+    out["units"] = unit_table(scores, cfg.eval.samples_per_prompt)
     return out
+
+
+def unit_table(scores: Scores, samples_per_prompt: int) -> dict:
+    """The per-unit scores of one method, the input of the paired bootstrap (:mod:`focusdpo.eval.stats`).
+
+    Returns ``{"keys": [[k, sampling seed, sample, scene index], ...], "fidelity": [...], "leakage": [...],
+    "prompt": [...]}``, one entry per unit (subject count x sampling seed x sample x scene, in that nesting
+    order; the same for every method of an evaluation), scores in [0, 1] and None where a unit has no value.
+    """
+    keys: list[list[int]] = []
+    values: dict[str, list[float | None]] = {h: [] for h in HEADLINE}
+    for k, by_seed in scores.items():
+        for seed, results in by_seed.items():
+            n_scenes = len(results) // samples_per_prompt
+            keys += [[int(k), int(seed), j // n_scenes, j % n_scenes] for j in range(len(results))]
+            for h in HEADLINE:
+                values[h] += [finite_or_none(float(r[h])) for r in results]
+    return {"keys": keys, **values}
+
+
+def unit_scores(entry: Mapping, metric: str) -> np.ndarray:
+    """``float [U]`` per-unit scores of ``metric`` from a ``metrics.json`` method entry (NaN for None)."""
+    if "units" not in entry:
+        raise ValueError("this metrics.json entry has no per-unit scores (written before they were saved): "
+                         "re-run the evaluation to get intervals")
+    return np.array([np.nan if v is None else v for v in entry["units"][metric]], dtype=float)
+
+
+def add_intervals(metrics: dict, cfg: Config, refs: Sequence[str] = ("base", "dpo")) -> list[tuple[str, str]]:
+    """Add paired bootstrap intervals to ``metrics`` (in place) and return the pairs compared.
+
+    Each method's headline block gets ``ci`` and ``se_boot`` (units resampled; one run has no training seed);
+    each method other than a reference gets ``vs_<ref>: {metric: {mean, ci, se_boot, excludes_zero, se_unit,
+    n_units, mde}}`` for every reference present (:func:`focusdpo.eval.stats.paired_summary`).
+    """
+    from focusdpo.eval.stats import paired_summary
+
+    names = [m for m, v in metrics.items() if "units" in v]
+    keys = {json.dumps(metrics[m]["units"]["keys"]) for m in names}
+    if len(keys) > 1:
+        raise ValueError(f"methods {names} were scored on different units: evaluate them with the same config")
+    pairs = [(m, r) for r in refs if r in names for m in names if m not in refs or refs.index(m) > refs.index(r)]
+    for h in HEADLINE:
+        s = paired_summary({m: unit_scores(metrics[m], h) for m in names}, pairs, cfg.eval.bootstrap,
+                           cfg.eval.bootstrap_seed)
+        for m in names:
+            metrics[m][h].update(ci=s[m]["ci"], se_boot=s[m]["se_boot"])
+            for r in refs:
+                if f"vs_{r}" in s[m]:
+                    metrics[m].setdefault(f"vs_{r}", {})[h] = s[m][f"vs_{r}"]
+    return pairs
 
 
 def ground_truth(world: World, scenes: Mapping[int, list[Scene]]) -> dict[str, float]:
@@ -155,20 +219,25 @@ def evaluate_toy(cfg: Config, runs: Mapping[str, Path | None], out_dir: str | Pa
             m = metrics[method]
             log(f"{method}: " + ", ".join(f"{h} {m[h]['mean']:.3f} ± {m[h]['std']:.3f}" for h in HEADLINE)
                 + f" ({m['seconds']:.0f} s)")
+    add_intervals(metrics, cfg)
+    if log:
+        for line in difference_lines(metrics, cfg.eval.target_effect):
+            log(line)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    write_toy_outputs(out, metrics, runs, scenes, grids, ground_truth(world, scenes), cfg.eval.grid_scenes)
+    write_toy_outputs(out, metrics, runs, scenes, grids, ground_truth(world, scenes), cfg.eval.grid_scenes,
+                      cfg.eval.target_effect)
     return metrics
 
 
 def write_toy_outputs(out: Path, metrics: Mapping[str, dict], runs: Mapping[str, Path | None],
                       scenes: Mapping[int, list[Scene]], grids: Mapping[str, Mapping[int, list[np.ndarray]]],
-                      truth: Mapping[str, float], grid_scenes: int) -> None:
+                      truth: Mapping[str, float], grid_scenes: int, target: float | None = None) -> None:
     """``report.md``, the PNG grids and the plots of :func:`evaluate_toy`."""
     from focusdpo.eval.plots import plot_method_comparison, plot_training_curves
 
     truth_line = ", ".join(f"{h} {truth[h]:.3f}" for h in HEADLINE)
-    (out / "report.md").write_text(toy_markdown(metrics) + f"\nGround-truth renders (the metrics' ceiling): "
-                                   f"{truth_line}.\n")
+    (out / "report.md").write_text(toy_markdown(metrics, target=target) + "\nGround-truth renders (the metrics' "
+                                   f"ceiling): {truth_line}.\n")
     plot_method_comparison(metrics, out / "metrics.png", names=HEADLINE, title="toy benchmark")
     for method, run_dir in runs.items():
         if run_dir is not None and (Path(run_dir) / "metrics.csv").is_file():
