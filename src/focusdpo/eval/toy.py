@@ -36,6 +36,7 @@ centre can differ from the per-seed mean in the last digits.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -50,6 +51,7 @@ from focusdpo.eval.methods import load_method, resolve_methods
 from focusdpo.eval.report import comparison_grid, difference_lines, to_uint8, toy_markdown
 from focusdpo.eval.stats import finite_or_none
 from focusdpo.eval.toy_metrics import aggregate, score_scene
+from focusdpo.train.lora import adapters_merged
 from focusdpo.world import Scene, World
 
 SCENE_SEED = 20_250_901
@@ -93,21 +95,80 @@ def sample_scenes(backbone: Backbone, scenes: Sequence[Scene], cfg: Config, seed
     return out
 
 
-def score_method(backbone: Backbone, world: World, scenes: Mapping[int, list[Scene]], cfg: Config
-                 ) -> tuple[Scores, dict[int, list[np.ndarray]]]:
-    """Sample and score every scene for every seed and sample; also the seed-0 sample-0 images (for grids)."""
+def unit_noise(scenes: Sequence[Scene], cfg: Config, pairs: Sequence[tuple[int, int]], shape: tuple[int, int],
+               device: torch.device | str | None = None) -> torch.Tensor:
+    """The initial noise of every (sampling seed, sample) in ``pairs`` for ``scenes``, concatenated in that order:
+    ``float [len(pairs) * n_scenes, N, C]``, exactly the per-batch tensors :func:`sample_scenes` draws (seeded by
+    :func:`batch_seed` per ``eval.batch_size`` batch), so both paths start every scene from the same noise."""
+    from focusdpo.sampling import initial_noise
+
+    k, bs = len(scenes[0].identities), cfg.eval.batch_size
+    return torch.cat([initial_noise((len(scenes[start:start + bs]), *shape), batch_seed(seed, k, sample, b), device)
+                      for seed, sample in pairs for b, start in enumerate(range(0, len(scenes), bs))])
+
+
+@torch.no_grad()
+def sample_units(backbone: Backbone, scenes: Sequence[Scene], cfg: Config) -> dict[tuple[int, int], list[np.ndarray]]:
+    """Every (sampling seed, sample) image of ``scenes`` (one subject count): ``{(seed, sample): [uint8 [S, S, 3]]}``.
+
+    The fast path of :func:`sample_scenes`: prompts, the empty prompt and references are encoded once for all
+    seeds and samples, the noise of all of them (:func:`unit_noise`) is sampled in chunks of ``eval.chunk``
+    images, each chunk's guidance branch in the same forward (``sampling.backbone_model_fn``). Images equal
+    the per-batch path's up to float rounding (the chunks differ from the noise batches).
+    """
+    from focusdpo.backbones.base import TextCond, Tokens
+    from focusdpo.sampling import backbone_model_fn, flux_sigmas, sample
+
+    size = (cfg.world.scene_size, cfg.world.scene_size)
+    grid, device, n = backbone.token_grid(size), backbone.device, len(scenes)
+    pairs = [(seed, j) for seed in cfg.eval.seeds for j in range(cfg.eval.samples_per_prompt)]
+    refs = [backbone.encode_images(r) for r in references_of(scenes, device)]
+    text = backbone.encode_prompts([s.prompt for s in scenes])
+    empty = backbone.encode_prompts([""]) if cfg.sample.guidance != 1.0 else None
+    noise = unit_noise(scenes, cfg, pairs, (grid[0] * grid[1], refs[0].tokens.shape[2]), device)
+    scene_of = torch.arange(n, device=device).repeat(len(pairs))
+    sigmas = flux_sigmas(cfg.sample.steps, grid[0] * grid[1], cfg.sample.time_shift)
+    model_fn = backbone_model_fn(backbone, cfg.sample.guidance)
+    images: list[np.ndarray] = []
+    for start in range(0, len(noise), cfg.eval.chunk):
+        idx = scene_of[start:start + cfg.eval.chunk]
+        uncond = None if empty is None else TextCond(empty.tokens.expand(len(idx), -1, -1),
+                                                     empty.pooled.expand(len(idx), -1))
+        cond = {"text": TextCond(text.tokens[idx], text.pooled[idx]), "grid": grid, "uncond": uncond,
+                "refs": [Tokens(r.tokens[idx], r.grid) for r in refs]}
+        x = sample(model_fn, noise[start:start + cfg.eval.chunk], sigmas, cond)
+        images.extend(to_uint8(backbone.decode_tokens(x, grid)))
+    return {pair: images[i * n:(i + 1) * n] for i, pair in enumerate(pairs)}
+
+
+def _legacy_units(backbone: Backbone, scenes: Sequence[Scene], cfg: Config) -> dict[tuple[int, int], list[np.ndarray]]:
+    """:func:`sample_units` through the per-batch path (:func:`sample_scenes`); kept for the equality test and
+    ``benchmarks/bench_eval.py``."""
+    return {(seed, j): sample_scenes(backbone, scenes, cfg, seed, j)
+            for seed in cfg.eval.seeds for j in range(cfg.eval.samples_per_prompt)}
+
+
+def score_method(backbone: Backbone, world: World, scenes: Mapping[int, list[Scene]], cfg: Config,
+                 legacy: bool = False) -> tuple[Scores, dict[int, list[np.ndarray]]]:
+    """Sample and score every scene for every seed and sample; also the first seed's sample-0 images (for grids).
+
+    ``legacy``: sample batch by batch through :func:`sample_scenes` (the old, slower path; same scores).
+    """
     scores: Scores = {}
     first: dict[int, list[np.ndarray]] = {}
-    for k, ks in scenes.items():
-        scores[k] = {}
-        for seed in cfg.eval.seeds:
-            scores[k][seed] = []
-            for j in range(cfg.eval.samples_per_prompt):
-                images = sample_scenes(backbone, ks, cfg, seed, j)
-                scores[k][seed] += [score_scene(img, scene, world) for img, scene in zip(images, ks, strict=True)]
-                if k not in first:
-                    first[k] = images
+    with contextlib.nullcontext() if legacy else adapters_merged(backbone.trainable()):
+        for k, ks in scenes.items():
+            units = (_legacy_units if legacy else sample_units)(backbone, ks, cfg)
+            scores[k] = {seed: [] for seed in cfg.eval.seeds}
+            for (seed, _), images in units.items():
+                scores[k][seed] += score_images(images, ks, world)
+            first[k] = units[(cfg.eval.seeds[0], 0)]
     return scores, first
+
+
+def score_images(images: Sequence[np.ndarray], scenes: Sequence[Scene], world: World) -> list[dict]:
+    """:func:`~focusdpo.eval.toy_metrics.score_scene` of each image against its scene."""
+    return [score_scene(img, scene, world) for img, scene in zip(images, scenes, strict=True)]
 
 
 def _stats(values: Sequence[float]) -> dict:
