@@ -180,11 +180,13 @@ def eval_cmd(
     device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu or cuda:0."),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice; 1 is "
                                                                "much faster on a busy machine)."),
+    workers: int | None = typer.Option(None, "--workers", help="Toy: sampling processes, one torch thread each "
+                                                               "(eval.workers; 2 on a 2-core machine)."),
     config: Path | None = ConfigOpt,
     overrides: list[str] | None = OverridesArg,
 ) -> None:
     """Evaluate: the toy benchmark (base and/or runs) or DreamBench scores of a folder of generated images."""
-    cfg = _load(config, overrides)
+    cfg = _load(config, ([f"eval.workers={workers}"] if workers else []) + list(overrides or []))
     _set_threads(threads)
     benchmark = benchmark or cfg.eval.benchmark
     if benchmark == "toy":
@@ -462,6 +464,8 @@ def compare_cmd(
     out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="Output folder (finished runs are reused)."),
     train_only: bool = typer.Option(False, "--train-only", help="Only train (e.g. one process per variant); "
                                                                 "run again without it to evaluate."),
+    workers: int = typer.Option(2, "--workers", help="Evaluation processes, one torch thread each (eval.workers; "
+                                                     "a later eval.workers=N override wins)."),
     config: Path | None = ConfigOpt,
     overrides: list[str] | None = OverridesArg,
 ) -> None:
@@ -471,7 +475,7 @@ def compare_cmd(
 
     from focusdpo.compare import compare
 
-    cfg = _load(config, overrides)
+    cfg = _load(config, [f"eval.workers={workers}", *(overrides or [])])
     command = "focusdpo " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
         compare(cfg, [v.strip() for v in variants.split(",") if v.strip()],

@@ -289,6 +289,8 @@ class EvalConfig:
     clip_model: str = _f("openai/clip-vit-base-patch32", "DreamBench: CLIP ViT-B/32 path or hub id.")
     batch_size: int = _f(16, "Images per forward pass when sampling (toy) or scoring (DreamBench).")
     grid_scenes: int = _f(6, "Toy: scenes shown in each PNG comparison grid (0: no grids).")
+    workers: int = _f(1, "Toy: processes sampling in parallel, one torch thread each (2 on a 2-core machine: "
+                         "processes keep both cores busy where threads of one process wait on each other).")
     chunk: int = _f(8, "Toy: images per sampler forward pass (speed only: the noise follows batch_size, so scores "
                        "do not depend on it beyond float rounding).")
     bootstrap: int = _f(2000, "Toy: bootstrap replicates of the 95 % paired intervals (units and training seeds "
@@ -307,6 +309,7 @@ class EvalConfig:
         _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, ">= 1")
         _check(self.grid_scenes >= 0, "eval.grid_scenes", self.grid_scenes, ">= 0")
         _check(self.chunk >= 1, "eval.chunk", self.chunk, ">= 1")
+        _check(self.workers >= 1, "eval.workers", self.workers, ">= 1")
         _check(self.bootstrap >= 100, "eval.bootstrap", self.bootstrap, ">= 100")
         _check(self.target_effect > 0, "eval.target_effect", self.target_effect, "> 0")
         _check(self.dreambench_size >= 16 and self.dreambench_size % 16 == 0, "eval.dreambench_size",

@@ -161,6 +161,17 @@ def test_fast_path_draws_the_legacy_noise_and_scores_the_same(tmp_path):
     assert torch.allclose(before, merged, atol=1e-5) and torch.equal(before, after)
 
 
+@pytest.mark.slow  # two spawned workers import torch: ~10-20 s on a loaded 2-core machine
+def test_worker_processes_give_the_same_metrics(base_ckpt, tmp_path):
+    cfg = _cfg(base_ckpt, "eval.grid_scenes=0", "eval.seeds=[0]")
+    run = _run_folder(tmp_path, cfg, "dpo", 2.0)
+    one = toy.evaluate_toy(cfg, {"base": None, "dpo": run}, tmp_path / "one")
+    two = toy.evaluate_toy(cfg.with_overrides(["eval.workers=2"]), {"base": None, "dpo": run}, tmp_path / "two")
+    for m in ("base", "dpo"):
+        assert one[m]["units"] == two[m]["units"] and one[m]["leakage"] == two[m]["leakage"]
+    assert one["dpo"]["vs_base"] == two["dpo"]["vs_base"]
+
+
 def test_method_errors_name_the_fix(base_ckpt, tmp_path):
     cfg = _cfg(base_ckpt)
     with pytest.raises(MethodError, match="nothing to evaluate"):

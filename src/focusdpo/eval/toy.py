@@ -39,13 +39,14 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from focusdpo.backbones import Backbone
+from focusdpo.backbones.base import TextCond, Tokens
 from focusdpo.config import Config
 from focusdpo.eval.methods import load_method, resolve_methods
 from focusdpo.eval.report import comparison_grid, difference_lines, to_uint8, toy_markdown
@@ -113,32 +114,45 @@ def sample_units(backbone: Backbone, scenes: Sequence[Scene], cfg: Config) -> di
 
     The fast path of :func:`sample_scenes`: prompts, the empty prompt and references are encoded once for all
     seeds and samples, the noise of all of them (:func:`unit_noise`) is sampled in chunks of ``eval.chunk``
-    images, each chunk's guidance branch in the same forward (``sampling.backbone_model_fn``). Images equal
-    the per-batch path's up to float rounding (the chunks differ from the noise batches).
+    images, and each chunk's guidance branch runs in the same forward with its doubled conditioning built once
+    (``sampling.doubled_guidance_fn``). Images equal the per-batch path's up to float rounding.
     """
-    from focusdpo.backbones.base import TextCond, Tokens
-    from focusdpo.sampling import backbone_model_fn, flux_sigmas, sample
+    from focusdpo.sampling import flux_sigmas, sample
 
     size = (cfg.world.scene_size, cfg.world.scene_size)
     grid, device, n = backbone.token_grid(size), backbone.device, len(scenes)
     pairs = [(seed, j) for seed in cfg.eval.seeds for j in range(cfg.eval.samples_per_prompt)]
     refs = [backbone.encode_images(r) for r in references_of(scenes, device)]
     text = backbone.encode_prompts([s.prompt for s in scenes])
-    empty = backbone.encode_prompts([""]) if cfg.sample.guidance != 1.0 else None
     noise = unit_noise(scenes, cfg, pairs, (grid[0] * grid[1], refs[0].tokens.shape[2]), device)
     scene_of = torch.arange(n, device=device).repeat(len(pairs))
     sigmas = flux_sigmas(cfg.sample.steps, grid[0] * grid[1], cfg.sample.time_shift)
-    model_fn = backbone_model_fn(backbone, cfg.sample.guidance)
+    model_fn, conditioning = _chunk_conditioning(backbone, text, refs, cfg.sample.guidance)
     images: list[np.ndarray] = []
     for start in range(0, len(noise), cfg.eval.chunk):
-        idx = scene_of[start:start + cfg.eval.chunk]
-        uncond = None if empty is None else TextCond(empty.tokens.expand(len(idx), -1, -1),
-                                                     empty.pooled.expand(len(idx), -1))
-        cond = {"text": TextCond(text.tokens[idx], text.pooled[idx]), "grid": grid, "uncond": uncond,
-                "refs": [Tokens(r.tokens[idx], r.grid) for r in refs]}
-        x = sample(model_fn, noise[start:start + cfg.eval.chunk], sigmas, cond)
+        cond = conditioning(scene_of[start:start + cfg.eval.chunk])
+        x = sample(model_fn, noise[start:start + cfg.eval.chunk], sigmas, {**cond, "grid": grid})
         images.extend(to_uint8(backbone.decode_tokens(x, grid)))
     return {pair: images[i * n:(i + 1) * n] for i, pair in enumerate(pairs)}
+
+
+def _chunk_conditioning(backbone: Backbone, text: TextCond, refs: Sequence[Tokens], guidance: float
+                        ) -> tuple[Callable, Callable[[torch.Tensor], dict]]:
+    """The sampler's ``model_fn`` and a function from a chunk's scene indices ``long [b]`` to its ``text`` and
+    ``refs``: the prompt rows then the empty-prompt rows (``[2b, ...]``) under guidance, the prompt rows without."""
+    from focusdpo.sampling import backbone_model_fn, doubled_guidance_fn
+
+    if guidance == 1.0:
+        return backbone_model_fn(backbone, 1.0), lambda idx: {
+            "text": TextCond(text.tokens[idx], text.pooled[idx]), "refs": [Tokens(r.tokens[idx], r.grid) for r in refs]}
+    empty = backbone.encode_prompts([""])
+
+    def conditioning(idx: torch.Tensor) -> dict:
+        b = len(idx)
+        return {"text": TextCond(torch.cat([text.tokens[idx], empty.tokens.expand(b, -1, -1)]),
+                                 torch.cat([text.pooled[idx], empty.pooled.expand(b, -1)])),
+                "refs": [Tokens(r.tokens[idx].repeat(2, 1, 1), r.grid) for r in refs]}
+    return doubled_guidance_fn(backbone, guidance), conditioning
 
 
 def _legacy_units(backbone: Backbone, scenes: Sequence[Scene], cfg: Config) -> dict[tuple[int, int], list[np.ndarray]]:
@@ -248,6 +262,53 @@ def add_intervals(metrics: dict, cfg: Config, refs: Sequence[str] = ("base", "dp
     return pairs
 
 
+MethodResult = tuple[Scores, dict[int, list[np.ndarray]], float]  # scores, first images, seconds
+
+
+def score_methods(cfg: Config, runs: Mapping[str, Path | None], device: torch.device | str | None = None
+                  ) -> Iterator[tuple[str, MethodResult]]:
+    """``(method, (scores, first images, seconds))`` for each method of ``runs``, in order.
+
+    ``eval.workers`` 1: one method after the other in this process. More: every (method, subject count) is a
+    task of a pool of that many processes with one torch thread each (processes share no thread pool, so two
+    of them keep two cores busy where two threads of one process wait on each other); ``seconds`` is then the
+    sum of the method's task times.
+    """
+    if cfg.eval.workers == 1:
+        world = World(cfg.world)
+        scenes = heldout_scenes(world, cfg.eval.n_scenes, cfg.eval.subject_counts)
+        for method, run_dir in runs.items():
+            t0 = time.perf_counter()
+            scores, first = score_method(load_method(cfg, run_dir, device), world, scenes, cfg)
+            yield method, (scores, first, time.perf_counter() - t0)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    text = cfg.to_yaml()
+    dev = None if device is None else str(device)
+    with ProcessPoolExecutor(cfg.eval.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {m: [pool.submit(_score_task, text, None if r is None else str(r), k, dev)
+                       for k in cfg.eval.subject_counts] for m, r in runs.items()}
+        for method, tasks in futures.items():
+            parts = [f.result() for f in tasks]
+            scores = {k: p[0] for k, p in zip(cfg.eval.subject_counts, parts, strict=True)}
+            first = {k: p[1] for k, p in zip(cfg.eval.subject_counts, parts, strict=True)}
+            yield method, (scores, first, sum(p[2] for p in parts))
+
+
+def _score_task(cfg_yaml: str, run_dir: str | None, k: int, device: str | None
+                ) -> tuple[dict[int, list[dict]], list[np.ndarray], float]:
+    """One worker task of :func:`score_methods`: the scores and first images of one method and subject count."""
+    t0 = time.perf_counter()
+    torch.set_num_threads(1)
+    cfg = Config.from_yaml(cfg_yaml)
+    world = World(cfg.world)
+    scenes = heldout_scenes(world, cfg.eval.n_scenes, [k])
+    scores, first = score_method(load_method(cfg, run_dir, device), world, scenes, cfg)
+    return scores[k], first[k], time.perf_counter() - t0
+
+
 def ground_truth(world: World, scenes: Mapping[int, list[Scene]]) -> dict[str, float]:
     """The metrics of the ground-truth renders themselves: the ceiling a perfect generator reaches."""
     return aggregate([score_scene(s.image, s, world) for ks in scenes.values() for s in ks])
@@ -270,12 +331,9 @@ def evaluate_toy(cfg: Config, runs: Mapping[str, Path | None], out_dir: str | Pa
     scenes = heldout_scenes(world, cfg.eval.n_scenes, cfg.eval.subject_counts)
     metrics: dict = {}
     grids: dict[str, dict[int, list[np.ndarray]]] = {}
-    for method, run_dir in runs.items():
-        t0 = time.perf_counter()
-        backbone = load_method(cfg, run_dir, device)
-        scores, grids[method] = score_method(backbone, world, scenes, cfg)
+    for method, (scores, grids[method], seconds) in score_methods(cfg, runs, device):
         metrics[method] = summarise(scores, cfg)
-        metrics[method].update(run=None if run_dir is None else str(run_dir), seconds=time.perf_counter() - t0)
+        metrics[method].update(run=None if runs[method] is None else str(runs[method]), seconds=seconds)
         if log:
             m = metrics[method]
             log(f"{method}: " + ", ".join(f"{h} {m[h]['mean']:.3f} ± {m[h]['std']:.3f}" for h in HEADLINE)
