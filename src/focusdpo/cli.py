@@ -444,7 +444,7 @@ def demo_cmd(
     import json
 
     from focusdpo.demo import demo_config, run_demo
-    from focusdpo.eval.report import toy_markdown
+    from focusdpo.eval.report import difference_lines, toy_markdown
 
     try:
         cfg = demo_config(_load(config, None), quick, overrides or [])
@@ -453,6 +453,8 @@ def demo_cmd(
     folder = run_demo(cfg, out, log=typer.echo)
     metrics = json.loads((folder / "metrics.json").read_text())
     typer.echo(toy_markdown(metrics).split("\n## ")[0])
+    for line in difference_lines(metrics, cfg.eval.target_effect, refs=("base",)):
+        typer.echo(line)  # a difference is called only when its interval excludes 0
     typer.echo(f"report: {folder / 'report.md'}")
 
 
