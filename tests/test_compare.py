@@ -108,3 +108,28 @@ def test_summarise_warns_when_the_evaluation_cannot_detect_the_target_effect():
     assert "warning: this evaluation cannot detect a leakage difference of 0.01" in text
     needed = int(text.split("about ")[1].split(" units")[0])
     assert needed == pytest.approx(40 * (d["mde"] / 0.01) ** 2, rel=0.01)
+
+
+def test_compare_command_evaluates_with_the_sized_budget_unless_overridden(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import focusdpo.compare
+    from focusdpo.cli import app
+    from focusdpo.eval.stats import units_needed
+
+    seen = []
+
+    def fake_compare(cfg, variants, seeds, out_dir, **kw):
+        seen.append(cfg)
+        (out_dir / "results.md").parent.mkdir(parents=True, exist_ok=True)
+        (out_dir / "results.md").write_text("ok")
+        return {}
+
+    monkeypatch.setattr(focusdpo.compare, "compare", fake_compare)
+    for extra in ([], ["eval.n_scenes=64", "eval.workers=1"]):
+        result = CliRunner().invoke(app, ["compare", "--variants", "dpo", "--out", str(tmp_path / "c"), *extra])
+        assert result.exit_code == 0, result.output
+    default, overridden = seen
+    units = default.eval.n_scenes * len(default.eval.subject_counts) * len(default.eval.seeds)
+    assert units >= units_needed(0.097, 0.01) and default.eval.workers == 2  # the measured per-unit SD (compare.py)
+    assert overridden.eval.n_scenes == 64 and overridden.eval.seeds == [0, 1] and overridden.eval.workers == 1
