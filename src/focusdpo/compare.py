@@ -8,7 +8,11 @@ set and config, evaluates all of them and the base on the same held-out scenes a
 - per variant: mean and spread (std, ddof 1) of those run means over the *training* seeds, which is the
   spread that says whether a method beats another; the base has no training seed, its spread is over the
   sampling seeds;
-- paired differences to ``base`` and to ``dpo`` per training seed (same scenes, same noise).
+- paired differences to ``base`` and to ``dpo`` per training seed (same scenes, same noise);
+- for every method and difference a 95 % paired bootstrap interval that resamples the evaluation units and the
+  training seeds jointly (:func:`add_intervals`), the detectable effect of every difference, sentences saying
+  which differences exclude 0, and a warning (log and ``results.md``) when a difference of ``eval.target_effect``
+  cannot be detected.
 
 Runs already finished (``lora.safetensors`` present) are reused, so an interrupted comparison resumes.
 """
