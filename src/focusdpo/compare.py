@@ -182,7 +182,7 @@ def compare(cfg: Config, variants: Sequence[str], seeds: Sequence[int], out_dir:
     runs = train_runs(cfg, chosen, seeds, out / "runs", log)
     if train_only:  # e.g. several processes train disjoint variants, then one call evaluates them all
         return {}
-    metrics = evaluate_toy(cfg, {"base": None, **runs}, out / "eval", log=log)
+    metrics = evaluate_toy(cfg, {"base": None, **runs}, out / "eval", log=log, log_differences=False)
     summary = summarise(metrics, list(chosen), seeds, cfg.eval.bootstrap, cfg.eval.bootstrap_seed)
     for line in difference_lines(summary, cfg.eval.target_effect):
         if line.startswith("warning"):

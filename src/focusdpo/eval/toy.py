@@ -37,8 +37,9 @@ Speed: sampling is ~98 % of an evaluation and compute-bound in the transformer (
 matmuls ~55 %, attention ~17 %, GELU ~8 %); the guidance branch already shared the conditional forward.
 :func:`sample_units` encodes prompts and references once per subject count, runs chunks of ``eval.chunk``
 images across sampling seeds and samples, and folds a run's LoRA into the weights (a run then costs what the
-base costs, ~1.5x less than separate adapter matmuls); ``eval.workers`` processes of one thread each keep the
-cores busy without the intra-op thread synchronisation that stalls on a loaded machine. The per-batch path
+base costs; separate adapter matmuls cost 2 % to 1.5x more, the more so the busier the machine);
+``eval.workers`` processes of one thread each keep the cores busy without the intra-op thread
+synchronisation that stalls on a loaded machine (docs/performance.md has the measurements). The per-batch path
 (``score_method(..., legacy=True)``) is kept for the equality test and ``benchmarks/bench_eval.py``.
 """
 
@@ -323,8 +324,12 @@ def ground_truth(world: World, scenes: Mapping[int, list[Scene]]) -> dict[str, f
 
 
 def evaluate_toy(cfg: Config, runs: Mapping[str, Path | None], out_dir: str | Path,
-                 device: torch.device | str | None = None, log: Callable[[str], None] | None = None) -> dict:
+                 device: torch.device | str | None = None, log: Callable[[str], None] | None = None,
+                 log_differences: bool = True) -> dict:
     """Evaluate each method (``None`` = the base model) on the same held-out scenes and noise.
+
+    ``log`` gets one line per method and, with ``log_differences``, the paired differences in words with the
+    power warnings (:func:`focusdpo.eval.report.difference_lines`).
 
     Writes ``out_dir/metrics.json``, ``report.md``, ``grid_<k>subjects.png`` (references | ground-truth render |
     one column per method, seed 0), ``metrics.png`` (method comparison) and ``curves_<method>.png`` for runs
@@ -347,7 +352,7 @@ def evaluate_toy(cfg: Config, runs: Mapping[str, Path | None], out_dir: str | Pa
             log(f"{method}: " + ", ".join(f"{h} {m[h]['mean']:.3f} ± {m[h]['std']:.3f}" for h in HEADLINE)
                 + f" ({m['seconds']:.0f} s)")
     add_intervals(metrics, cfg)
-    if log:
+    if log and log_differences:
         for line in difference_lines(metrics, cfg.eval.target_effect):
             log(line)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
