@@ -1,5 +1,6 @@
 """Method comparison: variant resolution and the statistics over training seeds (hand-computed)."""
 
+import numpy as np
 import pytest
 
 from focusdpo.compare import VARIANTS, resolve_variants, results_markdown, summarise
@@ -57,3 +58,78 @@ def test_compare_command_rejects_an_unknown_variant_before_any_work(tmp_path):
     result = CliRunner().invoke(app, ["compare", "--variants", "dpo,focusdpo-no-magic", "--out", str(tmp_path / "c")])
     assert result.exit_code == 2 and "focusdpo-no-magic" in result.output
     assert not (tmp_path / "c" / "runs").exists()
+
+
+def _with_units(rng, fid, leak, n_units=300):
+    """A run's metrics.json entry with per-unit scores (fidelity and prompt constant, leakage as given)."""
+    keys = [[2, 0, 0, i] for i in range(n_units)]
+    leak = np.asarray(leak, dtype=float)
+    entry = _m(fid, float(np.nanmean(leak)), 0.9)
+    entry["units"] = {"keys": keys, "fidelity": [fid] * n_units, "prompt": [0.9] * n_units,
+                      "leakage": [None if np.isnan(v) else float(v) for v in leak]}
+    return entry
+
+
+def test_summarise_adds_paired_bootstrap_intervals_and_says_what_the_sample_sees():
+    """Planted: dpo lowers every unit's leakage by 0.1 (plus small noise); focusdpo equals dpo exactly."""
+    rng = np.random.default_rng(0)
+    base_leak = rng.random(300)
+    base_leak[:5] = np.nan  # units without a leakage value are skipped, not counted as 0
+    metrics = {"base": _with_units(rng, 0.5, base_leak)}
+    for s in (0, 1):
+        dpo = np.clip(base_leak - 0.1 + rng.normal(0, 0.02, 300), 0, 1)
+        metrics[f"dpo@s{s}"] = _with_units(rng, 0.5, dpo)
+        metrics[f"focusdpo@s{s}"] = _with_units(rng, 0.5, dpo)
+    out = summarise(metrics, ["dpo", "focusdpo"], [0, 1])
+    d = out["dpo"]["vs_base"]["leakage"]
+    assert d["ci"][1] < 0 and d["excludes_zero"] and d["n_units"] == 295
+    assert d["ci"][0] < d["mean"] < d["ci"][1] and 0 < d["mde"] < 0.01
+    same = out["focusdpo"]["vs_dpo"]["leakage"]
+    assert same["ci"] == [0.0, 0.0] and not same["excludes_zero"] and same["mean"] == 0.0
+    assert out["base"]["leakage"]["ci"][0] < out["base"]["leakage"]["mean"] < out["base"]["leakage"]["ci"][1]
+    assert out["dpo"]["fidelity"]["ci"] == [0.5, 0.5]  # constant per-unit scores: no spread
+    text = results_markdown(out, "focusdpo compare", [0, 1], load_config())
+    assert "| dpo | 0.500 ± 0.000 [0.500, 0.500] |" in text
+    assert "- dpo vs base: lowers leakage by -0.09" in text and ": interval excludes 0 (better); no detectable " \
+        "difference in fidelity +0.000 [0.000, 0.000], detectable effect 0.000; prompt +0.000" in text
+    assert "- focusdpo vs dpo: no detectable difference in fidelity" in text
+    assert "leakage +0.000 [0.000, 0.000], detectable effect 0.000" in text
+    assert "warning" not in text  # mde < 0.01 for every metric
+
+
+def test_summarise_warns_when_the_evaluation_cannot_detect_the_target_effect():
+    rng = np.random.default_rng(1)
+    metrics = {"base": _with_units(rng, 0.5, rng.random(40), n_units=40),
+               "dpo@s0": _with_units(rng, 0.5, rng.random(40), n_units=40)}
+    out = summarise(metrics, ["dpo"], [0])
+    d = out["dpo"]["vs_base"]["leakage"]
+    assert d["mde"] == pytest.approx(2.8016 * d["se_unit"], rel=1e-3) and d["mde"] > 0.1
+    text = results_markdown(out, "focusdpo compare", [0], load_config())
+    assert "warning: this evaluation cannot detect a leakage difference of 0.01" in text
+    needed = int(text.split("about ")[1].split(" units")[0])
+    assert needed == pytest.approx(40 * (d["mde"] / 0.01) ** 2, rel=0.01)
+
+
+def test_compare_command_evaluates_with_the_sized_budget_unless_overridden(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import focusdpo.compare
+    from focusdpo.cli import app
+    from focusdpo.eval.stats import units_needed
+
+    seen = []
+
+    def fake_compare(cfg, variants, seeds, out_dir, **kw):
+        seen.append(cfg)
+        (out_dir / "results.md").parent.mkdir(parents=True, exist_ok=True)
+        (out_dir / "results.md").write_text("ok")
+        return {}
+
+    monkeypatch.setattr(focusdpo.compare, "compare", fake_compare)
+    for extra in ([], ["eval.n_scenes=64", "eval.workers=1"]):
+        result = CliRunner().invoke(app, ["compare", "--variants", "dpo", "--out", str(tmp_path / "c"), *extra])
+        assert result.exit_code == 0, result.output
+    default, overridden = seen
+    units = default.eval.n_scenes * len(default.eval.subject_counts) * len(default.eval.seeds)
+    assert units >= units_needed(0.097, 0.01) and default.eval.workers == 2  # the measured per-unit SD (compare.py)
+    assert overridden.eval.n_scenes == 64 and overridden.eval.seeds == [0, 1] and overridden.eval.workers == 1

@@ -28,6 +28,11 @@ def test_demo_quick_end_to_end(tmp_path):
     assert (out / "focus_0.png").is_file()
     assert (out / "run" / "lora.safetensors").is_file()
     assert str(out / "report.md") in result.output
+    # the paired difference to the base with its interval, called only when the interval excludes 0
+    diff = metrics["focusdpo"]["vs_base"]["leakage"]
+    assert diff["ci"][0] <= diff["mean"] <= diff["ci"][1] and "focusdpo vs base: " in result.output
+    assert ("lowers leakage" in result.output or "raises leakage" in result.output) == diff["excludes_zero"]
+    assert "detectable paired difference" in result.output and "## What the sample can see" in report
 
 
 def test_demo_config_budget_and_overrides():

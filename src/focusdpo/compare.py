@@ -8,7 +8,11 @@ set and config, evaluates all of them and the base on the same held-out scenes a
 - per variant: mean and spread (std, ddof 1) of those run means over the *training* seeds, which is the
   spread that says whether a method beats another; the base has no training seed, its spread is over the
   sampling seeds;
-- paired differences to ``base`` and to ``dpo`` per training seed (same scenes, same noise).
+- paired differences to ``base`` and to ``dpo`` per training seed (same scenes, same noise);
+- for every method and difference a 95 % paired bootstrap interval that resamples the evaluation units and the
+  training seeds jointly (:func:`add_intervals`), the detectable effect of every difference, sentences saying
+  which differences exclude 0, and a warning (log and ``results.md``) when a difference of ``eval.target_effect``
+  cannot be detected.
 
 Runs already finished (``lora.safetensors`` present) are reused, so an interrupted comparison resumes.
 """
@@ -20,7 +24,16 @@ import statistics
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from focusdpo.config import Config
+from focusdpo.eval.report import INTERVALS_NOTE, difference_lines, fmt
+
+# The evaluation `focusdpo compare` runs unless told otherwise: 192 scenes x 2 subject counts x 2 sampling seeds =
+# 768 units per run. Measured on the shipped base (DPO runs vs base, 3 training seeds, 128 units): the per-unit
+# SD of the paired difference is ~0.097 for leakage and fidelity, so ~730-750 units detect 0.01 (80 % power,
+# alpha 0.05; prompt, a coarser score, needs ~2300). Two methods x 3 seeds + the base = 7 x 768 images.
+EVAL_BUDGET = ("eval.n_scenes=192", "eval.seeds=[0,1]")
 
 # name -> config overrides; every variant starts from the same config.
 VARIANTS: dict[str, tuple[str, ...]] = {
@@ -76,8 +89,11 @@ def _reference(metrics: Mapping[str, Mapping], ref: str, seed: int, headline: st
     return metrics[key][headline]["mean"]
 
 
-def summarise(metrics: Mapping[str, Mapping], variants: Sequence[str], seeds: Sequence[int]) -> dict:
-    """Per-variant mean/spread over training seeds and paired differences to base and dpo (see module doc)."""
+def summarise(metrics: Mapping[str, Mapping], variants: Sequence[str], seeds: Sequence[int],
+              replicates: int = 2000, boot_seed: int = 0) -> dict:
+    """Per-variant mean/spread over training seeds and paired differences to base and dpo (see module doc), with
+    95 % paired bootstrap intervals (``replicates`` draws from ``boot_seed``) when every run has per-unit scores
+    (:func:`add_intervals`)."""
     out: dict = {}
     if "base" in metrics:
         out["base"] = {h: {**_stat(metrics["base"][h]["per_seed"]), "over": "sampling seeds"} for h in HEADLINE}
@@ -90,14 +106,37 @@ def summarise(metrics: Mapping[str, Mapping], variants: Sequence[str], seeds: Se
             row[f"vs_{ref}"] = {h: _stat([per_run[s][h]["mean"] - _reference(metrics, ref, s, h) for s in seeds])
                                 for h in HEADLINE}
         out[name] = row
+    if all("units" in v for v in metrics.values()):
+        add_intervals(out, metrics, variants, seeds, replicates, boot_seed)
     return out
 
 
+def add_intervals(summary: dict, metrics: Mapping[str, Mapping], variants: Sequence[str], seeds: Sequence[int],
+                  replicates: int = 2000, boot_seed: int = 0) -> None:
+    """Add the paired bootstrap intervals to ``summary`` (in place), from the runs' per-unit scores.
+
+    Each replicate resamples the evaluation units and the training seeds jointly, the same draw for every
+    method (:func:`focusdpo.eval.stats.paired_summary`). Every headline block gets ``ci`` and ``se_boot``; every
+    ``vs_<ref>`` block also ``excludes_zero``, ``se_unit``, ``n_units`` and ``mde`` (its ``mean`` stays the mean
+    over training seeds of the per-seed differences).
+    """
+    from focusdpo.eval.stats import paired_summary
+    from focusdpo.eval.toy import unit_scores
+
+    for h in HEADLINE:
+        scores = {"base": unit_scores(metrics["base"], h)[None]} if "base" in metrics else {}
+        scores.update({n: np.stack([unit_scores(metrics[f"{n}@s{s}"], h) for s in seeds]) for n in variants})
+        pairs = [(n, r) for r in ("base", "dpo") if r in scores for n in variants if n != r]
+        result = paired_summary(scores, pairs, replicates, boot_seed)
+        for name, row in summary.items():
+            row[h].update(ci=result[name]["ci"], se_boot=result[name]["se_boot"])
+            for key, diff in row.items():
+                if key.startswith("vs_") and key in result[name]:
+                    diff[h].update({k: v for k, v in result[name][key].items() if k != "mean"})
+
+
 def _fmt(stat: Mapping[str, float] | None, signed: bool = False) -> str:
-    if stat is None:
-        return "-"
-    sign = "+" if signed else ""
-    return f"{stat['mean']:{sign}.3f} ± {stat['std']:.3f}"
+    return fmt(stat, signed=signed)
 
 
 def results_markdown(summary: Mapping[str, Mapping], command: str, seeds: Sequence[int], cfg: Config) -> str:
@@ -120,6 +159,10 @@ def results_markdown(summary: Mapping[str, Mapping], command: str, seeds: Sequen
                          "| method | Δ fidelity | Δ leakage | Δ prompt |\n|---|---|---|---|\n")
             lines += [f"| {n} | " + " | ".join(_fmt(d[h], signed=True) for h in HEADLINE) + " |\n"
                       for n, d in diff_rows]
+    if any("ci" in v[h] for v in summary.values() for h in HEADLINE):
+        lines.append(INTERVALS_NOTE.replace("\nIntervals", "\nIntervals in brackets"))
+        said = difference_lines(summary, cfg.eval.target_effect)
+        lines += ["\n### What the sample can see\n\n"] + [f"- {line}\n" for line in said]
     return "".join(lines)
 
 
@@ -143,8 +186,11 @@ def compare(cfg: Config, variants: Sequence[str], seeds: Sequence[int], out_dir:
     runs = train_runs(cfg, chosen, seeds, out / "runs", log)
     if train_only:  # e.g. several processes train disjoint variants, then one call evaluates them all
         return {}
-    metrics = evaluate_toy(cfg, {"base": None, **runs}, out / "eval", log=log)
-    summary = summarise(metrics, list(chosen), seeds)
+    metrics = evaluate_toy(cfg, {"base": None, **runs}, out / "eval", log=log, log_differences=False)
+    summary = summarise(metrics, list(chosen), seeds, cfg.eval.bootstrap, cfg.eval.bootstrap_seed)
+    for line in difference_lines(summary, cfg.eval.target_effect):
+        if line.startswith("warning"):
+            log(line)
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     (out / "results.md").write_text(results_markdown(summary, command, seeds, cfg))
     return summary

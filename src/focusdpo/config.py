@@ -311,6 +311,15 @@ class EvalConfig:
     clip_model: str = _f("openai/clip-vit-base-patch32", "DreamBench: CLIP ViT-B/32 path or hub id.")
     batch_size: int = _f(16, "Images per forward pass when sampling (toy) or scoring (DreamBench).")
     grid_scenes: int = _f(6, "Toy: scenes shown in each PNG comparison grid (0: no grids).")
+    workers: int = _f(1, "Toy: processes sampling in parallel, one torch thread each (2 on a 2-core machine: "
+                         "processes keep both cores busy where threads of one process wait on each other).")
+    chunk: int = _f(8, "Toy: images per sampler forward pass (speed only: the noise follows batch_size, so scores "
+                       "do not depend on it beyond float rounding).")
+    bootstrap: int = _f(2000, "Toy: bootstrap replicates of the 95 % paired intervals (units and training seeds "
+                              "resampled jointly; focusdpo.eval.stats).")
+    bootstrap_seed: int = _f(0, "Toy: seed of the bootstrap draws (fixed: a rerun gives the same intervals).")
+    target_effect: float = _f(0.01, "Toy: the paired difference an evaluation should detect; reports warn when the "
+                                    "detectable effect (80 % power, alpha 0.05) is larger.")
     dreambench_size: int = _f(512, "DreamBench generate: side of the generated square images (UNO: 512).")
     dreambench_ref_size: int | None = _f(None, "DreamBench generate: longest side of the references; None: the "
                                                "UNO defaults, 512 for one subject and 320 for several.")
@@ -321,6 +330,10 @@ class EvalConfig:
         _choice("eval.benchmark", self.benchmark, ("toy", "dreambench-single", "dreambench-multi"))
         _check(self.batch_size >= 1, "eval.batch_size", self.batch_size, ">= 1")
         _check(self.grid_scenes >= 0, "eval.grid_scenes", self.grid_scenes, ">= 0")
+        _check(self.chunk >= 1, "eval.chunk", self.chunk, ">= 1")
+        _check(self.workers >= 1, "eval.workers", self.workers, ">= 1")
+        _check(self.bootstrap >= 100, "eval.bootstrap", self.bootstrap, ">= 100")
+        _check(self.target_effect > 0, "eval.target_effect", self.target_effect, "> 0")
         _check(self.dreambench_size >= 16 and self.dreambench_size % 16 == 0, "eval.dreambench_size",
                self.dreambench_size, "a multiple of 16, >= 16")
         if self.dreambench_ref_size is not None:

@@ -75,6 +75,17 @@ def backbone_model_fn(backbone: Backbone, guidance: float = 1.0) -> ModelFn:
     return model_fn
 
 
+def doubled_guidance_fn(backbone: Backbone, guidance: float) -> ModelFn:
+    """Classifier-free guidance over conditioning built once per batch: ``model_fn(x, t, text, refs, grid)`` where
+    ``text`` and ``refs`` hold the B prompt rows then the B empty-prompt rows (``[2B, ...]``), so a step only
+    concatenates ``x`` and ``t``; returns ``u + g (c - u)`` like :func:`backbone_model_fn` with ``uncond``."""
+    def model_fn(x: torch.Tensor, t: torch.Tensor, text: TextCond, refs: Sequence[Tokens], grid: tuple[int, int]
+                 ) -> torch.Tensor:
+        cond_v, uncond_v = backbone.predict(torch.cat([x, x]), torch.cat([t, t]), text, refs, grid)[0].chunk(2)
+        return uncond_v + guidance * (cond_v - uncond_v)
+    return model_fn
+
+
 def initial_noise(shape: Sequence[int], seed: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Standard normal noise drawn on the CPU from ``seed`` (the same numbers on every device)."""
     gen = torch.Generator().manual_seed(int(seed))

@@ -75,10 +75,12 @@ def test_scenes_and_noise_are_fixed_and_shared(base_ckpt):
 
 def test_planted_perfect_generator_scores_the_ceiling(base_ckpt, monkeypatch, tmp_path):
     """With images replaced by the ground-truth renders, fidelity is 1 and leakage 0 for every seed."""
-    monkeypatch.setattr(toy, "sample_scenes", lambda backbone, scenes, cfg, seed, sample: [s.image for s in scenes])
+    monkeypatch.setattr(toy, "sample_units", lambda backbone, scenes, cfg: {
+        (seed, j): [s.image for s in scenes] for seed in cfg.eval.seeds for j in range(cfg.eval.samples_per_prompt)})
     metrics = toy.evaluate_toy(_cfg(base_ckpt), {"base": None}, tmp_path)
     m = metrics["base"]
-    assert m["fidelity"] == {"mean": 1.0, "std": 0.0, "per_seed": [1.0, 1.0]}
+    assert m["fidelity"] == {"mean": 1.0, "std": 0.0, "per_seed": [1.0, 1.0], "ci": [1.0, 1.0], "se_boot": 0.0}
+    assert m["units"]["fidelity"] == [1.0] * 8 and m["units"]["keys"][:3] == [[2, 0, 0, 0], [2, 0, 0, 1], [2, 1, 0, 0]]
     assert m["leakage"]["per_seed"] == [0.0, 0.0] and m["prompt"]["mean"] == 1.0
     assert m["by_subjects"]["3"]["fidelity"]["mean"] == 1.0 and m["details"]["leak_rate"]["mean"] == 0.0
 
@@ -101,6 +103,13 @@ def test_evaluate_toy_base_and_runs(base_ckpt, tmp_path):
         assert base[name]["mean"] == pytest.approx(np.mean(per_seed))
         assert set(base["by_subjects"]) == {"2", "3"} and name in base["by_subjects"]["2"]
     assert focus["run"] == str(moved) and base["run"] is None and base["seeds"] == [0, 1]
+    # paired intervals: the B = 0 run equals the base unit by unit, so its difference is exactly 0
+    same = dpo["vs_base"]["fidelity"]
+    assert same["mean"] == 0.0 and same["ci"] == [0.0, 0.0] and not same["excludes_zero"]
+    assert "vs_dpo" in focus and "vs_base" not in base and "vs_dpo" not in dpo
+    assert len(focus["units"]["leakage"]) == 2 * 2 * 2 and focus["units"]["keys"] == base["units"]["keys"]
+    lo, hi = focus["fidelity"]["ci"]
+    assert lo <= np.mean(toy.unit_scores(focus, "fidelity")) <= hi
     # the pooled per-seed value is the mean over all scenes of both counts (2 + 2 scenes here)
     world = World(cfg.world)
     scenes = toy.heldout_scenes(world, 2, [2, 3])
@@ -110,10 +119,57 @@ def test_evaluate_toy_base_and_runs(base_ckpt, tmp_path):
     assert focus["fidelity"]["per_seed"][1] == pytest.approx(np.mean(fid))
     report = (out / "report.md").read_text()
     assert "| focusdpo |" in report and "Paired difference to `base`" in report and "| dpo | 0.000 ± 0.000" in report
+    assert "- dpo vs base: no detectable difference in fidelity +0.000 [0.000, 0.000]" in report
     with Image.open(out / "grid_3subjects.png") as im:
         # 2 scenes; 3 refs of 16 px + truth and 3 method columns of 32 px, pad 2, x4, plus the 14 px label header
         assert im.size == (4 * (2 + 3 * 18 + 4 * 34), 14 + 4 * (2 + 2 * 34))
     assert (out / "metrics.png").is_file() and (out / "curves_focusdpo.png").is_file()
+
+
+def test_fast_path_draws_the_legacy_noise_and_scores_the_same(tmp_path):
+    """Old (per-batch ``sample_scenes``) and new (``sample_units``: encodings once, chunks across seeds and
+    samples, LoRA merged) paths on the shipped base and a LoRA run: the same noise, the same per-unit scores,
+    images equal up to float rounding (a few values off by 1 in uint8)."""
+    from focusdpo.backbones import shipped_base_path
+    from focusdpo.sampling import initial_noise
+
+    cfg = load_config(None, [f"model.checkpoint={shipped_base_path()}", "eval.n_scenes=3", "eval.seeds=[0,1]",
+                             "eval.samples_per_prompt=2", "eval.batch_size=2",
+                             "eval.chunk=4", "eval.subject_counts=[2,3]", "sample.steps=4"])
+    world = World(cfg.world)
+    scenes = toy.heldout_scenes(world, 3, [2, 3])
+    noise = toy.unit_noise(scenes[3], cfg, [(1, 0), (1, 1)], (64, 48))
+    legacy = [initial_noise((n, 64, 48), toy.batch_seed(1, 3, j, b)) for j in (0, 1) for b, n in ((0, 2), (1, 1))]
+    assert torch.equal(noise, torch.cat(legacy))
+    run = _run_folder(tmp_path, cfg, "dpo", 2.0)
+    for backbone in (load_method(cfg, None), load_method(cfg, run)):
+        old, old_first = toy.score_method(backbone, world, scenes, cfg, legacy=True)
+        new, new_first = toy.score_method(backbone, world, scenes, cfg)
+        assert toy.unit_table(old, 2) == toy.unit_table(new, 2)
+        a, b = np.stack(old_first[3]).astype(int), np.stack(new_first[3]).astype(int)
+        assert np.abs(a - b).max() <= 1 and (a != b).mean() < 1e-3
+    assert backbone.lora_state_dict()  # the adapters are still attached after the merged evaluation
+    with torch.no_grad():
+        x = torch.rand(1, 64, 48)
+        t = torch.full((1,), 0.5)
+        text = backbone.encode_prompts([scenes[2][0].prompt])
+        refs = [backbone.encode_images(torch.rand(1, 3, 16, 16))]
+        before = backbone.predict(x, t, text, refs, (8, 8))[0]
+        with toy.adapters_merged(backbone.trainable()):
+            merged = backbone.predict(x, t, text, refs, (8, 8))[0]
+        after = backbone.predict(x, t, text, refs, (8, 8))[0]
+    assert torch.allclose(before, merged, atol=1e-5) and torch.equal(before, after)
+
+
+@pytest.mark.slow  # two spawned workers import torch: ~10-20 s on a loaded 2-core machine
+def test_worker_processes_give_the_same_metrics(base_ckpt, tmp_path):
+    cfg = _cfg(base_ckpt, "eval.grid_scenes=0", "eval.seeds=[0]")
+    run = _run_folder(tmp_path, cfg, "dpo", 2.0)
+    one = toy.evaluate_toy(cfg, {"base": None, "dpo": run}, tmp_path / "one")
+    two = toy.evaluate_toy(cfg.with_overrides(["eval.workers=2"]), {"base": None, "dpo": run}, tmp_path / "two")
+    for m in ("base", "dpo"):
+        assert one[m]["units"] == two[m]["units"] and one[m]["leakage"] == two[m]["leakage"]
+    assert one["dpo"]["vs_base"] == two["dpo"]["vs_base"]
 
 
 def test_method_errors_name_the_fix(base_ckpt, tmp_path):

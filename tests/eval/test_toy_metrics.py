@@ -200,3 +200,40 @@ def test_aggregate_averages_and_skips_nan():
     assert agg == {"fidelity": 0.75, "leakage": 0.25, "prompt": 0.75, "n_scenes": 2.0}
     with pytest.raises(ValueError, match="empty"):
         aggregate([])
+
+
+def _components_by_search(mask: np.ndarray) -> list[np.ndarray]:
+    """Reference: depth-first search from each unseen pixel in row-major order, then a stable sort by size."""
+    h, w = mask.shape
+    seen = np.zeros_like(mask, dtype=bool)
+    comps = []
+    for y0, x0 in zip(*np.nonzero(mask), strict=True):
+        if seen[y0, x0]:
+            continue
+        comp, stack = np.zeros_like(mask, dtype=bool), [(y0, x0)]
+        seen[y0, x0] = True
+        while stack:
+            y, x = stack.pop()
+            comp[y, x] = True
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        comps.append(comp)
+    return sorted(comps, key=lambda c: -int(c.sum()))
+
+
+def test_connected_components_match_a_search_on_random_and_planted_masks():
+    from focusdpo.eval.toy_metrics import connected_components
+
+    rng = np.random.default_rng(0)
+    masks = [rng.random((32, 32)) < rng.uniform(0.2, 0.7) for _ in range(100)]
+    spiral = np.zeros((15, 15), dtype=bool)  # one long winding component: many propagation steps
+    spiral[::2, :] = True
+    spiral[1::4, -1] = True
+    spiral[3::4, 0] = True
+    masks += [spiral, np.zeros((8, 8), dtype=bool), np.ones((5, 7), dtype=bool)]
+    for mask in masks:
+        got, want = connected_components(mask), _components_by_search(mask)
+        assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+    assert len(connected_components(spiral)) == 1 and connected_components(np.zeros((8, 8), dtype=bool)) == []

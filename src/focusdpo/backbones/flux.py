@@ -91,6 +91,7 @@ class FluxInContext:
         self._store = flux_tap.TapStore()
         self.block_names = flux_tap.install(transformer, self._store)
         self._tap_blocks: list[str] = []
+        self._position_ids: dict[tuple, torch.Tensor] = {}
         self.tap_layer = tap_layer
 
     @property
@@ -135,7 +136,10 @@ class FluxInContext:
         self._check_inputs(x_t, t, text, refs, grid)
         dtype, device = self.dtype, self.device
         seq = torch.cat([x_t] + [r.tokens for r in refs], dim=1).to(device, dtype)
-        img_ids = position_ids(grid, [r.grid for r in refs], device)
+        key = (tuple(grid), tuple(tuple(r.grid) for r in refs), str(device))
+        if key not in self._position_ids:  # constant per layout: built once, not at every sampler step
+            self._position_ids[key] = position_ids(grid, [r.grid for r in refs], device)
+        img_ids = self._position_ids[key]
         txt_ids = torch.zeros(text.tokens.shape[1], 3, device=device)
         guidance = None
         if self.guidance is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -13,13 +14,76 @@ from PIL import Image, ImageDraw
 TOY_METRICS = (("fidelity", "higher"), ("leakage", "lower"), ("prompt", "higher"))
 
 
-def fmt(value: Mapping | float | None, digits: int = 3) -> str:
-    """``{"mean": m, "std": s}`` -> ``"m ± s"``; a number -> its value; None -> ``"-"``."""
+def fmt(value: Mapping | float | None, digits: int = 3, signed: bool = False) -> str:
+    """``{"mean": m, "std": s}`` -> ``"m ± s"``, with ``" [lo, hi]"`` when it has a ``ci``; a number -> its value;
+    None -> ``"-"``. ``signed``: a leading + on positive means (differences)."""
     if value is None:
         return "-"
+    sign = "+" if signed else ""
     if isinstance(value, Mapping):
-        return f"{value['mean']:.{digits}f} ± {value.get('std', 0.0):.{digits}f}"
-    return f"{float(value):.{digits}f}"
+        text = f"{value['mean']:{sign}.{digits}f}"
+        if "std" in value:
+            text += f" ± {value['std']:.{digits}f}"
+        return text + fmt_ci(value.get("ci"), digits)
+    return f"{float(value):{sign}.{digits}f}"
+
+
+def fmt_ci(ci: Sequence[float | None] | None, digits: int = 3) -> str:
+    """``[lo, hi]`` -> ``" [lo, hi]"`` (leading space); None or missing ends -> ``""``."""
+    if not ci or ci[0] is None or ci[1] is None:
+        return ""
+    return f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def difference_lines(rows: Mapping[str, Mapping], target: float, refs: Sequence[str] = ("base", "dpo"),
+                     lower_is_better: Sequence[str] = ("leakage",)) -> list[str]:
+    """Sentences on every paired difference with an interval, the detectable effects, then power warnings.
+
+    rows: method -> ``{"vs_<ref>": {metric: {"mean", "ci", "excludes_zero", "mde", "n_units"}}}`` (the toy
+    ``metrics.json`` or ``results.json``). A difference is called only when its interval excludes 0
+    ("dpo lowers leakage vs base by -0.012 [-0.020, -0.004]: interval excludes 0"); otherwise "no detectable
+    difference". Then the largest detectable effect of each metric, and a warning for each one above ``target``.
+    """
+    lines = []
+    for m, row in rows.items():
+        for ref in refs:
+            seen, unseen = [], []
+            for h, d in row.get(f"vs_{ref}", {}).items():
+                if d.get("ci") is None or d["ci"][0] is None:
+                    continue
+                span = f"{d['mean']:+.3f}{fmt_ci(d['ci'])}"
+                if d["excludes_zero"]:
+                    good = (d["mean"] < 0) == (h in lower_is_better)
+                    seen.append(f"{'raises' if d['mean'] > 0 else 'lowers'} {h} by {span}: interval excludes 0 "
+                                f"({'better' if good else 'worse'})")
+                else:
+                    mde = "?" if d.get("mde") is None else f"{d['mde']:.3f}"
+                    unseen.append(f"{h} {span}, detectable effect {mde}")
+            if seen or unseen:
+                lines.append(f"{m} vs {ref}: " + "; ".join(seen + ([f"no detectable difference in "
+                                                                    f"{'; '.join(unseen)}"] if unseen else [])))
+    worst = detectable_effects(rows, refs)
+    if worst:
+        lines.append("detectable paired difference (80 % power, alpha 0.05, largest over the comparisons): "
+                     + ", ".join(f"{h} {mde:.3f}" for h, (mde, _) in worst.items())
+                     + f" with {max(n for _, n in worst.values())} units")
+    for h, (mde, n) in worst.items():
+        if mde > target:
+            lines.append(f"warning: this evaluation cannot detect a {h} difference of {target:g}: detectable effect "
+                         f"{mde:.3f} with {n} units; about {math.ceil(n * (mde / target) ** 2)} units are needed")
+    return lines
+
+
+def detectable_effects(rows: Mapping[str, Mapping], refs: Sequence[str] = ("base", "dpo")
+                       ) -> dict[str, tuple[float, int]]:
+    """Per metric, the largest ``mde`` over every ``vs_<ref>`` difference of ``rows`` and its ``n_units``."""
+    worst: dict[str, tuple[float, int]] = {}
+    for row in rows.values():
+        for ref in refs:
+            for h, d in row.get(f"vs_{ref}", {}).items():
+                if d.get("mde") is not None and d["mde"] > worst.get(h, (-1.0, 0))[0]:
+                    worst[h] = (d["mde"], int(d.get("n_units", 0)))
+    return worst
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -37,8 +101,9 @@ def paired_difference(per_seed: Sequence[float], base_per_seed: Sequence[float])
     return {"mean": float(d.mean()), "std": float(d.std())}
 
 
-def toy_markdown(metrics: Mapping[str, Mapping], base: str = "base") -> str:
-    """The toy report: overall table, one table per subject count, paired gaps to ``base`` when it is present.
+def toy_markdown(metrics: Mapping[str, Mapping], base: str = "base", target: float | None = None) -> str:
+    """The toy report: overall table, one table per subject count, paired gaps to ``base`` when it is present,
+    and (``target`` given) the sentences of :func:`difference_lines` with its power warnings.
 
     ``metrics``: the toy ``metrics.json`` (see :func:`focusdpo.eval.toy.evaluate_toy`).
     """
@@ -58,11 +123,25 @@ def toy_markdown(metrics: Mapping[str, Mapping], base: str = "base") -> str:
         rows = []
         for m, v in metrics.items():
             if m != base:
-                rows.append([m] + [fmt(paired_difference(v[n]["per_seed"], metrics[base][n]["per_seed"]))
+                rows.append([m] + [fmt({**paired_difference(v[n]["per_seed"], metrics[base][n]["per_seed"]),
+                                        "ci": v.get(f"vs_{base}", {}).get(n, {}).get("ci")})
                                    for n in names])
-        out += [f"\n## Paired difference to `{base}` (same scenes and noise; mean ± std over seeds)\n",
+        out += [f"\n## Paired difference to `{base}` (same scenes and noise; mean ± std over seeds "
+                "[95 % paired bootstrap interval over units])\n",
                 table(["method"] + [f"Δ {n}" for n in names], rows)]
+    if any("ci" in v.get(n, {}) for v in metrics.values() for n in names):
+        out.append(INTERVALS_NOTE)
+    if target is not None:
+        lines = difference_lines(metrics, target)
+        if lines:
+            out += ["\n## What the sample can see\n\n"] + [f"- {line}\n" for line in lines]
     return "".join(out)
+
+
+INTERVALS_NOTE = ("\nIntervals: 95 % paired bootstrap over the evaluation units (subject count x scene x sampling "
+                  "seed x sample, shared by every method; training seeds too where there are several); a "
+                  "difference counts only when its interval excludes 0. Detectable effect: 2.80 x the SE of "
+                  "the paired difference from its per-unit variance (80 % power, two-sided alpha 0.05).\n")
 
 
 def dreambench_markdown(metrics: Mapping[str, Mapping]) -> str:

@@ -18,26 +18,50 @@ Design, so that differences between methods are *paired*:
     {"<method>": {"fidelity": {"mean", "std", "per_seed"}, "leakage": {...}, "prompt": {...},
                   "details": {"leak_rate" | "count" | "classes" | "positions" | "fidelity/<attr>" | ...: {...}},
                   "by_subjects": {"2": {"fidelity", "leakage", "prompt", "details"}, "3": {...}},
-                  "n_scenes", "subject_counts", "seeds", "samples_per_prompt", "sample_steps", "run", "seconds"}}
+                  "n_scenes", "subject_counts", "seeds", "samples_per_prompt", "sample_steps", "run", "seconds",
+                  "units": {"keys": [[k, seed, sample, scene], ...], "fidelity": [...], "leakage": [...],
+                            "prompt": [...]},
+                  "vs_base": {"fidelity": {"mean", "ci", "se_boot", "excludes_zero", "se_unit", "n_units", "mde"},
+                              ...}, "vs_dpo": {...}}}
+
+Each headline block also holds ``ci`` ([lo, hi], the 95 % bootstrap interval over the units) and ``se_boot``.
+``units`` are the per-unit scores (unit = subject count x sampling seed x sample x scene; None where a unit
+has no value, e.g. leakage with no subject found), from which :mod:`focusdpo.eval.stats` recomputes intervals;
+``vs_<ref>`` are the paired differences to ``base`` and ``dpo`` with their intervals and detectable effect
+(:func:`add_intervals`). The interval pools the units: for leakage, whose per-unit values can be missing, its
+centre can differ from the per-seed mean in the last digits.
 
 ``method`` is ``base`` for the base model and the run's objective for a run (see :mod:`focusdpo.eval.methods`).
+
+Speed: sampling is ~98 % of an evaluation and compute-bound in the transformer (one forward at one thread:
+matmuls ~55 %, attention ~17 %, GELU ~8 %); the guidance branch already shared the conditional forward.
+:func:`sample_units` encodes prompts and references once per subject count, runs chunks of ``eval.chunk``
+images across sampling seeds and samples, and folds a run's LoRA into the weights (a run then costs what the
+base costs; separate adapter matmuls cost 2 % to 1.5x more, the more so the busier the machine);
+``eval.workers`` processes of one thread each keep the cores busy without the intra-op thread
+synchronisation that stalls on a loaded machine (docs/performance.md has the measurements). The per-batch path
+(``score_method(..., legacy=True)``) is kept for the equality test and ``benchmarks/bench_eval.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from focusdpo.backbones import Backbone
+from focusdpo.backbones.base import TextCond, Tokens
 from focusdpo.config import Config
 from focusdpo.eval.methods import load_method, resolve_methods
-from focusdpo.eval.report import comparison_grid, to_uint8, toy_markdown
+from focusdpo.eval.report import comparison_grid, difference_lines, to_uint8, toy_markdown
+from focusdpo.eval.stats import finite_or_none
 from focusdpo.eval.toy_metrics import aggregate, score_scene
+from focusdpo.train.lora import adapters_merged
 from focusdpo.world import Scene, World
 
 SCENE_SEED = 20_250_901
@@ -81,21 +105,93 @@ def sample_scenes(backbone: Backbone, scenes: Sequence[Scene], cfg: Config, seed
     return out
 
 
-def score_method(backbone: Backbone, world: World, scenes: Mapping[int, list[Scene]], cfg: Config
-                 ) -> tuple[Scores, dict[int, list[np.ndarray]]]:
-    """Sample and score every scene for every seed and sample; also the seed-0 sample-0 images (for grids)."""
+def unit_noise(scenes: Sequence[Scene], cfg: Config, pairs: Sequence[tuple[int, int]], shape: tuple[int, int],
+               device: torch.device | str | None = None) -> torch.Tensor:
+    """The initial noise of every (sampling seed, sample) in ``pairs`` for ``scenes``, concatenated in that order:
+    ``float [len(pairs) * n_scenes, N, C]``, exactly the per-batch tensors :func:`sample_scenes` draws (seeded by
+    :func:`batch_seed` per ``eval.batch_size`` batch), so both paths start every scene from the same noise."""
+    from focusdpo.sampling import initial_noise
+
+    k, bs = len(scenes[0].identities), cfg.eval.batch_size
+    return torch.cat([initial_noise((len(scenes[start:start + bs]), *shape), batch_seed(seed, k, sample, b), device)
+                      for seed, sample in pairs for b, start in enumerate(range(0, len(scenes), bs))])
+
+
+@torch.no_grad()
+def sample_units(backbone: Backbone, scenes: Sequence[Scene], cfg: Config) -> dict[tuple[int, int], list[np.ndarray]]:
+    """Every (sampling seed, sample) image of ``scenes`` (one subject count): ``{(seed, sample): [uint8 [S, S, 3]]}``.
+
+    The fast path of :func:`sample_scenes`: prompts, the empty prompt and references are encoded once for all
+    seeds and samples, the noise of all of them (:func:`unit_noise`) is sampled in chunks of ``eval.chunk``
+    images, and each chunk's guidance branch runs in the same forward with its doubled conditioning built once
+    (``sampling.doubled_guidance_fn``). Images equal the per-batch path's up to float rounding.
+    """
+    from focusdpo.sampling import flux_sigmas, sample
+
+    size = (cfg.world.scene_size, cfg.world.scene_size)
+    grid, device, n = backbone.token_grid(size), backbone.device, len(scenes)
+    pairs = [(seed, j) for seed in cfg.eval.seeds for j in range(cfg.eval.samples_per_prompt)]
+    refs = [backbone.encode_images(r) for r in references_of(scenes, device)]
+    text = backbone.encode_prompts([s.prompt for s in scenes])
+    noise = unit_noise(scenes, cfg, pairs, (grid[0] * grid[1], refs[0].tokens.shape[2]), device)
+    scene_of = torch.arange(n, device=device).repeat(len(pairs))
+    sigmas = flux_sigmas(cfg.sample.steps, grid[0] * grid[1], cfg.sample.time_shift)
+    model_fn, conditioning = _chunk_conditioning(backbone, text, refs, cfg.sample.guidance)
+    images: list[np.ndarray] = []
+    for start in range(0, len(noise), cfg.eval.chunk):
+        cond = conditioning(scene_of[start:start + cfg.eval.chunk])
+        x = sample(model_fn, noise[start:start + cfg.eval.chunk], sigmas, {**cond, "grid": grid})
+        images.extend(to_uint8(backbone.decode_tokens(x, grid)))
+    return {pair: images[i * n:(i + 1) * n] for i, pair in enumerate(pairs)}
+
+
+def _chunk_conditioning(backbone: Backbone, text: TextCond, refs: Sequence[Tokens], guidance: float
+                        ) -> tuple[Callable, Callable[[torch.Tensor], dict]]:
+    """The sampler's ``model_fn`` and a function from a chunk's scene indices ``long [b]`` to its ``text`` and
+    ``refs``: the prompt rows then the empty-prompt rows (``[2b, ...]``) under guidance, the prompt rows without."""
+    from focusdpo.sampling import backbone_model_fn, doubled_guidance_fn
+
+    if guidance == 1.0:
+        return backbone_model_fn(backbone, 1.0), lambda idx: {
+            "text": TextCond(text.tokens[idx], text.pooled[idx]), "refs": [Tokens(r.tokens[idx], r.grid) for r in refs]}
+    empty = backbone.encode_prompts([""])
+
+    def conditioning(idx: torch.Tensor) -> dict:
+        b = len(idx)
+        return {"text": TextCond(torch.cat([text.tokens[idx], empty.tokens.expand(b, -1, -1)]),
+                                 torch.cat([text.pooled[idx], empty.pooled.expand(b, -1)])),
+                "refs": [Tokens(r.tokens[idx].repeat(2, 1, 1), r.grid) for r in refs]}
+    return doubled_guidance_fn(backbone, guidance), conditioning
+
+
+def _legacy_units(backbone: Backbone, scenes: Sequence[Scene], cfg: Config) -> dict[tuple[int, int], list[np.ndarray]]:
+    """:func:`sample_units` through the per-batch path (:func:`sample_scenes`); kept for the equality test and
+    ``benchmarks/bench_eval.py``."""
+    return {(seed, j): sample_scenes(backbone, scenes, cfg, seed, j)
+            for seed in cfg.eval.seeds for j in range(cfg.eval.samples_per_prompt)}
+
+
+def score_method(backbone: Backbone, world: World, scenes: Mapping[int, list[Scene]], cfg: Config,
+                 legacy: bool = False) -> tuple[Scores, dict[int, list[np.ndarray]]]:
+    """Sample and score every scene for every seed and sample; also the first seed's sample-0 images (for grids).
+
+    ``legacy``: sample batch by batch through :func:`sample_scenes` (the old, slower path; same scores).
+    """
     scores: Scores = {}
     first: dict[int, list[np.ndarray]] = {}
-    for k, ks in scenes.items():
-        scores[k] = {}
-        for seed in cfg.eval.seeds:
-            scores[k][seed] = []
-            for j in range(cfg.eval.samples_per_prompt):
-                images = sample_scenes(backbone, ks, cfg, seed, j)
-                scores[k][seed] += [score_scene(img, scene, world) for img, scene in zip(images, ks, strict=True)]
-                if k not in first:
-                    first[k] = images
+    with contextlib.nullcontext() if legacy else adapters_merged(backbone.trainable()):
+        for k, ks in scenes.items():
+            units = (_legacy_units if legacy else sample_units)(backbone, ks, cfg)
+            scores[k] = {seed: [] for seed in cfg.eval.seeds}
+            for (seed, _), images in units.items():
+                scores[k][seed] += score_images(images, ks, world)
+            first[k] = units[(cfg.eval.seeds[0], 0)]
     return scores, first
+
+
+def score_images(images: Sequence[np.ndarray], scenes: Sequence[Scene], world: World) -> list[dict]:
+    """:func:`~focusdpo.eval.toy_metrics.score_scene` of each image against its scene."""
+    return [score_scene(img, scene, world) for img, scene in zip(images, scenes, strict=True)]
 
 
 def _stats(values: Sequence[float]) -> dict:
@@ -120,7 +216,106 @@ def summarise(scores: Scores, cfg: Config) -> dict:
     out["by_subjects"] = {str(k): _block([aggregate(scores[k][s]) for s in seeds]) for k in scores}
     out.update(n_scenes=cfg.eval.n_scenes, subject_counts=list(scores), seeds=list(seeds),
                samples_per_prompt=cfg.eval.samples_per_prompt, sample_steps=cfg.sample.steps)
+    out["units"] = unit_table(scores, cfg.eval.samples_per_prompt)
     return out
+
+
+def unit_table(scores: Scores, samples_per_prompt: int) -> dict:
+    """The per-unit scores of one method, the input of the paired bootstrap (:mod:`focusdpo.eval.stats`).
+
+    Returns ``{"keys": [[k, sampling seed, sample, scene index], ...], "fidelity": [...], "leakage": [...],
+    "prompt": [...]}``, one entry per unit (subject count x sampling seed x sample x scene, in that nesting
+    order; the same for every method of an evaluation), scores in [0, 1] and None where a unit has no value.
+    """
+    keys: list[list[int]] = []
+    values: dict[str, list[float | None]] = {h: [] for h in HEADLINE}
+    for k, by_seed in scores.items():
+        for seed, results in by_seed.items():
+            n_scenes = len(results) // samples_per_prompt
+            keys += [[int(k), int(seed), j // n_scenes, j % n_scenes] for j in range(len(results))]
+            for h in HEADLINE:
+                values[h] += [finite_or_none(float(r[h])) for r in results]
+    return {"keys": keys, **values}
+
+
+def unit_scores(entry: Mapping, metric: str) -> np.ndarray:
+    """``float [U]`` per-unit scores of ``metric`` from a ``metrics.json`` method entry (NaN for None)."""
+    if "units" not in entry:
+        raise ValueError("this metrics.json entry has no per-unit scores (written before they were saved): "
+                         "re-run the evaluation to get intervals")
+    return np.array([np.nan if v is None else v for v in entry["units"][metric]], dtype=float)
+
+
+def add_intervals(metrics: dict, cfg: Config, refs: Sequence[str] = ("base", "dpo")) -> list[tuple[str, str]]:
+    """Add paired bootstrap intervals to ``metrics`` (in place) and return the pairs compared.
+
+    Each method's headline block gets ``ci`` and ``se_boot`` (units resampled; one run has no training seed);
+    each method other than a reference gets ``vs_<ref>: {metric: {mean, ci, se_boot, excludes_zero, se_unit,
+    n_units, mde}}`` for every reference present (:func:`focusdpo.eval.stats.paired_summary`).
+    """
+    from focusdpo.eval.stats import paired_summary
+
+    names = [m for m, v in metrics.items() if "units" in v]
+    keys = {json.dumps(metrics[m]["units"]["keys"]) for m in names}
+    if len(keys) > 1:
+        raise ValueError(f"methods {names} were scored on different units: evaluate them with the same config")
+    pairs = [(m, r) for r in refs if r in names for m in names if m not in refs or refs.index(m) > refs.index(r)]
+    for h in HEADLINE:
+        s = paired_summary({m: unit_scores(metrics[m], h) for m in names}, pairs, cfg.eval.bootstrap,
+                           cfg.eval.bootstrap_seed)
+        for m in names:
+            metrics[m][h].update(ci=s[m]["ci"], se_boot=s[m]["se_boot"])
+            for r in refs:
+                if f"vs_{r}" in s[m]:
+                    metrics[m].setdefault(f"vs_{r}", {})[h] = s[m][f"vs_{r}"]
+    return pairs
+
+
+MethodResult = tuple[Scores, dict[int, list[np.ndarray]], float]  # scores, first images, seconds
+
+
+def score_methods(cfg: Config, runs: Mapping[str, Path | None], device: torch.device | str | None = None
+                  ) -> Iterator[tuple[str, MethodResult]]:
+    """``(method, (scores, first images, seconds))`` for each method of ``runs``, in order.
+
+    ``eval.workers`` 1: one method after the other in this process. More: every (method, subject count) is a
+    task of a pool of that many processes with one torch thread each (processes share no thread pool, so two
+    of them keep two cores busy where two threads of one process wait on each other); ``seconds`` is then the
+    sum of the method's task times.
+    """
+    if cfg.eval.workers == 1:
+        world = World(cfg.world)
+        scenes = heldout_scenes(world, cfg.eval.n_scenes, cfg.eval.subject_counts)
+        for method, run_dir in runs.items():
+            t0 = time.perf_counter()
+            scores, first = score_method(load_method(cfg, run_dir, device), world, scenes, cfg)
+            yield method, (scores, first, time.perf_counter() - t0)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    text = cfg.to_yaml()
+    dev = None if device is None else str(device)
+    with ProcessPoolExecutor(cfg.eval.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {m: [pool.submit(_score_task, text, None if r is None else str(r), k, dev)
+                       for k in cfg.eval.subject_counts] for m, r in runs.items()}
+        for method, tasks in futures.items():
+            parts = [f.result() for f in tasks]
+            scores = {k: p[0] for k, p in zip(cfg.eval.subject_counts, parts, strict=True)}
+            first = {k: p[1] for k, p in zip(cfg.eval.subject_counts, parts, strict=True)}
+            yield method, (scores, first, sum(p[2] for p in parts))
+
+
+def _score_task(cfg_yaml: str, run_dir: str | None, k: int, device: str | None
+                ) -> tuple[dict[int, list[dict]], list[np.ndarray], float]:
+    """One worker task of :func:`score_methods`: the scores and first images of one method and subject count."""
+    t0 = time.perf_counter()
+    torch.set_num_threads(1)
+    cfg = Config.from_yaml(cfg_yaml)
+    world = World(cfg.world)
+    scenes = heldout_scenes(world, cfg.eval.n_scenes, [k])
+    scores, first = score_method(load_method(cfg, run_dir, device), world, scenes, cfg)
+    return scores[k], first[k], time.perf_counter() - t0
 
 
 def ground_truth(world: World, scenes: Mapping[int, list[Scene]]) -> dict[str, float]:
@@ -129,8 +324,12 @@ def ground_truth(world: World, scenes: Mapping[int, list[Scene]]) -> dict[str, f
 
 
 def evaluate_toy(cfg: Config, runs: Mapping[str, Path | None], out_dir: str | Path,
-                 device: torch.device | str | None = None, log: Callable[[str], None] | None = None) -> dict:
+                 device: torch.device | str | None = None, log: Callable[[str], None] | None = None,
+                 log_differences: bool = True) -> dict:
     """Evaluate each method (``None`` = the base model) on the same held-out scenes and noise.
+
+    ``log`` gets one line per method and, with ``log_differences``, the paired differences in words with the
+    power warnings (:func:`focusdpo.eval.report.difference_lines`).
 
     Writes ``out_dir/metrics.json``, ``report.md``, ``grid_<k>subjects.png`` (references | ground-truth render |
     one column per method, seed 0), ``metrics.png`` (method comparison) and ``curves_<method>.png`` for runs
@@ -145,30 +344,32 @@ def evaluate_toy(cfg: Config, runs: Mapping[str, Path | None], out_dir: str | Pa
     scenes = heldout_scenes(world, cfg.eval.n_scenes, cfg.eval.subject_counts)
     metrics: dict = {}
     grids: dict[str, dict[int, list[np.ndarray]]] = {}
-    for method, run_dir in runs.items():
-        t0 = time.perf_counter()
-        backbone = load_method(cfg, run_dir, device)
-        scores, grids[method] = score_method(backbone, world, scenes, cfg)
+    for method, (scores, grids[method], seconds) in score_methods(cfg, runs, device):
         metrics[method] = summarise(scores, cfg)
-        metrics[method].update(run=None if run_dir is None else str(run_dir), seconds=time.perf_counter() - t0)
+        metrics[method].update(run=None if runs[method] is None else str(runs[method]), seconds=seconds)
         if log:
             m = metrics[method]
             log(f"{method}: " + ", ".join(f"{h} {m[h]['mean']:.3f} ± {m[h]['std']:.3f}" for h in HEADLINE)
                 + f" ({m['seconds']:.0f} s)")
+    add_intervals(metrics, cfg)
+    if log and log_differences:
+        for line in difference_lines(metrics, cfg.eval.target_effect):
+            log(line)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    write_toy_outputs(out, metrics, runs, scenes, grids, ground_truth(world, scenes), cfg.eval.grid_scenes)
+    write_toy_outputs(out, metrics, runs, scenes, grids, ground_truth(world, scenes), cfg.eval.grid_scenes,
+                      cfg.eval.target_effect)
     return metrics
 
 
 def write_toy_outputs(out: Path, metrics: Mapping[str, dict], runs: Mapping[str, Path | None],
                       scenes: Mapping[int, list[Scene]], grids: Mapping[str, Mapping[int, list[np.ndarray]]],
-                      truth: Mapping[str, float], grid_scenes: int) -> None:
+                      truth: Mapping[str, float], grid_scenes: int, target: float | None = None) -> None:
     """``report.md``, the PNG grids and the plots of :func:`evaluate_toy`."""
     from focusdpo.eval.plots import plot_method_comparison, plot_training_curves
 
     truth_line = ", ".join(f"{h} {truth[h]:.3f}" for h in HEADLINE)
-    (out / "report.md").write_text(toy_markdown(metrics) + f"\nGround-truth renders (the metrics' ceiling): "
-                                   f"{truth_line}.\n")
+    (out / "report.md").write_text(toy_markdown(metrics, target=target) + "\nGround-truth renders (the metrics' "
+                                   f"ceiling): {truth_line}.\n")
     plot_method_comparison(metrics, out / "metrics.png", names=HEADLINE, title="toy benchmark")
     for method, run_dir in runs.items():
         if run_dir is not None and (Path(run_dir) / "metrics.csv").is_file():

@@ -137,25 +137,30 @@ def label_pixels(image: np.ndarray, background: str) -> np.ndarray:
 
 
 def connected_components(mask: np.ndarray) -> list[np.ndarray]:
-    """4-connected components of a bool [H, W] mask, largest first, each a bool [H, W] mask."""
+    """4-connected components of a bool [H, W] mask, largest first (ties: the one whose first pixel comes first
+    in row-major order), each a bool [H, W] mask.
+
+    Vectorised label propagation: every set pixel starts with its own flat index as label and repeatedly takes
+    the smallest label among itself and its 4-neighbours, then the label of the pixel its label points to
+    (pointer jumping: labels are pixels of the same component); at the fixed point each component carries its
+    smallest pixel index.
+    """
     h, w = mask.shape
-    seen = np.zeros_like(mask, dtype=bool)
-    comps = []
-    for y0, x0 in zip(*np.nonzero(mask), strict=True):
-        if seen[y0, x0]:
-            continue
-        comp = np.zeros_like(mask, dtype=bool)
-        stack = [(y0, x0)]
-        seen[y0, x0] = True
-        while stack:
-            y, x = stack.pop()
-            comp[y, x] = True
-            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
-                    seen[ny, nx] = True
-                    stack.append((ny, nx))
-        comps.append(comp)
-    return sorted(comps, key=lambda c: -int(c.sum()))
+    size = h * w
+    mask = mask.astype(bool)
+    labels = np.where(mask, np.arange(size).reshape(h, w), size)
+    while True:
+        p = np.pad(labels, 1, constant_values=size)
+        nb = np.where(mask, np.minimum.reduce([labels, p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]]),
+                      size)
+        flat = nb.ravel()
+        jumped = np.where(mask.ravel(), flat[np.minimum(flat, size - 1)], size).reshape(h, w)
+        new = np.minimum(nb, jumped)
+        if np.array_equal(new, labels):
+            break
+        labels = new
+    roots, counts = np.unique(labels[mask], return_counts=True)
+    return [labels == roots[i] for i in np.lexsort((roots, -counts))]
 
 
 def slot_strips(positions: list[str], side: int) -> list[tuple[int, int]]:

@@ -96,6 +96,21 @@ def adapters_disabled(module: nn.Module) -> Iterator[None]:
             layer.enable_adapters(on)
 
 
+@contextmanager
+def adapters_merged(module: nn.Module) -> Iterator[None]:
+    """Adapters folded into the base weights inside the block (``W + scale * B A``: the same function with
+    float rounding, one matmul per layer instead of three) and unfolded in ``finally``. For inference only:
+    no gradient reaches the adapters while merged. A module without adapters runs unchanged."""
+    layers = [layer for layer in _tuner_layers(module) if not layer.disable_adapters]
+    for layer in layers:
+        layer.merge()
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.unmerge()
+
+
 def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """Adapter weights keyed without the adapter name, detached copies on their device."""
     if not has_lora(module):
