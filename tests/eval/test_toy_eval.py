@@ -81,6 +81,10 @@ def test_planted_perfect_generator_scores_the_ceiling(base_ckpt, monkeypatch, tm
     m = metrics["base"]
     assert m["fidelity"] == {"mean": 1.0, "std": 0.0, "per_seed": [1.0, 1.0], "ci": [1.0, 1.0], "se_boot": 0.0}
     assert m["units"]["fidelity"] == [1.0] * 8 and m["units"]["keys"][:3] == [[2, 0, 0, 0], [2, 0, 0, 1], [2, 1, 0, 0]]
+    per_subject = m["units"]["subjects"]  # one value per subject of each unit's scene: K = 2 then K = 3
+    assert [len(v) for v in per_subject["fidelity"]] == [k for k, *_ in m["units"]["keys"]]
+    assert all(v == 1.0 for row in per_subject["fidelity"] for v in row)
+    assert all(v == 0.0 for row in per_subject["leakage"] for v in row)
     assert m["leakage"]["per_seed"] == [0.0, 0.0] and m["prompt"]["mean"] == 1.0
     assert m["by_subjects"]["3"]["fidelity"]["mean"] == 1.0 and m["details"]["leak_rate"]["mean"] == 0.0
 

@@ -224,18 +224,23 @@ def unit_table(scores: Scores, samples_per_prompt: int) -> dict:
     """The per-unit scores of one method, the input of the paired bootstrap (:mod:`focusdpo.eval.stats`).
 
     Returns ``{"keys": [[k, sampling seed, sample, scene index], ...], "fidelity": [...], "leakage": [...],
-    "prompt": [...]}``, one entry per unit (subject count x sampling seed x sample x scene, in that nesting
-    order; the same for every method of an evaluation), scores in [0, 1] and None where a unit has no value.
+    "prompt": [...], "subjects": {"fidelity": [[per subject] ...], "leakage": [[...] ...]}}``, one entry per
+    unit (subject count x sampling seed x sample x scene, in that nesting order; the same for every method of
+    an evaluation), scores in [0, 1] and None where a unit has no value; ``subjects`` holds each unit's
+    per-subject scores in reference order (for analyses by subject, e.g. ``experiments/mechanism.py``).
     """
     keys: list[list[int]] = []
     values: dict[str, list[float | None]] = {h: [] for h in HEADLINE}
+    subjects: dict[str, list[list[float | None]]] = {"fidelity": [], "leakage": []}
     for k, by_seed in scores.items():
         for seed, results in by_seed.items():
             n_scenes = len(results) // samples_per_prompt
             keys += [[int(k), int(seed), j // n_scenes, j % n_scenes] for j in range(len(results))]
             for h in HEADLINE:
                 values[h] += [finite_or_none(float(r[h])) for r in results]
-    return {"keys": keys, **values}
+            for m in subjects:
+                subjects[m] += [[finite_or_none(float(sub[f"{m}_mean"])) for sub in r["subjects"]] for r in results]
+    return {"keys": keys, **values, "subjects": subjects}
 
 
 def unit_scores(entry: Mapping, metric: str) -> np.ndarray:
