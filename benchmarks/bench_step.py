@@ -267,12 +267,26 @@ def meta_pair_flops(k: int, p: Preset, layers: Sequence[int] | None = None) -> t
     return float(ref.get_total_flops()), float(pol.get_total_flops())
 
 
+def field_flops(k: int, p: Preset, layers: Sequence[int] | None = None, pairs: int = 1) -> float:
+    """FLOPs the attention field adds to one FocusDPO step with ``focus.tap_layer=all``: per block, one more
+    attention of the ``N`` target queries of the ``2 * pairs`` tapped images against all ``L`` keys with value
+    width ``head_dim`` (QK^T and PV: ``4 N L d`` per head); counted, not measured, as FlopCounterMode counts SDPA."""
+    n = (p.size // 16) ** 2
+    length = p.text_tokens + n + k * (p.ref_size // 16) ** 2
+    blocks = sum(layers) if layers else FLUX_DEV["num_layers"] + FLUX_DEV["num_single_layers"]
+    width = FLUX_DEV["num_attention_heads"] * FLUX_DEV["attention_head_dim"]
+    return 2 * pairs * blocks * 4 * n * length * width
+
+
 def print_meta_flops(args: argparse.Namespace, p: Preset) -> None:
-    print("| K | reference fwd TFLOP | policy fwd+bwd TFLOP | DPO pair TFLOP | floor at 800 TFLOP/s |")
-    print("|---|---|---|---|---|")
+    print("| K | reference fwd TFLOP | policy fwd+bwd TFLOP | DPO pair TFLOP | floor at 800 TFLOP/s "
+          "| attention field (tap_layer=all) TFLOP | FocusDPO/DPO FLOPs |")
+    print("|---|---|---|---|---|---|---|")
     for k in args.refs:
         ref, pol = meta_pair_flops(k, p, args.layers)
-        print(f"| {k} | {ref / 1e12:.1f} | {pol / 1e12:.1f} | {(ref + pol) / 1e12:.1f} | {(ref + pol) / 8e14:.3f} s |")
+        extra = field_flops(k, p, args.layers)
+        print(f"| {k} | {ref / 1e12:.1f} | {pol / 1e12:.1f} | {(ref + pol) / 1e12:.1f} | {(ref + pol) / 8e14:.3f} s "
+              f"| {extra / 1e12:.2f} | {(ref + pol + extra) / (ref + pol):.3f} |")
 
 
 def cpu_peak_flops(n: int = 1024, reps: int = 10) -> float:
