@@ -19,9 +19,9 @@ from focusdpo.config import Config
 
 # Budgets sized for 2 CPU cores: the full demo in under 10 minutes, --quick in under 2. The full one trains the
 # 100 steps that docs/results.md measured (FocusDPO and DPO: fidelity +0.02 over the base, leakage -0.01; 1000
-# steps lost the gain) and evaluates 96 scenes x 2 subject counts x 3 seeds = 576 paired units, enough to see a
-# difference of about 0.011 (a smaller sample could not tell that effect from noise).
-FULL_BUDGET = ("data.n_records=1000", "train.max_steps=100", "eval.n_scenes=96", "eval.seeds=[0,1,2]")
+# steps lost the gain) and evaluates 144 scenes x 2 subject counts x 3 seeds = 864 paired units, enough to see a
+# difference of about 0.01 in fidelity and leakage (a smaller sample could not tell that effect from noise).
+FULL_BUDGET = ("data.n_records=1000", "train.max_steps=100", "eval.n_scenes=144", "eval.seeds=[0,1,2]")
 QUICK_BUDGET = ("data.n_records=96", "train.max_steps=12", "train.warmup_steps=2", "eval.n_scenes=4",
                 "eval.seeds=[0]", "sample.steps=8")
 N_STRIPS = 2
