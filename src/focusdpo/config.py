@@ -116,7 +116,8 @@ class DataConfig:
 class ModelConfig:
     """The backbone (DESIGN sections 3-5)."""
 
-    backbone: str = _f("flux-tiny", "Backbone: flux-tiny (built-in, CPU) or flux (diffusers FLUX, UNO-style).")
+    backbone: str = _f("flux-tiny", "Backbone: flux-tiny (built-in, CPU), flux (diffusers FLUX.1, UNO-style) or flux2 "
+                                   "(diffusers FLUX.2 [klein], native multi-reference).")
     checkpoint: str | None = _f(None, "Base weights. flux-tiny: None = the base shipped with the package, or "
                                       "a folder written by `focusdpo pretrain`. flux: a local diffusers "
                                       "folder or hub id.")
@@ -139,7 +140,7 @@ class ModelConfig:
                                         "null: encode every time.")
 
     def __post_init__(self) -> None:
-        _choice("model.backbone", self.backbone, ("flux-tiny", "flux"))
+        _choice("model.backbone", self.backbone, ("flux-tiny", "flux", "flux2"))
         _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         for name in ("patch", "num_layers", "num_heads", "head_dim", "text_dim", "max_text_tokens"):
             _check(getattr(self, name) >= 1, f"model.{name}", getattr(self, name), ">= 1")

@@ -2,7 +2,8 @@
 
 ``flux-tiny``: the built-in in-context FLUX at a tiny size (pixel codec, small text encoder), loaded from the
 base shipped in ``focusdpo/assets/base`` or a ``focusdpo pretrain`` output. ``flux``: a full FLUX.1 model
-through ``focusdpo.backbones.flux_pretrained`` (VAE codec, T5 + CLIP text encoders).
+through ``focusdpo.backbones.flux_pretrained`` (VAE codec, T5 + CLIP text encoders). ``flux2``: FLUX.2 [klein]
+through ``focusdpo.backbones.flux2`` (FLUX.2 VAE, Qwen3 text encoder, native multi-reference sequence).
 """
 
 from __future__ import annotations
@@ -52,4 +53,8 @@ def load_backbone(cfg: ModelConfig, device: torch.device | str | None = None) ->
                                       "FLUX.1 loader), which this installation does not include")
         module = importlib.import_module("focusdpo.backbones.flux_pretrained")
         return module.load_flux_pretrained(cfg, device)
-    raise ValueError(f"model.backbone={cfg.backbone!r} is invalid: allowed flux-tiny, flux")
+    if cfg.backbone == "flux2":
+        from focusdpo.backbones.flux2 import load_flux2
+
+        return load_flux2(cfg, device)
+    raise ValueError(f"model.backbone={cfg.backbone!r} is invalid: allowed flux-tiny, flux, flux2")
