@@ -243,7 +243,8 @@ class LoraConfig:
 class TrainConfig:
     """The training loop (DESIGN 2.2-2.6, 7)."""
 
-    objective: str = _f("focusdpo", "Objective: " + ", ".join(OBJECTIVES) + ".")
+    objective: str = _f("focusdpo", "Objective: " + ", ".join(OBJECTIVES) + " or one registered in "
+                                    "focusdpo.objectives.")
     max_steps: int = _f(300, "Optimizer steps.")
     lr: float = _f(1e-4, "AdamW learning rate.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
@@ -267,7 +268,9 @@ class TrainConfig:
                                     "cost (CUDA needs CUBLAS_WORKSPACE_CONFIG=:4096:8); CPU runs are exact anyway.")
 
     def __post_init__(self) -> None:
-        _choice("train.objective", self.objective, OBJECTIVES)
+        from focusdpo.objectives import objective_names  # the registry: built-ins and registered ones
+
+        _choice("train.objective", self.objective, objective_names())
         _check(self.max_steps >= 1, "train.max_steps", self.max_steps, ">= 1")
         _check(self.lr > 0, "train.lr", self.lr, "> 0")
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
