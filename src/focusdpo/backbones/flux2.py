@@ -32,7 +32,7 @@ from torch import nn
 from focusdpo.backbones import flux2_tap
 from focusdpo.backbones.base import Codec, FocusTap, TextCond, TextEncoder, Tokens
 from focusdpo.backbones.flux import FluxInContext, _tap_masks
-from focusdpo.backbones.flux_tap import TapStore, parse_tap_layer, reference_values
+from focusdpo.backbones.flux_tap import TapStore, reference_values
 from focusdpo.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -93,16 +93,6 @@ class Flux2InContext(FluxInContext):
         self.block_names = flux2_tap.install(transformer, self._store)
         self._tap_blocks: list[str] = []
         self.tap_layer = tap_layer
-
-    @property
-    def tap_layer(self) -> str:
-        """The tapped block(s): ``"double:i"``, ``"single:i"`` or ``"all"``."""
-        return "all" if len(self._tap_blocks) > 1 else self._tap_blocks[0]
-
-    @tap_layer.setter
-    def tap_layer(self, spec: str | int | None) -> None:
-        n_double, n_single = len(self.transformer.transformer_blocks), len(self.transformer.single_transformer_blocks)
-        self._tap_blocks = parse_tap_layer(spec, n_double, n_single)
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, text: TextCond, refs: Sequence[Tokens],
                 grid: tuple[int, int], tap: bool = False, ref_masks: Sequence[torch.Tensor] | None = None
