@@ -6,7 +6,7 @@ Tolerance: ``atol = 5e-5`` on images in ``[0, 1]`` (float32 on the CPU). The two
 the pipeline passes ``timestep = (1000 sigma) / 1000`` and runs the conditional and unconditional forwards one
 at a time where ``generate`` passes ``sigma`` and batches them; measured max differences 3.2e-6 (references) and
 4.0e-6 (none). The LoRA moves the image by 0.04-0.05 (more than 100x the tolerance is asserted), so the test
-cannot pass with the adapter ignored.
+cannot pass with the adapter ignored. The ``focusdpo sample`` command itself is checked on its 8-bit PNG.
 """
 
 from __future__ import annotations
@@ -95,3 +95,24 @@ def test_exported_file_covers_both_block_kinds_with_the_scale_folded(run_dir) ->
     assert "transformer.transformer_blocks.0.attn.add_k_proj.lora_B.weight" in sd
     assert len(sd) == 2 * (2 * 8 + 2 * 1)  # double blocks: 8 targets; single blocks: the fused projection
     torch.testing.assert_close(sd[f"transformer.{key}.lora_B.weight"], ours[f"{key}.lora_B.weight"] * 0.5)
+
+
+def test_focusdpo_sample_command_draws_the_stock_pipelines_image(folder: str, run_dir, tmp_path) -> None:
+    """The command itself: ``focusdpo sample --run --prompt --ref`` writes a PNG grid whose sample cell is the
+    stock pipeline's image with the LoRA, to the 8-bit level (one level allowed where rounding straddles)."""
+    rng = np.random.default_rng(1)
+    arrays = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
+    for i, a in enumerate(arrays):
+        Image.fromarray(a).save(tmp_path / f"ref{i}.png")
+    result = CliRunner().invoke(app, [
+        "sample", "--run", str(run_dir), "--config", str(run_dir / "config.yaml"), "--prompt", PROMPT,
+        "--ref", str(tmp_path / "ref0.png"), "--ref", str(tmp_path / "ref1.png"), "--ref-size", "64", "--size", "64",
+        "--seed", "5", "--out", str(tmp_path / "grid.png"), "sample.steps=3", "sample.guidance=4.0"])
+    assert result.exit_code == 0, result.output
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    ours = grid[2:66, 2 + 2 * 66: 2 + 2 * 66 + 64].astype(int)  # cells: ref0 | ref1 | sample, 2 px padding
+    pipe = Flux2KleinPipeline.from_pretrained(folder)
+    pipe.load_lora_weights(str(run_dir))
+    theirs = _pipeline(pipe, [Image.fromarray(a) for a in arrays], SampleConfig(steps=3, guidance=4.0, seed=5))
+    theirs = (theirs[0].permute(1, 2, 0).numpy() * 255).round().astype(int)
+    assert np.abs(ours - theirs).max() <= 1 and (ours == theirs).mean() > 0.99
