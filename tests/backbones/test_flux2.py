@@ -142,3 +142,24 @@ def test_flux2_klein_yaml_loads_the_stack_with_caches(folder: str, tmp_path) -> 
     assert (bb.codec.hits, bb.codec.misses, bb.text_encoder.hits, bb.text_encoder.misses) == (1, 1, 1, 1)
     assert torch.equal(first.tokens, again.tokens) and torch.equal(text.tokens, text_again.tokens)
     assert text_again.pooled.shape == (1, 0) and text.tokens.shape == (1, 512, 48)
+
+
+def test_focusdpo_step_at_lora_init_is_log_2(backbone) -> None:
+    """The trainer's step on the FLUX.2 stack: policy == reference at B = 0, so the loss is exactly log 2, with the
+    focus computed from the FLUX.2 tap on the [positive; negative] batch."""
+    import math
+
+    from test_real_step import dip_batch
+
+    from focusdpo.config import Config, LoraConfig, TrainConfig
+    from focusdpo.train.step import NoiseKey, pair_step
+
+    cfg = Config(model=ModelConfig(backbone="flux2", patch=16), lora=LoraConfig(rank=4, alpha=4.0),
+                 train=TrainConfig(objective="focusdpo"))
+    backbone.add_lora(cfg.lora)
+    batch = dip_batch(size=64, ref=32)
+    batch["prompt"] = ["a dog and a cat", "a toy"]
+    out = pair_step(backbone.predict, backbone, batch, NoiseKey(seed=0, step=0), cfg)
+    assert out.loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert out.focus is not None and out.focus.W.shape == (2, 16)
+    assert torch.all((out.metrics["a"] >= 0) & (out.metrics["a"] <= 1))
