@@ -140,7 +140,9 @@ class ModelConfig:
                                         "null: encode every time.")
 
     def __post_init__(self) -> None:
-        _choice("model.backbone", self.backbone, ("flux-tiny", "flux", "flux2"))
+        from focusdpo.backbones import backbone_names  # the registry: built-ins and registered ones
+
+        _choice("model.backbone", self.backbone, backbone_names())
         _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         for name in ("patch", "num_layers", "num_heads", "head_dim", "text_dim", "max_text_tokens"):
             _check(getattr(self, name) >= 1, f"model.{name}", getattr(self, name), ">= 1")
