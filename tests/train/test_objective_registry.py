@@ -8,6 +8,7 @@ import torch
 from train_fixtures import tiny_config
 
 from focusdpo.backbones import load_backbone
+from focusdpo.compare import resolve_variants
 from focusdpo.config import ConfigError
 from focusdpo.data import ensure_toy_dip
 from focusdpo.data.dataset import DipDataset
@@ -59,3 +60,5 @@ def test_a_registered_objective_is_validated_and_trained_by_the_step(tiny_env, m
     assert out.metrics["a"].shape == (2,)  # focus metrics are logged for a focus objective
     direct, _ = objective_loss("focus-sft", e, weights=w)
     assert torch.allclose(direct.mean(), out.loss)
+    assert resolve_variants(["focus-sft", "dpo"]) == {"focus-sft": ("train.objective=focus-sft",),
+                                                      "dpo": ("train.objective=dpo",)}  # compare knows it too
