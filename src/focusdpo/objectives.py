@@ -4,8 +4,8 @@ An objective says what the step must compute for it (the reference model's error
 focus weights) and carries its loss. Config validation (``train.objective``), the training step,
 ``focusdpo.losses.objective_loss`` and ``focusdpo compare``'s variants read this registry, so a new objective is
 one module that calls :func:`register_objective` (plus its tests), and nothing else changes. The module must be
-imported before a config naming it is validated (library use; the CLI has no plugin hook yet). The four built-ins (``sft``, ``dpo``,
-``patchdpo``, ``focusdpo``) are registered by :mod:`focusdpo.losses`, which holds their math.
+imported before a config naming it is validated (library use; the CLI has no plugin hook yet). The four built-ins
+(``sft``, ``dpo``, ``patchdpo``, ``focusdpo``) are registered by :mod:`focusdpo.losses`, which holds their math.
 
 The loss signature, shared by every objective::
 
