@@ -19,6 +19,11 @@ Presets:
   target and references (1024 tokens each), 512 text tokens; the FLUX VAE architecture at random weights;
   text features from a fixed random stand-in for T5-XXL + CLIP-L (a per-prompt cost, the same for every
   objective). Needs about 45 GiB without checkpointing.
+- ``flux2-klein-4b``: the FLUX.2 [klein] 4B transformer architecture (5 double + 20 single blocks, 3072 wide,
+  128-channel tokens) at random weights in bf16 on CUDA behind the ``flux2`` backbone (native multi-reference
+  sequence, FLUX.2 focus tap), 512x512 target and references, 512 text tokens from a fixed random stand-in for
+  the Qwen3-4B features (7680 wide, no pooled vector); the FLUX.2 VAE architecture at random weights. LoRA r16
+  on the targets of ``configs/flux2-klein.yaml`` (double-stream attention + single-stream ``to_qkv_mlp_proj``).
 
 Both presets put the VAE behind :class:`focusdpo.backbones.vae.LatentCache` (``model.latent_cache``, the
 recommended setting): after warm-up every image is a cache hit, so the step times measure the transformer,
@@ -33,9 +38,10 @@ fp32 matmul rate). Memory: CUDA ``max_memory_allocated`` per objective; CPU: the
 
 Usage::
 
-    python benchmarks/bench_step.py [--preset cpu-tiny|flux-dev] [--refs 1 2] [--checkpointing off on]
+    python benchmarks/bench_step.py [--preset cpu-tiny|flux-dev|flux2-klein-4b] [--refs 1 2] [--checkpointing off on]
                                     [--compile off on] [--warmup 2] [--iters 5] [--threads N]
     python benchmarks/bench_step.py --preset flux-dev --flops-only     # FLOP count at full size, any machine
+    python benchmarks/bench_step.py --preset flux2-klein-4b --flops-only
     python benchmarks/bench_step.py --focus-cost                       # the focus maps and the tap, timed apart
 """
 
@@ -60,6 +66,8 @@ from focusdpo.train.step import NoiseKey, pair_step
 
 OBJECTIVES = ("sft", "dpo", "focusdpo", "focusdpo-cosine")
 LORA = LoraConfig(rank=16, alpha=16.0)
+LORA_FLUX2 = LoraConfig(rank=16, alpha=16.0, targets=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                                                      "add_v_proj", "to_add_out", "to_qkv_mlp_proj"])
 FLUX_DEV = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
             "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
             "guidance_embeds": True, "axes_dims_rope": (16, 56, 56)}
@@ -67,6 +75,11 @@ FLUX_VAE = {"in_channels": 3, "out_channels": 3, "down_block_types": ("DownEncod
             "up_block_types": ("UpDecoderBlock2D",) * 4, "block_out_channels": (128, 256, 512, 512),
             "layers_per_block": 2, "latent_channels": 16, "norm_num_groups": 32, "sample_size": 1024,
             "scaling_factor": 0.3611, "shift_factor": 0.1159, "use_quant_conv": False, "use_post_quant_conv": False}
+
+FLUX2_KLEIN_4B = {"patch_size": 1, "in_channels": 128, "num_layers": 5, "num_single_layers": 20,
+                  "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 7680,
+                  "timestep_guidance_channels": 256, "mlp_ratio": 3.0, "axes_dims_rope": (32, 32, 32, 32),
+                  "rope_theta": 2000, "guidance_embeds": False}  # black-forest-labs/FLUX.2-klein-4B transformer/
 
 
 @dataclass
@@ -79,7 +92,8 @@ class Preset:
 
 
 PRESETS = {"cpu-tiny": Preset(64, 64, 32, torch.float32, "cpu"),
-           "flux-dev": Preset(512, 512, 512, torch.bfloat16, "cuda")}
+           "flux-dev": Preset(512, 512, 512, torch.bfloat16, "cuda"),
+           "flux2-klein-4b": Preset(512, 512, 512, torch.bfloat16, "cuda")}
 
 
 class RandomText:
@@ -110,7 +124,6 @@ def build_backbone(preset: str, tmp: Path, latent_cache: bool, p: Preset, layers
     ``layers``: ``(double, single)`` block counts replacing FLUX.1-dev's (19, 38), for a quick run of the
     flux-dev code path on a small machine.
     """
-    from focusdpo.backbones.vae import FluxVAECodec, LatentCache
 
     if preset == "cpu-tiny":
         from focusdpo.backbones import load_backbone
@@ -121,26 +134,49 @@ def build_backbone(preset: str, tmp: Path, latent_cache: bool, p: Preset, layers
                           max_text_tokens=p.text_tokens, latent_cache=str(tmp / "latents") if latent_cache else None)
         bb = load_backbone(cfg, device=p.device)
     else:
-        from diffusers import AutoencoderKL, FluxTransformer2DModel
-
-        from focusdpo.backbones.flux import FluxInContext
-
-        device = torch.device(p.device)
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(p.dtype)  # build in bf16 directly: 24 GB instead of a 48 GB fp32 detour
-        try:
-            with device:
-                arch = {**FLUX_DEV, **(dict(zip(("num_layers", "num_single_layers"), layers, strict=True))
-                                       if layers else {})}
-                transformer = FluxTransformer2DModel(**arch).requires_grad_(False)
-                vae = AutoencoderKL(**FLUX_VAE)
-        finally:
-            torch.set_default_dtype(default)
-        codec = FluxVAECodec(vae, device=device)
-        bb = FluxInContext(transformer, LatentCache(codec, tmp / "latents") if latent_cache else codec,
-                           RandomText(p.text_tokens, device, p.dtype), guidance=4.0)
-    bb.add_lora(LORA)
+        bb = _random_stack(preset, tmp, latent_cache, p, layers)
+    bb.add_lora(LORA_FLUX2 if preset.startswith("flux2") else LORA)
     return bb
+
+
+def _arch(preset: str, layers: Sequence[int] | None) -> dict:
+    """The transformer config of ``preset`` with ``layers = (double, single)`` block counts when given."""
+    arch = FLUX2_KLEIN_4B if preset.startswith("flux2") else FLUX_DEV
+    return {**arch, **(dict(zip(("num_layers", "num_single_layers"), layers, strict=True)) if layers else {})}
+
+
+def _random_stack(preset: str, tmp: Path, latent_cache: bool, p: Preset, layers: Sequence[int] | None):
+    """The full-size architecture of ``preset`` at random weights in ``p.dtype`` on ``p.device``, no LoRA."""
+    from diffusers import (
+        AutoencoderKL,
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2Transformer2DModel,
+        FluxTransformer2DModel,
+    )
+
+    from focusdpo.backbones.flux import FluxInContext
+    from focusdpo.backbones.flux2 import Flux2InContext
+    from focusdpo.backbones.flux2_vae import Flux2VAECodec
+    from focusdpo.backbones.vae import FluxVAECodec, LatentCache
+
+    flux2 = preset.startswith("flux2")
+    device = torch.device(p.device)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(p.dtype)  # build in bf16 directly: no fp32 detour of the full model
+    try:
+        with device:
+            transformer = (Flux2Transformer2DModel if flux2 else FluxTransformer2DModel)(**_arch(preset, layers))
+            transformer.requires_grad_(False)
+            vae = AutoencoderKLFlux2() if flux2 else AutoencoderKL(**FLUX_VAE)  # AutoencoderKLFlux2(): FLUX.2's VAE
+    finally:
+        torch.set_default_dtype(default)
+    codec = (Flux2VAECodec if flux2 else FluxVAECodec)(vae, device=device)
+    codec = LatentCache(codec, tmp / "latents") if latent_cache else codec
+    if flux2:
+        text = RandomText(p.text_tokens, device, p.dtype, dim=FLUX2_KLEIN_4B["joint_attention_dim"], pooled=0)
+        return Flux2InContext(transformer, codec, text, FlowMatchEulerDiscreteScheduler())
+    return FluxInContext(transformer, codec, RandomText(p.text_tokens, device, p.dtype), guidance=4.0)
 
 
 def make_batch(size: int, ref_size: int, k: int, patch: int, b: int = 1, seed: int = 0) -> dict:
@@ -234,29 +270,31 @@ def model_flops(run: StepRunner) -> float:
     return float(counter.get_total_flops())
 
 
-def meta_pair_flops(k: int, p: Preset, layers: Sequence[int] | None = None) -> tuple[float, float]:
+def meta_pair_flops(k: int, p: Preset, layers: Sequence[int] | None = None, preset: str = "flux-dev"
+                    ) -> tuple[float, float]:
     """``(reference forward, policy forward + backward)`` FLOPs of one DPO pair (positive + negative) through
-    the FLUX.1-dev transformer with LoRA r16, counted on the meta device: no memory, no GPU, no weights."""
-    from diffusers import FluxTransformer2DModel
+    the transformer of ``preset`` (FLUX.1-dev or FLUX.2 [klein] 4B) with LoRA r16, counted on the meta device:
+    no memory, no GPU, no weights."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from focusdpo.backbones.flux import position_ids
     from focusdpo.train.lora import adapters_disabled, attach_lora
 
-    arch = {**FLUX_DEV, **(dict(zip(("num_layers", "num_single_layers"), layers, strict=True)) if layers else {})}
+    flux2 = preset.startswith("flux2")
     with torch.device("meta"):
-        tr = FluxTransformer2DModel(**arch).to(torch.bfloat16).requires_grad_(False)
-    attach_lora(tr, LORA)
+        if flux2:
+            from diffusers import Flux2Transformer2DModel
+
+            tr = Flux2Transformer2DModel(**_arch(preset, layers)).to(torch.bfloat16).requires_grad_(False)
+        else:
+            from diffusers import FluxTransformer2DModel
+
+            tr = FluxTransformer2DModel(**_arch(preset, layers)).to(torch.bfloat16).requires_grad_(False)
+    attach_lora(tr, LORA_FLUX2 if flux2 else LORA)
     g, r = p.size // 16, p.ref_size // 16
+    inputs = _meta_inputs(flux2, g, r, k, p.text_tokens)
 
     def run(grad: bool) -> None:
-        meta = {"device": "meta", "dtype": torch.bfloat16}
-        out = tr(hidden_states=torch.randn(2, g * g + k * r * r, 64, **meta),
-                 encoder_hidden_states=torch.randn(2, p.text_tokens, 4096, **meta),
-                 pooled_projections=torch.randn(2, 768, **meta), timestep=torch.rand(2, device="meta"),
-                 img_ids=position_ids((g, g), [(r, r)] * k, torch.device("meta")).float(),
-                 txt_ids=torch.zeros(p.text_tokens, 3, device="meta"), guidance=torch.full((2,), 4.0, device="meta"),
-                 return_dict=False)[0]
+        out = tr(**inputs, timestep=torch.rand(2, device="meta"), return_dict=False)[0]
         if grad:
             out[:, : g * g].float().square().mean().backward()
 
@@ -267,15 +305,37 @@ def meta_pair_flops(k: int, p: Preset, layers: Sequence[int] | None = None) -> t
     return float(ref.get_total_flops()), float(pol.get_total_flops())
 
 
-def field_flops(k: int, p: Preset, layers: Sequence[int] | None = None, pairs: int = 1) -> float:
+def field_flops(k: int, p: Preset, layers: Sequence[int] | None = None, pairs: int = 1,
+                preset: str = "flux-dev") -> float:
     """FLOPs the attention field adds to one FocusDPO step with ``focus.tap_layer=all``: per block, one more
     attention of the ``N`` target queries of the ``2 * pairs`` tapped images against all ``L`` keys with value
     width ``head_dim`` (QK^T and PV: ``4 N L d`` per head); counted, not measured, as FlopCounterMode counts SDPA."""
+    arch = _arch(preset, layers)
     n = (p.size // 16) ** 2
     length = p.text_tokens + n + k * (p.ref_size // 16) ** 2
-    blocks = sum(layers) if layers else FLUX_DEV["num_layers"] + FLUX_DEV["num_single_layers"]
-    width = FLUX_DEV["num_attention_heads"] * FLUX_DEV["attention_head_dim"]
+    blocks = arch["num_layers"] + arch["num_single_layers"]
+    width = arch["num_attention_heads"] * arch["attention_head_dim"]
     return 2 * pairs * blocks * 4 * n * length * width
+
+
+def _meta_inputs(flux2: bool, g: int, r: int, k: int, text_tokens: int) -> dict:
+    """Transformer inputs of a pair (batch 2): target ``g x g`` tokens, ``k`` references of ``r x r``."""
+    meta = {"device": "meta", "dtype": torch.bfloat16}
+    n = g * g + k * r * r
+    if flux2:
+        from focusdpo.backbones.flux2 import position_ids, text_ids
+
+        return {"hidden_states": torch.randn(2, n, 128, **meta),
+                "encoder_hidden_states": torch.randn(2, text_tokens, FLUX2_KLEIN_4B["joint_attention_dim"], **meta),
+                "img_ids": position_ids((g, g), [(r, r)] * k, torch.device("meta")),
+                "txt_ids": text_ids(text_tokens, torch.device("meta")), "guidance": None}
+    from focusdpo.backbones.flux import position_ids
+
+    return {"hidden_states": torch.randn(2, n, 64, **meta),
+            "encoder_hidden_states": torch.randn(2, text_tokens, 4096, **meta),
+            "pooled_projections": torch.randn(2, 768, **meta),
+            "img_ids": position_ids((g, g), [(r, r)] * k, torch.device("meta")).float(),
+            "txt_ids": torch.zeros(text_tokens, 3, device="meta"), "guidance": torch.full((2,), 4.0, device="meta")}
 
 
 def print_meta_flops(args: argparse.Namespace, p: Preset) -> None:
@@ -283,8 +343,8 @@ def print_meta_flops(args: argparse.Namespace, p: Preset) -> None:
           "| attention field (tap_layer=all) TFLOP | FocusDPO/DPO FLOPs |")
     print("|---|---|---|---|---|---|---|")
     for k in args.refs:
-        ref, pol = meta_pair_flops(k, p, args.layers)
-        extra = field_flops(k, p, args.layers)
+        ref, pol = meta_pair_flops(k, p, args.layers, args.preset)
+        extra = field_flops(k, p, args.layers, preset=args.preset)
         print(f"| {k} | {ref / 1e12:.1f} | {pol / 1e12:.1f} | {(ref + pol) / 1e12:.1f} | {(ref + pol) / 8e14:.3f} s "
               f"| {extra / 1e12:.2f} | {(ref + pol + extra) / (ref + pol):.3f} |")
 
@@ -409,9 +469,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--focus-cost", action="store_true",
                     help="Time the focus maps and the feature tap apart from the step, then exit.")
     ap.add_argument("--flops-only", action="store_true",
-                    help="flux-dev: count the transformer FLOPs of one DPO pair on the meta device and exit (no GPU).")
+                    help="flux-dev, flux2-klein-4b: count the transformer FLOPs of one DPO pair on the meta device "
+                         "and exit (no GPU).")
     ap.add_argument("--layers", type=int, nargs=2, default=None, metavar=("DOUBLE", "SINGLE"),
-                    help="flux-dev: block counts instead of 19 38 (a quick run of the code path).")
+                    help="flux-dev, flux2-klein-4b: block counts instead of 19 38 / 5 20 (a quick run of the code "
+                         "path).")
     return ap.parse_args()
 
 
@@ -424,7 +486,7 @@ def main() -> None:
                getattr(torch, args.dtype) if args.dtype else base.dtype, args.device or base.device)
     args.sizes = p
     if args.flops_only:
-        print(f"# FLUX transformer FLOPs per DPO pair, {p.size} px target, {p.ref_size} px references, "
+        print(f"# {args.preset} transformer FLOPs per DPO pair, {p.size} px target, {p.ref_size} px references, "
               f"{p.text_tokens} text tokens, LoRA r{LORA.rank} (meta device)")
         print_meta_flops(args, p)
         return

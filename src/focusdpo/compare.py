@@ -52,11 +52,15 @@ LOWER_IS_BETTER = {"leakage"}
 
 
 def resolve_variants(names: Sequence[str]) -> dict[str, tuple[str, ...]]:
-    """Known variant names -> overrides; an unknown name raises ValueError listing the known ones."""
-    unknown = [n for n in names if n not in VARIANTS]
+    """Known variant names -> overrides; an unknown name raises ValueError listing the known ones. Every objective
+    of the registry (:mod:`focusdpo.objectives`) is a variant under its own name."""
+    from focusdpo.objectives import objective_names
+
+    known = {**VARIANTS, **{n: (f"train.objective={n}",) for n in objective_names() if n not in VARIANTS}}
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"unknown variant(s) {', '.join(unknown)}: allowed {', '.join(VARIANTS)}")
-    return {n: VARIANTS[n] for n in names}
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)}: allowed {', '.join(known)}")
+    return {n: known[n] for n in names}
 
 
 def train_runs(cfg: Config, variants: Mapping[str, Sequence[str]], seeds: Sequence[int], runs_dir: Path,

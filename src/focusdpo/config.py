@@ -116,7 +116,8 @@ class DataConfig:
 class ModelConfig:
     """The backbone (DESIGN sections 3-5)."""
 
-    backbone: str = _f("flux-tiny", "Backbone: flux-tiny (built-in, CPU) or flux (diffusers FLUX, UNO-style).")
+    backbone: str = _f("flux-tiny", "Backbone: flux-tiny (built-in, CPU), flux (diffusers FLUX.1, UNO-style) or flux2 "
+                                   "(diffusers FLUX.2 [klein], native multi-reference).")
     checkpoint: str | None = _f(None, "Base weights. flux-tiny: None = the base shipped with the package, or "
                                       "a folder written by `focusdpo pretrain`. flux: a local diffusers "
                                       "folder or hub id.")
@@ -139,7 +140,9 @@ class ModelConfig:
                                         "null: encode every time.")
 
     def __post_init__(self) -> None:
-        _choice("model.backbone", self.backbone, ("flux-tiny", "flux"))
+        from focusdpo.backbones import backbone_names  # the registry: built-ins and registered ones
+
+        _choice("model.backbone", self.backbone, backbone_names())
         _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         for name in ("patch", "num_layers", "num_heads", "head_dim", "text_dim", "max_text_tokens"):
             _check(getattr(self, name) >= 1, f"model.{name}", getattr(self, name), ">= 1")
@@ -242,7 +245,8 @@ class LoraConfig:
 class TrainConfig:
     """The training loop (DESIGN 2.2-2.6, 7)."""
 
-    objective: str = _f("focusdpo", "Objective: " + ", ".join(OBJECTIVES) + ".")
+    objective: str = _f("focusdpo", "Objective: " + ", ".join(OBJECTIVES) + " or one registered in "
+                                    "focusdpo.objectives.")
     max_steps: int = _f(300, "Optimizer steps.")
     lr: float = _f(1e-4, "AdamW learning rate.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
@@ -266,7 +270,9 @@ class TrainConfig:
                                     "cost (CUDA needs CUBLAS_WORKSPACE_CONFIG=:4096:8); CPU runs are exact anyway.")
 
     def __post_init__(self) -> None:
-        _choice("train.objective", self.objective, OBJECTIVES)
+        from focusdpo.objectives import objective_names  # the registry: built-ins and registered ones
+
+        _choice("train.objective", self.objective, objective_names())
         _check(self.max_steps >= 1, "train.max_steps", self.max_steps, ">= 1")
         _check(self.lr > 0, "train.lr", self.lr, "> 0")
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")

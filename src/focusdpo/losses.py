@@ -14,7 +14,8 @@ DPO (DESIGN 2.2), per pair::
 it is logged as ``margin``, and ``implicit_acc = [inside > 0]`` (a tie, e.g. policy == reference at the first
 step, counts as wrong).
 
-Objectives (``objective_loss``):
+Objectives (``objective_loss``; each is registered in :mod:`focusdpo.objectives`, which the config and the step
+read, so a new objective registers itself there and touches nothing here):
 
 - ``sft``: ``L = mean_n e_theta(x^w)[n]``; no reference, no negative.
 - ``dpo``: the DPO loss above with ``W = 1``, exactly Diffusion-DPO (Wallace et al. 2023) in token form.
@@ -34,27 +35,17 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from focusdpo.config import OBJECTIVES
-
-_NEEDS_REFERENCE = {"sft": False, "dpo": True, "patchdpo": False, "focusdpo": True}
-_NEEDS_NEGATIVE = {"sft": False, "dpo": True, "patchdpo": True, "focusdpo": True}
-
-
-def _check_name(name: str) -> None:
-    if name not in OBJECTIVES:
-        raise ValueError(f"objective {name!r} is unknown: allowed {', '.join(OBJECTIVES)}")
+from focusdpo.objectives import Objective, get_objective, register_objective
 
 
 def needs_reference(name: str) -> bool:
     """Whether objective ``name`` needs the reference model's errors (adapters off)."""
-    _check_name(name)
-    return _NEEDS_REFERENCE[name]
+    return get_objective(name).needs_reference
 
 
 def needs_negative(name: str) -> bool:
     """Whether objective ``name`` needs the negative image's errors."""
-    _check_name(name)
-    return _NEEDS_NEGATIVE[name]
+    return get_objective(name).needs_negative
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
@@ -194,10 +185,11 @@ def objective_loss(name: str, pol_w: torch.Tensor, pol_l: torch.Tensor | None = 
                    weights: torch.Tensor | Sequence[torch.Tensor] | None = None,
                    m_prior_tok: torch.Tensor | None = None, beta: float | None = None, lambda_sft: float = 0.0,
                    patch_alpha: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One entry point for the objectives of DESIGN 2.6: ``sft``, ``dpo``, ``patchdpo``, ``focusdpo``.
+    """One entry point for the objectives of DESIGN 2.6: ``sft``, ``dpo``, ``patchdpo``, ``focusdpo``, and any
+    objective registered in :mod:`focusdpo.objectives`.
 
     Args:
-        name: the objective; any other name raises ``ValueError``.
+        name: a registered objective; any other name raises ``ValueError``.
         pol_w, pol_l: ``[B, N]`` policy token errors on the positive / negative (``token_errors``).
         ref_w, ref_l: ``[B, N]`` reference token errors (detached); ``dpo`` and ``focusdpo`` only.
         weights: ``focusdpo``: ``[B, N]`` focus weights for both sides, or a pair ``(W_w, W_l)``; detached.
@@ -213,15 +205,29 @@ def objective_loss(name: str, pol_w: torch.Tensor, pol_l: torch.Tensor | None = 
         with a negative; DPO objectives add ``implicit_acc``, ``margin``, ``ref_err_w``, ``ref_err_l``, ``sft``
         and, given ``m_prior_tok``, ``w_in_prior``/``w_out_prior``. Errors are the weighted ``E`` values.
     """
-    _check_name(name)
+    objective = get_objective(name)
     if pol_w.dim() != 2:
         raise ValueError(f"pol_w has shape {tuple(pol_w.shape)}: expected token errors [B, N]")
     _require(name, pol_w.shape, pol_w=pol_w)
-    if name == "sft":
-        return _sft(pol_w)
-    if name == "patchdpo":
-        _require(name, pol_w.shape, pol_l=pol_l, m_prior_tok=m_prior_tok)
-        return _patchdpo(pol_w, pol_l, m_prior_tok, patch_alpha)
+    return objective.loss(pol_w, pol_l, ref_w, ref_l, weights, m_prior_tok, beta, lambda_sft, patch_alpha)
+
+
+def _sft_loss(pol_w: torch.Tensor, *_: object) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    return _sft(pol_w)
+
+
+def _patchdpo_loss(pol_w: torch.Tensor, pol_l: torch.Tensor | None, _ref_w: object, _ref_l: object, _weights: object,
+                   m_prior_tok: torch.Tensor | None, _beta: object, _lambda_sft: object, patch_alpha: float
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    _require("patchdpo", pol_w.shape, pol_l=pol_l, m_prior_tok=m_prior_tok)
+    return _patchdpo(pol_w, pol_l, m_prior_tok, patch_alpha)
+
+
+def _dpo_objective_loss(name: str, pol_w: torch.Tensor, pol_l: torch.Tensor | None, ref_w: torch.Tensor | None,
+                        ref_l: torch.Tensor | None, weights: torch.Tensor | Sequence[torch.Tensor] | None,
+                        m_prior_tok: torch.Tensor | None, beta: float | None, lambda_sft: float
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``dpo`` (``W = 1``) and ``focusdpo`` (focus weights): the DPO loss plus ``lambda_sft * E_theta(x^w)``."""
     _require(name, pol_w.shape, pol_l=pol_l, ref_w=ref_w, ref_l=ref_l)
     if not lambda_sft >= 0:
         raise ValueError(f"lambda_sft={lambda_sft!r} is invalid: expected >= 0")
@@ -244,3 +250,27 @@ def objective_loss(name: str, pol_w: torch.Tensor, pol_l: torch.Tensor | None = 
     w_logged = torch.ones_like(pol_w) if w_w is None else w_w
     metrics.update(loss=loss.detach(), sft=sft.detach(), **_prior_metrics(w_logged, m_prior_tok))
     return loss, metrics
+
+
+def _dpo_loss(pol_w: torch.Tensor, pol_l: torch.Tensor | None, ref_w: torch.Tensor | None,
+              ref_l: torch.Tensor | None, weights: object, m_prior_tok: torch.Tensor | None, beta: float | None,
+              lambda_sft: float, _patch_alpha: object = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    return _dpo_objective_loss("dpo", pol_w, pol_l, ref_w, ref_l, weights, m_prior_tok, beta, lambda_sft)
+
+
+def _focusdpo_loss(pol_w: torch.Tensor, pol_l: torch.Tensor | None, ref_w: torch.Tensor | None,
+                   ref_l: torch.Tensor | None, weights: object, m_prior_tok: torch.Tensor | None, beta: float | None,
+                   lambda_sft: float, _patch_alpha: object = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    return _dpo_objective_loss("focusdpo", pol_w, pol_l, ref_w, ref_l, weights, m_prior_tok, beta, lambda_sft)
+
+
+for _objective in (
+        Objective("sft", needs_reference=False, needs_negative=False, uses_focus=False, loss=_sft_loss,
+                  summary="flow regression on the positives"),
+        Objective("dpo", needs_reference=True, needs_negative=True, uses_focus=False, loss=_dpo_loss,
+                  summary="Diffusion-DPO (W = 1)"),
+        Objective("patchdpo", needs_reference=False, needs_negative=True, uses_focus=False, loss=_patchdpo_loss,
+                  summary="PatchDPO-style patch-weighted regression, no reference model"),
+        Objective("focusdpo", needs_reference=True, needs_negative=True, uses_focus=True, loss=_focusdpo_loss,
+                  summary="DPO with the adaptive focus weights")):
+    register_objective(_objective, replace=True)

@@ -98,22 +98,31 @@ def generate(backbone: Backbone, prompts: Sequence[str], references: Sequence[to
              callback: Callable[[int, torch.Tensor, torch.Tensor, float], None] | None = None) -> torch.Tensor:
     """Sample one image per prompt.
 
-    references: K tensors ``float [B, 3, h_k, w_k]`` in ``[0, 1]`` (reference order = order of mention);
-    size: ``(H, W)`` pixels. ``seed`` (default ``cfg.seed``) fixes the noise: same inputs, same images.
+    references: K tensors ``float [B, 3, h_k, w_k]`` in ``[0, 1]`` (reference order = order of mention; K = 0
+    for a backbone with its own sampling convention); size: ``(H, W)`` pixels. ``seed`` (default ``cfg.seed``)
+    fixes the noise: same inputs, same images. A backbone may bring its own convention (optional methods
+    ``initial_noise(B, grid, seed) -> [B, N, C]`` and ``sampling_sigmas(steps, N, shift) -> [steps + 1]``, as
+    FLUX.2 does to match its stock pipeline); else FLUX.1's :func:`flux_sigmas` and :func:`initial_noise`.
     Returns ``float [B, 3, H, W]`` in ``[0, 1]``.
     """
     b = len(prompts)
-    if not references or any(r.shape[0] != b or r.ndim != 4 for r in references):
+    own_noise = hasattr(backbone, "initial_noise")  # a backbone with its own convention (FLUX.2) may take K = 0
+    if (not references and not own_noise) or any(r.shape[0] != b or r.ndim != 4 for r in references):
         raise ValueError(f"generate: references must be K >= 1 tensors [B={b}, 3, h, w], got "
                          f"{[tuple(r.shape) for r in references]}")
     grid = backbone.token_grid(size)
     refs = [backbone.encode_images(r) for r in references]
     text = backbone.encode_prompts(prompts)
     uncond = backbone.encode_prompts([""] * b) if cfg.guidance != 1.0 else None
-    n = grid[0] * grid[1]
-    channels = refs[0].tokens.shape[2]
-    x = initial_noise((b, n, channels), cfg.seed if seed is None else seed, backbone.device)
-    sigmas = flux_sigmas(cfg.steps, n, cfg.time_shift)
+    n, seed = grid[0] * grid[1], cfg.seed if seed is None else seed
+    if own_noise:
+        x = backbone.initial_noise(b, grid, seed)
+    else:
+        x = initial_noise((b, n, refs[0].tokens.shape[2]), seed, backbone.device)
+    if hasattr(backbone, "sampling_sigmas"):
+        sigmas = backbone.sampling_sigmas(cfg.steps, n, cfg.time_shift)
+    else:
+        sigmas = flux_sigmas(cfg.steps, n, cfg.time_shift)
     cond = {"text": text, "refs": refs, "grid": grid, "uncond": uncond}
     x = sample(backbone_model_fn(backbone, cfg.guidance), x, sigmas, cond, callback)
     return backbone.decode_tokens(x, grid)

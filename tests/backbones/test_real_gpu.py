@@ -30,3 +30,23 @@ def test_bf16_focusdpo_step_on_cuda(tmp_path) -> None:
     out.loss.backward()
     grads = [p.grad for n, p in bb.transformer.named_parameters() if ".lora_B." in n]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_bf16_flux2_focusdpo_step_on_cuda(tmp_path) -> None:
+    from test_real_step import dip_batch
+
+    from flux2_tiny import write_tiny_flux2_folder
+
+    folder = write_tiny_flux2_folder(tmp_path, seed=0)
+    cfg = Config(model=ModelConfig(backbone="flux2", checkpoint=str(folder), max_text_tokens=64, patch=16,
+                                   dtype="bfloat16", offload_encoders=True),
+                 lora=LoraConfig(rank=4, alpha=4.0), train=TrainConfig(objective="focusdpo"))
+    bb = load_backbone(cfg.model, device="cuda")
+    bb.add_lora(cfg.lora)
+    batch = dip_batch(size=64, ref=32)
+    batch["prompt"] = ["a dog and a cat", "a toy"]
+    out = pair_step(bb.predict, bb, batch, NoiseKey(seed=0, step=0), cfg)
+    assert out.loss.item() == pytest.approx(math.log(2), abs=1e-3)
+    out.loss.backward()
+    grads = [p.grad for n, p in bb.transformer.named_parameters() if ".lora_B." in n]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -2,13 +2,15 @@
 
 ``flux-tiny``: the built-in in-context FLUX at a tiny size (pixel codec, small text encoder), loaded from the
 base shipped in ``focusdpo/assets/base`` or a ``focusdpo pretrain`` output. ``flux``: a full FLUX.1 model
-through ``focusdpo.backbones.flux_pretrained`` (VAE codec, T5 + CLIP text encoders).
+through ``focusdpo.backbones.flux_pretrained`` (VAE codec, T5 + CLIP text encoders). ``flux2``: FLUX.2 [klein]
+through ``focusdpo.backbones.flux2`` (FLUX.2 VAE, Qwen3 text encoder, native multi-reference sequence).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -17,8 +19,8 @@ import torch
 from focusdpo.backbones.base import Backbone, Codec, FocusTap, TextCond, TextEncoder, Tokens
 from focusdpo.config import ModelConfig
 
-__all__ = ["Backbone", "Codec", "FocusTap", "TextCond", "TextEncoder", "Tokens", "load_backbone", "shipped_base_path",
-           "tiny_checkpoint_file"]
+__all__ = ["Backbone", "Codec", "FocusTap", "TextCond", "TextEncoder", "Tokens", "backbone_names", "load_backbone",
+           "register_backbone", "shipped_base_path", "tiny_checkpoint_file"]
 
 CHECKPOINT_FILE = "model.safetensors"
 
@@ -40,16 +42,47 @@ def tiny_checkpoint_file(checkpoint: str | None) -> Path:
     return path
 
 
+Loader = Callable[[ModelConfig, "torch.device | str | None"], Backbone]
+
+
+def _load_flux_tiny(cfg: ModelConfig, device: torch.device | str | None) -> Backbone:
+    from focusdpo.backbones.flux import load_tiny
+
+    return load_tiny(tiny_checkpoint_file(cfg.checkpoint), cfg, device)
+
+
+def _load_flux(cfg: ModelConfig, device: torch.device | str | None) -> Backbone:
+    if importlib.util.find_spec("focusdpo.backbones.flux_pretrained") is None:
+        raise NotImplementedError("model.backbone=flux needs focusdpo.backbones.flux_pretrained (the full "
+                                  "FLUX.1 loader), which this installation does not include")
+    module = importlib.import_module("focusdpo.backbones.flux_pretrained")
+    return module.load_flux_pretrained(cfg, device)
+
+
+def _load_flux2(cfg: ModelConfig, device: torch.device | str | None) -> Backbone:
+    from focusdpo.backbones.flux2 import load_flux2
+
+    return load_flux2(cfg, device)
+
+
+# name -> loader: the one line a new backbone adds (its module is imported only when it is chosen)
+_LOADERS: dict[str, Loader] = {"flux-tiny": _load_flux_tiny, "flux": _load_flux, "flux2": _load_flux2}
+
+
+def register_backbone(name: str, loader: Loader, replace: bool = False) -> None:
+    """Make ``model.backbone=name`` load with ``loader(cfg.model, device) -> Backbone``."""
+    if name in _LOADERS and not replace:
+        raise ValueError(f"backbone {name!r} is already registered; pass replace=True to override it")
+    _LOADERS[name] = loader
+
+
+def backbone_names() -> tuple[str, ...]:
+    """The names ``model.backbone`` accepts."""
+    return tuple(_LOADERS)
+
+
 def load_backbone(cfg: ModelConfig, device: torch.device | str | None = None) -> Backbone:
     """Build the backbone named by ``cfg.backbone`` with frozen base weights on ``device`` (default CPU)."""
-    if cfg.backbone == "flux-tiny":
-        from focusdpo.backbones.flux import load_tiny
-
-        return load_tiny(tiny_checkpoint_file(cfg.checkpoint), cfg, device)
-    if cfg.backbone == "flux":
-        if importlib.util.find_spec("focusdpo.backbones.flux_pretrained") is None:
-            raise NotImplementedError("model.backbone=flux needs focusdpo.backbones.flux_pretrained (the full "
-                                      "FLUX.1 loader), which this installation does not include")
-        module = importlib.import_module("focusdpo.backbones.flux_pretrained")
-        return module.load_flux_pretrained(cfg, device)
-    raise ValueError(f"model.backbone={cfg.backbone!r} is invalid: allowed flux-tiny, flux")
+    if cfg.backbone not in _LOADERS:
+        raise ValueError(f"model.backbone={cfg.backbone!r} is invalid: allowed {', '.join(_LOADERS)}")
+    return _LOADERS[cfg.backbone](cfg, device)

@@ -140,7 +140,8 @@ def write_tiny_flux_folder(path: str | Path, **kwargs) -> Path:
 def cache_latents_command(cfg, device: torch.device | str = "cpu", batch_size: int = 8,
                           progress=None) -> dict[str, tuple[int, int]]:
     """``focusdpo cache-latents``: fill ``cfg.model.latent_cache`` with the VAE latents of every image and the
-    T5 + CLIP features of every prompt of the DIP set ``cfg.data.path`` (loads no transformer).
+    text features (FLUX.1: T5 + CLIP; FLUX.2: Qwen3) of every prompt of the DIP set ``cfg.data.path`` (loads no
+    transformer).
 
     Returns ``{"images": (already cached, encoded now), "prompts": (already cached, encoded now)}``, prompts
     counted once each.
@@ -148,17 +149,23 @@ def cache_latents_command(cfg, device: torch.device | str = "cpu", batch_size: i
     from focusdpo.data.dataset import DipDataset
 
     m = cfg.model
-    if m.backbone != "flux" or not m.latent_cache or not m.checkpoint:
-        raise ValueError(f"cache-latents needs model.backbone=flux with model.checkpoint and model.latent_cache set "
-                         f"(got {m.backbone!r}, {m.checkpoint!r}, {m.latent_cache!r})")
+    if m.backbone not in ("flux", "flux2") or not m.latent_cache or not m.checkpoint:
+        raise ValueError(f"cache-latents needs model.backbone=flux or flux2 with model.checkpoint and "
+                         f"model.latent_cache set (got {m.backbone!r}, {m.checkpoint!r}, {m.latent_cache!r})")
     if not cfg.data.path:
         raise ValueError("cache-latents needs data.path: the DIP set whose images to encode (focusdpo dip build)")
-    codec = FluxVAECodec.from_pretrained(m.checkpoint, dtype=DTYPES[m.dtype], device=device)
+    codec_cls, text_cls = FluxVAECodec, FluxTextEncoder
+    if m.backbone == "flux2":
+        from focusdpo.backbones.flux2_text import Flux2TextEncoder
+        from focusdpo.backbones.flux2_vae import Flux2VAECodec
+
+        codec_cls, text_cls = Flux2VAECodec, Flux2TextEncoder
+    codec = codec_cls.from_pretrained(m.checkpoint, dtype=DTYPES[m.dtype], device=device)
     prompts: list[str] = []
     images = cache_dataset_latents(LatentCache(codec, m.latent_cache), DipDataset(cfg.data.path), batch_size,
                                    progress, prompts)
-    text = TextCache(FluxTextEncoder.from_pretrained(m.checkpoint, max_tokens=m.max_text_tokens,
-                                                     dtype=DTYPES[m.dtype], device=device), m.latent_cache)
+    text = TextCache(text_cls.from_pretrained(m.checkpoint, max_tokens=m.max_text_tokens, dtype=DTYPES[m.dtype],
+                                              device=device), m.latent_cache)
     unique = list(dict.fromkeys(prompts))
     for i in range(0, len(unique), batch_size):
         text.encode(unique[i: i + batch_size])

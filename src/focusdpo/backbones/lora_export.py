@@ -7,6 +7,10 @@ diffusers looks for first in a folder). The peft scale ``alpha / r`` is folded i
 carries no alpha and every reader's default (``alpha = r``, scale 1) reproduces our output exactly, including
 readers that ignore LoRA metadata. Module paths are the diffusers ``FluxTransformer2DModel`` ones
 (``transformer_blocks.3.attn.to_q``); a peft wrapper prefix (``base_model.model.``) is removed.
+
+The same file serves FLUX.2: ``Flux2KleinPipeline.load_lora_weights(run_dir)`` reads these ``transformer.*``
+keys unchanged (``Flux2Transformer2DModel`` module paths such as
+``single_transformer_blocks.0.attn.to_qkv_mlp_proj``), tested in ``tests/backbones/test_flux2_export.py``.
 """
 
 from __future__ import annotations

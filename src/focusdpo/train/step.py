@@ -30,6 +30,7 @@ from focusdpo.backbones.base import Backbone, FocusTap, TextCond, Tokens
 from focusdpo.config import Config, FocusConfig, LossConfig
 from focusdpo.focus import claim_tokens, focus_sets, focus_weights, pool_to_tokens, readout_scores, subject_top_k
 from focusdpo.losses import needs_negative, needs_reference, objective_loss, token_errors
+from focusdpo.objectives import get_objective
 from focusdpo.sampling import shift_mu, time_shift
 
 Policy = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
@@ -239,7 +240,7 @@ def pair_step(policy: Policy, backbone: Backbone, batch: Mapping[str, Any], nois
         ref_err = _reference_errors(policy, backbone, x_t, s, text, refs, inputs.grid, target)
         _check_finite("reference prediction", ref_err)
     masks = token_masks(batch, backbone.patch, [r.grid for r in inputs.refs], device)
-    use_focus = objective == "focusdpo" or cfg.focus.log_alignment
+    use_focus = get_objective(objective).uses_focus or cfg.focus.log_alignment
     tap_masks = [torch.cat([m] * sides) for m in masks[2]] if use_focus else None
     pred, tap = policy(x_t, s, text, refs, inputs.grid, tap=use_focus, ref_masks=tap_masks)
     err = token_errors(pred, target)  # [sides * B, N]
@@ -259,7 +260,7 @@ def pair_step(policy: Policy, backbone: Backbone, batch: Mapping[str, Any], nois
 def _objective_weights(objective: str, focus: FocusResult | None, tap: FocusTap | None, b: int, masks: tuple,
                        cfg: Config) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
     """``W`` for ``focusdpo`` (from the positive, or ``(W_w, W_l)`` with ``focus.weights_from=each``)."""
-    if objective != "focusdpo" or focus is None or tap is None:
+    if not get_objective(objective).uses_focus or focus is None or tap is None:
         return None
     if cfg.focus.weights_from == "each":
         return focus.W, compute_focus(tap.select(slice(b, 2 * b)), masks, cfg.focus).W
@@ -272,7 +273,7 @@ def _focus_metrics(focus: FocusResult, m_prior: torch.Tensor, objective: str) ->
 
     For objectives other than ``focusdpo`` the loss uses no focus weights, so the logged weights are 1.
     """
-    w = focus.W if objective == "focusdpo" else torch.ones_like(focus.W)
+    w = focus.W if get_objective(objective).uses_focus else torch.ones_like(focus.W)
     inside = m_prior >= 0.5
     out = {"a": focus.stats["a"], "gate": focus.stats["gate"]}
     sets = (("w_in_prior", inside), ("w_out_prior", ~inside), ("w_confused", focus.sets["confused"]),
