@@ -40,7 +40,7 @@ from focusdpo.world import World
 
 def lora_run(cfg: Config, root: Path) -> Path:
     """A finished run folder with a rank-8 LoRA of random weights (``B`` nonzero, so the adapters act)."""
-    from focusdpo.train.lora import save_lora
+    from focusdpo.lora import save_lora
 
     run = root / "dpo-bench"
     run.mkdir()

@@ -126,8 +126,12 @@ def build_backbone(preset: str, tmp: Path, latent_cache: bool, p: Preset, layers
     """
 
     if preset == "cpu-tiny":
+        import sys
+
         from focusdpo.backbones import load_backbone
-        from focusdpo.backbones.flux_pretrained import write_tiny_flux_folder
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny folder is a test fixture
+        from flux_tiny import write_tiny_flux_folder
 
         folder = write_tiny_flux_folder(tmp / "flux-tiny", seed=0)
         cfg = ModelConfig(backbone="flux", checkpoint=str(folder), guidance=4.0, patch=16,
@@ -277,7 +281,7 @@ def meta_pair_flops(k: int, p: Preset, layers: Sequence[int] | None = None, pres
     no memory, no GPU, no weights."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from focusdpo.train.lora import adapters_disabled, attach_lora
+    from focusdpo.lora import adapters_disabled, attach_lora
 
     flux2 = preset.startswith("flux2")
     with torch.device("meta"):

@@ -465,6 +465,15 @@ def export_lora_cmd(
     typer.echo(f"wrote {path}")
 
 
+def cache_latents_command(cfg, device: str = "cpu", batch_size: int = 8, progress=None) -> dict[str, tuple[int, int]]:
+    """``focusdpo cache-latents`` on the DIP set ``cfg.data.path`` read with ``DipDataset``; see
+    :func:`focusdpo.backbones.flux_pretrained.cache_latents` (returns its cache hit/miss counts)."""
+    from focusdpo.backbones.flux_pretrained import cache_latents
+    from focusdpo.data.dataset import DipDataset
+
+    return cache_latents(cfg, DipDataset, device, batch_size, progress)
+
+
 @app.command("cache-latents")
 def cache_latents_cmd(
     device: str = typer.Option("cpu", "--device", help="Torch device of the VAE, e.g. cuda:0."),
@@ -473,8 +482,6 @@ def cache_latents_cmd(
     overrides: list[str] | None = OverridesArg,
 ) -> None:
     """Encode a DIP set's images (VAE) and prompts (T5 + CLIP) into model.latent_cache, ahead of training."""
-    from focusdpo.backbones.flux_pretrained import cache_latents_command
-
     cfg = _load(config, overrides)
     try:
         counts = cache_latents_command(cfg, device, batch_size)

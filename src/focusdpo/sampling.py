@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from focusdpo.backbones.base import Backbone, TextCond, Tokens
-from focusdpo.config import SampleConfig
+from focusdpo.config import LossConfig, SampleConfig
 
 ModelFn = Callable[..., torch.Tensor]
 
@@ -31,6 +31,22 @@ def time_shift(sigma: torch.Tensor, mu: float) -> torch.Tensor:
     s = sigma.clamp(0.0, 1.0)
     out = math.exp(mu) / (math.exp(mu) + (1.0 / s.clamp_min(1e-12) - 1.0))
     return torch.where(s <= 0, torch.zeros_like(s), out)
+
+
+def draw_noise(generator: torch.Generator, n_pairs: int, shape: tuple[int, int], n_tokens: int,
+               cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise and timesteps of ``n_pairs`` pairs, drawn on the CPU from ``generator``.
+
+    shape: ``(N, C)`` tokens per image. Returns ``eps`` ``[n_pairs, N, C]`` standard normal and ``s``
+    ``[n_pairs]`` in ``(0, 1)``: logit-normal(``cfg.logit_mean``, ``cfg.logit_std``), FLUX-shifted when
+    ``cfg.time_shift``. One value per pair: the positive and the negative share them.
+    """
+    eps = torch.randn((n_pairs, *shape), generator=generator)
+    u = torch.randn((n_pairs,), generator=generator) * cfg.logit_std + cfg.logit_mean
+    s = torch.sigmoid(u).clamp(1e-4, 1 - 1e-4)
+    if cfg.time_shift:
+        s = time_shift(s, shift_mu(n_tokens))
+    return eps, s
 
 
 def flux_sigmas(steps: int, n_tokens: int, shift: bool = True) -> torch.Tensor:

@@ -155,7 +155,7 @@ def test_signal_at_the_last_step_finishes_the_run(finished, tiny_env, tmp_path, 
 
 def test_killed_between_final_checkpoint_and_lora_then_resume_finishes(finished, tiny_env, tmp_path,
                                                                        monkeypatch) -> None:
-    from focusdpo.train import lora as lora_mod
+    from focusdpo import lora as lora_mod
 
     cfg, run = finished
     out = tmp_path / "run"

@@ -172,7 +172,7 @@ def test_one_dpo_step_changes_only_lora_parameters(backbone):
 
 
 def test_lora_state_dict_round_trip(backbone, tmp_path):
-    from focusdpo.train.lora import load_lora, save_lora
+    from focusdpo.lora import load_lora, save_lora
 
     backbone.add_lora(LoraConfig(rank=4, alpha=4.0))
     _perturb_lora(backbone)

@@ -24,8 +24,8 @@ from focusdpo.backbones.lora_export import WEIGHT_NAME
 from focusdpo.cli import app
 from focusdpo.config import Config, LoraConfig, ModelConfig, SampleConfig
 from focusdpo.eval.methods import load_method
+from focusdpo.lora import save_lora
 from focusdpo.sampling import generate
-from focusdpo.train.lora import save_lora
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
            "to_qkv_mlp_proj"]

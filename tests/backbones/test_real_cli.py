@@ -7,15 +7,15 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from flux_tiny import tiny_flux_components, write_tiny_flux_folder
 from focusdpo.backbones import load_backbone
 from focusdpo.backbones.base import Tokens
-from focusdpo.backbones.flux_pretrained import cache_latents_command, tiny_flux_components, write_tiny_flux_folder
 from focusdpo.backbones.lora_export import WEIGHT_NAME
 from focusdpo.backbones.vae import FluxVAECodec, LatentCache, cache_dataset_latents
-from focusdpo.cli import app
+from focusdpo.cli import app, cache_latents_command
 from focusdpo.config import LoraConfig, load_config
 from focusdpo.data.dataset import DipDataset
-from focusdpo.train.lora import save_lora
+from focusdpo.lora import save_lora
 
 
 def test_cache_dataset_latents_encodes_each_image_once(tmp_path) -> None:
@@ -85,7 +85,7 @@ def test_train_on_the_real_stack_then_load_the_export_in_flux_pipeline(tmp_path)
     from diffusers import FluxPipeline
 
     from focusdpo.backbones.flux import position_ids
-    from focusdpo.train.lora import load_lora
+    from focusdpo.lora import load_lora
     from focusdpo.train.trainer import train
 
     folder = write_tiny_flux_folder(tmp_path / "flux", seed=0)

@@ -7,9 +7,9 @@ import torch
 from diffusers import FluxPipeline
 from safetensors.torch import load_file
 
+from flux_tiny import write_tiny_flux_folder
 from focusdpo.backbones import load_backbone
 from focusdpo.backbones.flux import position_ids
-from focusdpo.backbones.flux_pretrained import write_tiny_flux_folder
 from focusdpo.backbones.lora_export import (
     WEIGHT_NAME,
     diffusers_lora_state_dict,
@@ -18,7 +18,7 @@ from focusdpo.backbones.lora_export import (
     scaled_lora_state_dict,
 )
 from focusdpo.config import LoraConfig, ModelConfig
-from focusdpo.train.lora import save_lora
+from focusdpo.lora import save_lora
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "proj_out"]
 

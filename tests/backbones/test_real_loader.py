@@ -9,11 +9,11 @@ import torch
 from diffusers import FluxTransformer2DModel
 from safetensors.torch import save_file
 
+from flux_tiny import synthetic_uno_state_dict, write_tiny_flux_folder
 from focusdpo.backbones import load_backbone
 from focusdpo.backbones.base import Backbone
-from focusdpo.backbones.flux_pretrained import write_tiny_flux_folder
 from focusdpo.backbones.flux_text import FluxTextEncoder, TextCache
-from focusdpo.backbones.uno import merge_uno_lora, synthetic_uno_state_dict
+from focusdpo.backbones.uno import merge_uno_lora
 from focusdpo.backbones.vae import FluxVAECodec, LatentCache
 from focusdpo.config import ModelConfig, load_config
 

@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
+from flux_tiny import write_tiny_flux_folder
 from focusdpo.backbones import load_backbone
-from focusdpo.backbones.flux_pretrained import write_tiny_flux_folder
 from focusdpo.config import Config, LoraConfig, ModelConfig, TrainConfig
 from focusdpo.train.step import NoiseKey, pair_step
 

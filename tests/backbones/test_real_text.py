@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 
+from flux_tiny import tiny_flux_components
 from focusdpo.backbones.base import TextEncoder
-from focusdpo.backbones.flux_pretrained import tiny_flux_components
 from focusdpo.backbones.flux_text import FluxTextEncoder, TextCache
 
 PROMPTS = ["a photo of a red dog and a blue cat", "a striped toy on the grass"]

@@ -14,14 +14,13 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from safetensors.torch import save_file
 
-from focusdpo.backbones.flux_pretrained import tiny_flux_components
+from flux_tiny import synthetic_uno_state_dict, tiny_flux_components
 from focusdpo.backbones.uno import (
     DOUBLE_PAIRS,
     SINGLE_PAIRS,
     UnoLoraError,
     load_uno_lora_file,
     merge_uno_lora,
-    synthetic_uno_state_dict,
     uno_to_peft_state_dict,
 )
 

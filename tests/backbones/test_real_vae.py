@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, FluxPipeline
 
+from flux_tiny import tiny_flux_components
 from focusdpo.backbones.base import Codec
-from focusdpo.backbones.flux_pretrained import tiny_flux_components
 from focusdpo.backbones.vae import FluxVAECodec, LatentCache, pack_latents, unpack_latents
 
 

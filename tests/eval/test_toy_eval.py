@@ -12,8 +12,8 @@ from PIL import Image
 from focusdpo.config import load_config
 from focusdpo.eval import toy
 from focusdpo.eval.methods import MethodError, load_method, resolve_methods
-from focusdpo.eval.toy_metrics import score_scene
 from focusdpo.world import World
+from focusdpo.world.metrics import score_scene
 
 SMALL = ["eval.n_scenes=2", "eval.seeds=[0,1]", "eval.subject_counts=[2,3]", "eval.batch_size=4",
          "eval.grid_scenes=2", "sample.steps=1"]
@@ -37,7 +37,7 @@ def _cfg(base_ckpt, *extra):
 
 def _run_folder(root: Path, cfg, objective: str, scale: float) -> Path:
     """A finished run folder: config.yaml, lora.safetensors (B scaled by ``scale``; 0 = no change), metrics.csv."""
-    from focusdpo.train.lora import save_lora
+    from focusdpo.lora import save_lora
 
     run = root / f"{objective}-{scale}"
     run.mkdir()

@@ -96,7 +96,7 @@ def test_unfinished_run_gives_its_newest_checkpoint_lora(run, tiny_env, tmp_path
     """Without lora.safetensors: the eval loader refuses the run, the focus-map loader takes the checkpoint's."""
     import shutil
 
-    from focusdpo.eval.methods import MethodError, load_method
+    from focusdpo.runs import MethodError, load_method
     from focusdpo.train import checkpoint as ckpt
 
     unfinished = tmp_path / "unfinished"

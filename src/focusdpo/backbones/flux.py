@@ -29,12 +29,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from focusdpo import lora as lora_utils
 from focusdpo.backbones import flux_tap
 from focusdpo.backbones.base import Codec, FocusTap, TextCond, TextEncoder, Tokens
 from focusdpo.backbones.codecs import PixelCodec
 from focusdpo.backbones.text import TinyTextEncoder
 from focusdpo.config import ModelConfig
-from focusdpo.train import lora as lora_utils
 
 
 def position_ids(grid: tuple[int, int], ref_grids: Sequence[tuple[int, int]], device: torch.device | None = None

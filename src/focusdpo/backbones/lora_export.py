@@ -90,7 +90,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, dtype: to
     src = Path(run_dir) / "lora.safetensors"
     if not src.is_file():
         raise FileNotFoundError(f"{src} not found: pass a finished run folder (train writes lora.safetensors)")
-    from focusdpo.train.lora import load_lora
+    from focusdpo.lora import load_lora
 
     state = load_lora(src)  # names a truncated file or NaN/inf weights before anything is written
     with safe_open(str(src), "pt") as f:

@@ -170,27 +170,3 @@ def load_uno_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UnoLoraError(f"model.lora_import={str(path)!r} does not exist: give the path of dit_lora.safetensors")
     return load_file(str(path))
-
-
-def synthetic_uno_state_dict(transformer: nn.Module, rank: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A random state dict laid out exactly as UNO's ``set_lora`` + ``train.py`` save it for ``transformer``.
-
-    Every double and single block, ``down [r, in]`` (normal, std ``1/r`` as UNO initialises it) and
-    ``up [out, r]`` (normal, std 0.05; UNO starts it at zero and trains it): ``qkv_lora*`` ``in = D,
-    out = 3D``; ``proj_lora1/2`` ``D -> D``; single ``proj_lora`` ``D + mlp -> D``. For tests and benchmarks.
-    """
-    cfg = transformer.config
-    g = torch.Generator().manual_seed(seed)
-    d = cfg.num_attention_heads * cfg.attention_head_dim
-    mlp = transformer.single_transformer_blocks[0].mlp_hidden_dim if cfg.num_single_layers else 4 * d
-    shapes = {"qkv_lora1": (d, 3 * d), "proj_lora1": (d, d), "qkv_lora2": (d, 3 * d), "proj_lora2": (d, d),
-              "qkv_lora": (d, 3 * d), "proj_lora": (d + mlp, d)}
-    sd = {}
-    for kind, n, pairs in (("double_blocks", cfg.num_layers, DOUBLE_PAIRS),
-                           ("single_blocks", cfg.num_single_layers, SINGLE_PAIRS)):
-        for i in range(n):
-            for pair in pairs:
-                fan_in, fan_out = shapes[pair]
-                sd[f"{kind}.{i}.processor.{pair}.down.weight"] = torch.randn(rank, fan_in, generator=g) / rank
-                sd[f"{kind}.{i}.processor.{pair}.up.weight"] = torch.randn(fan_out, rank, generator=g) * 0.05
-    return sd

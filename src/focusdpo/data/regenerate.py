@@ -11,7 +11,7 @@ on tokens touching the region, and the exact path velocity ``eps - x_0`` on ever
 the positive's own noising path (inpainting; outside pixels are then restored exactly by ``apply_disruption``).
 
 In the toy world a regenerated region is kept only when the world's ground truth says it really changed: the
-positive (a ground-truth render) is read with the toy metrics (:mod:`focusdpo.eval.toy_metrics`), those readings
+positive (a ground-truth render) is read with the toy metrics (:mod:`focusdpo.world.metrics`), those readings
 become the truth identities, and the negative is scored against them. The negative is kept when the target
 subject lost one of its attributes (``lost``) or shows another subject's (``leaked``), both recorded in the
 record's params; otherwise the disruption returns the positive unchanged, which the builder treats as a failed
@@ -102,8 +102,8 @@ def judge_toy(world: Any, prompt: str, positive: np.ndarray, negative: np.ndarra
     The truth is the toy metrics' reading of the ground-truth ``positive``; returns ``(lost, leaked)``
     attribute names, or None when the positive's target cannot be read (no ground truth to judge against).
     """
-    from focusdpo.eval.toy_metrics import score_scene
     from focusdpo.world import Identity, Scene
+    from focusdpo.world.metrics import score_scene
     from focusdpo.world.prompts import parse_prompt
 
     nouns, positions, background = parse_prompt(prompt)

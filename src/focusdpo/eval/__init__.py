@@ -1,1 +1,1 @@
-"""Evaluation: toy metrics with ground truth (``toy_metrics``), the DreamBench protocol and reports."""
+"""Evaluation: the toy benchmark (metrics: :mod:`focusdpo.world.metrics`), the DreamBench protocol and reports."""

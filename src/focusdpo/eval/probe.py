@@ -151,8 +151,8 @@ def probe_batch(backbone: Backbone, batch: dict[str, Any], blocks: Sequence[str]
 
 
 def train_sigmas(cfg: Config, n_tokens: int, n: int = 100_000) -> np.ndarray:
-    """``n`` timesteps ``s`` drawn as the trainer draws them (:func:`focusdpo.train.step.draw_noise`)."""
-    from focusdpo.train.step import draw_noise
+    """``n`` timesteps ``s`` drawn as the trainer draws them (:func:`focusdpo.sampling.draw_noise`)."""
+    from focusdpo.sampling import draw_noise
 
     _, s = draw_noise(torch.Generator().manual_seed(0), n, (1, 1), n_tokens, cfg.loss)
     return s.numpy()

@@ -60,9 +60,9 @@ from focusdpo.config import Config
 from focusdpo.eval.methods import load_method, resolve_methods
 from focusdpo.eval.report import comparison_grid, difference_lines, to_uint8, toy_markdown
 from focusdpo.eval.stats import finite_or_none
-from focusdpo.eval.toy_metrics import aggregate, score_scene
-from focusdpo.train.lora import adapters_merged
+from focusdpo.lora import adapters_merged
 from focusdpo.world import Scene, World
+from focusdpo.world.metrics import aggregate, score_scene
 
 SCENE_SEED = 20_250_901
 HEADLINE = ("fidelity", "leakage", "prompt")
@@ -190,7 +190,7 @@ def score_method(backbone: Backbone, world: World, scenes: Mapping[int, list[Sce
 
 
 def score_images(images: Sequence[np.ndarray], scenes: Sequence[Scene], world: World) -> list[dict]:
-    """:func:`~focusdpo.eval.toy_metrics.score_scene` of each image against its scene."""
+    """:func:`~focusdpo.world.metrics.score_scene` of each image against its scene."""
     return [score_scene(img, scene, world) for img, scene in zip(images, scenes, strict=True)]
 
 

@@ -1,1 +1,1 @@
-"""Training: the DPO trainer, checkpointing, LoRA plumbing (:mod:`focusdpo.train.lora`) and tiny-base pretraining."""
+"""Training: the DPO trainer, checkpointing and tiny-base pretraining (LoRA plumbing: :mod:`focusdpo.lora`)."""

@@ -39,7 +39,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-PREFIX = "step-"
+from focusdpo.runs import PREFIX, checkpoint_dir, latest_checkpoint, list_checkpoints  # noqa: F401
+
 TMP_PREFIX = ".tmp-"
 CORRUPT_PREFIX = ".corrupt-"
 CHECKSUMS = "checksums.json"
@@ -63,32 +64,9 @@ class TrainState:
     world_size: int
 
 
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    """``<run>/checkpoints``."""
-    return Path(run_dir) / "checkpoints"
-
-
 def step_dir(run_dir: str | Path, step: int) -> Path:
     """The final folder of the checkpoint taken after ``step`` optimizer steps."""
     return checkpoint_dir(run_dir) / f"{PREFIX}{step:08d}"
-
-
-def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run as ``(step, folder)``, oldest first (temp folders are ignored)."""
-    root = checkpoint_dir(run_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for path in root.iterdir():
-        if path.is_dir() and path.name.startswith(PREFIX) and path.name[len(PREFIX):].isdigit():
-            found.append((int(path.name[len(PREFIX):]), path))
-    return sorted(found)
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint folder, or None when the run has none."""
-    found = list_checkpoints(run_dir)
-    return found[-1][1] if found else None
 
 
 def clean_stale(run_dir: str | Path) -> list[Path]:

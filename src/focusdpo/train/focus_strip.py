@@ -166,7 +166,7 @@ def focus_strip(backbone: Backbone, batch: Mapping[str, Any], cfg: Config, out_p
 def load_run_backbone(cfg: Config, run_dir: str | Path | None, device: torch.device | str = "cpu") -> Backbone:
     """The backbone with the run's LoRA (``lora.safetensors``, else its newest checkpoint's) and ``cfg``'s tap
     layer; ``run_dir`` None: the base model of ``cfg.model`` (no adapters)."""
-    from focusdpo.eval.methods import load_method
+    from focusdpo.runs import load_method
 
     backbone = load_method(cfg, run_dir, device, check_world=False, allow_checkpoint=True)
     backbone.tap_layer = cfg.focus.tap_layer

@@ -10,8 +10,8 @@ accelerate wrapped (DDP/FSDP/DeepSpeed); the reference forward is the same call 
 
 Both sides of a pair go through one forward of batch ``2B`` (positives first, then negatives): same text,
 same references, same ``eps`` and the same ``s`` (DESIGN 2.2). Noise and timesteps are drawn by the caller
-(:func:`draw_noise`), which makes the step a pure function of its inputs (exact resume, equal results for
-any number of processes).
+(:func:`~focusdpo.sampling.draw_noise`), which makes the step a pure function of its inputs (exact resume,
+equal results for any number of processes).
 
 Flow matching (FLUX convention): ``x_t = (1 - s) x_0 + s eps``, target ``v = eps - x_0``; ``s`` drawn
 logit-normal then shifted as FLUX does for the token count.
@@ -31,7 +31,7 @@ from focusdpo.config import Config, FocusConfig, LossConfig
 from focusdpo.focus import claim_tokens, focus_sets, focus_weights, pool_to_tokens, readout_scores, subject_top_k
 from focusdpo.losses import needs_negative, needs_reference, objective_loss, token_errors
 from focusdpo.objectives import get_objective
-from focusdpo.sampling import shift_mu, time_shift
+from focusdpo.sampling import draw_noise
 
 Policy = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 
@@ -79,22 +79,6 @@ class StepOutput:
 
 
 # ------------------------------------------------------------------------------------------ noise and time
-
-
-def draw_noise(generator: torch.Generator, n_pairs: int, shape: tuple[int, int], n_tokens: int,
-               cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise and timesteps of ``n_pairs`` pairs, drawn on the CPU from ``generator``.
-
-    shape: ``(N, C)`` tokens per image. Returns ``eps`` ``[n_pairs, N, C]`` standard normal and ``s``
-    ``[n_pairs]`` in ``(0, 1)``: logit-normal(``cfg.logit_mean``, ``cfg.logit_std``), FLUX-shifted when
-    ``cfg.time_shift``. One value per pair: the positive and the negative share them.
-    """
-    eps = torch.randn((n_pairs, *shape), generator=generator)
-    u = torch.randn((n_pairs,), generator=generator) * cfg.logit_std + cfg.logit_mean
-    s = torch.sigmoid(u).clamp(1e-4, 1 - 1e-4)
-    if cfg.time_shift:
-        s = time_shift(s, shift_mu(n_tokens))
-    return eps, s
 
 
 @dataclass

@@ -590,7 +590,7 @@ def _lora_state(run: _Run) -> dict[str, torch.Tensor]:
     """The full adapter weights (under FSDP gathered from the shards: a collective, complete on the main process)."""
     if not _is_fsdp(run.accelerator):
         return run.backbone.lora_state_dict()
-    from focusdpo.train.lora import ADAPTER
+    from focusdpo.lora import ADAPTER
 
     full = run.accelerator.get_state_dict(run.module)
     return {k.removeprefix("net.").replace(f".{ADAPTER}.", "."): v for k, v in full.items()
@@ -600,7 +600,7 @@ def _lora_state(run: _Run) -> dict[str, torch.Tensor]:
 def _finish(run: _Run, stop: threading.Event) -> bool:
     """Last checkpoint, then the final LoRA (``lora.safetensors``): killed in between, ``--resume`` writes it.
     Returns whether a signal asked to stop (the caller then skips the final validation grids)."""
-    from focusdpo.train.lora import save_lora
+    from focusdpo.lora import save_lora
 
     if run.last_saved != run.state.step:
         _save(run)

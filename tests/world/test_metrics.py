@@ -11,8 +11,8 @@ import torch
 from PIL import Image, ImageFilter
 
 from focusdpo.config import WorldConfig
-from focusdpo.eval.toy_metrics import aggregate, score_scene
 from focusdpo.world import Identity, Placement, Scene, World
+from focusdpo.world.metrics import aggregate, score_scene
 from focusdpo.world.prompts import compose_prompt
 from focusdpo.world.render import background_image
 from focusdpo.world.subjects import CLASSES, COLOURS, DETAILS, PATTERNS
@@ -224,7 +224,7 @@ def _components_by_search(mask: np.ndarray) -> list[np.ndarray]:
 
 
 def test_connected_components_match_a_search_on_random_and_planted_masks():
-    from focusdpo.eval.toy_metrics import connected_components
+    from focusdpo.world.metrics import connected_components
 
     rng = np.random.default_rng(0)
     masks = [rng.random((32, 32)) < rng.uniform(0.2, 0.7) for _ in range(100)]
