@@ -123,3 +123,21 @@ def test_each_objective_lowers_its_loss_on_a_fixed_batch(tiny_env, objective) ->
         opt.step()
         losses.append(out.loss.item())
     assert losses[-1] < losses[0] - 1e-4, losses
+
+
+def test_reference_complexity_planted_and_wired_into_the_step(tiny_env) -> None:
+    """A flat reference has complexity 0, a noisy one > 0; focus.ref_complexity_scale > 0 trains a step (it used to
+    fail for want of ref_complexity) and scales the subjects' weights by 1 + c * complexity."""
+    from focusdpo.config import FocusConfig
+    from focusdpo.train.step import reference_complexity
+
+    flat = torch.full((1, 3, 16, 16), 0.5)
+    noisy = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    masks = [torch.ones(1, 16), torch.ones(1, 16)]
+    c = reference_complexity([flat, noisy], masks, 4, FocusConfig())
+    assert c.shape == (1, 2) and c[0, 0] == 0.0 and 0.2 < float(c[0, 1]) <= 1.0  # 0.46 after the 1 px blur
+    cfg0, backbone, batch = _setup(tiny_env, train__objective="focusdpo")
+    plain = pair_step(backbone.predict, backbone, batch, NoiseKey(0, 1), cfg0)
+    cfg1 = cfg0.with_overrides(["focus.ref_complexity_scale=1.0"])
+    scaled = pair_step(backbone.predict, backbone, batch, NoiseKey(0, 1), cfg1)
+    assert torch.isfinite(scaled.loss) and not torch.equal(plain.focus.W, scaled.focus.W)

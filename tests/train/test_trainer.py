@@ -227,6 +227,10 @@ def test_objectives_without_reference_leave_dpo_columns_empty(tiny_env, tmp_path
     logged = tmp_path / "logged"  # ... or when asked
     train(tiny_config(*tiny_env, train__max_steps=1, train__objective=objective, train__output_dir=logged,
                       focus__log_alignment="true"))
-    row = read_metrics(logged)[0]
-    assert math.isfinite(row["a"]) and 0 <= row["a"] <= 1
-    assert row["w_in_prior"] == 1.0 and row["w_out_prior"] == 1.0  # no focus weights in these losses
+    logged_row = read_metrics(logged)[0]
+    assert math.isfinite(logged_row["a"]) and 0 <= logged_row["a"] <= 1
+    if objective == "sft":  # unweighted regression: no weights of its own; the logged focus says W = 1
+        assert math.isnan(row["w_in_prior"]) and logged_row["w_in_prior"] == logged_row["w_out_prior"] == 1.0
+    else:  # PatchDPO's own patch weights (positives up-weighted inside M_prior), never overwritten by the focus's
+        assert row["w_in_prior"] > 1.0 > row["w_out_prior"]
+        assert (logged_row["w_in_prior"], logged_row["w_out_prior"]) == (row["w_in_prior"], row["w_out_prior"])

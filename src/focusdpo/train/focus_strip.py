@@ -26,7 +26,7 @@ import torch
 
 from focusdpo.backbones.base import Backbone
 from focusdpo.config import Config
-from focusdpo.train.step import compute_focus, encode_batch, noisy, token_masks
+from focusdpo.train.step import compute_focus, encode_batch, noisy, reference_complexity, token_masks
 
 DEFAULT_SIGMAS = (0.9, 0.7, 0.5, 0.3, 0.1)
 _ROWS = ("M' (claimed)", "M_s (red) / A (green)", "M_d in P", "gate g", "W")
@@ -56,7 +56,10 @@ def focus_maps(backbone: Backbone, batch: Mapping[str, Any], cfg: Config, sigmas
         x_t, _ = noisy(x0, eps, s)
         with torch.no_grad():
             _, tap = backbone.predict(x_t, s, inputs.text, inputs.refs, inputs.grid, tap=True, ref_masks=masks[2])
-        focus = compute_focus(tap, masks, cfg.focus)
+        ref_c = None
+        if cfg.focus.ref_complexity_scale > 0:
+            ref_c = reference_complexity(one["references"], masks[2], backbone.patch, cfg.focus)
+        focus = compute_focus(tap, masks, cfg.focus, ref_c)
         claimed = (focus.matches[0].long() * torch.arange(1, focus.matches.shape[1] + 1,
                                                           device=x0.device)[:, None]).sum(0)
         union = focus.sets["union"][0]

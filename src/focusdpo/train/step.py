@@ -28,7 +28,15 @@ import torch
 
 from focusdpo.backbones.base import Backbone, FocusTap, TextCond, Tokens
 from focusdpo.config import Config, FocusConfig, LossConfig
-from focusdpo.focus import claim_tokens, focus_sets, focus_weights, pool_to_tokens, readout_scores, subject_top_k
+from focusdpo.focus import (
+    claim_tokens,
+    complexity_map,
+    focus_sets,
+    focus_weights,
+    pool_to_tokens,
+    readout_scores,
+    subject_top_k,
+)
 from focusdpo.losses import needs_negative, needs_reference, objective_loss, token_errors
 from focusdpo.objectives import get_objective
 from focusdpo.sampling import draw_noise
@@ -151,17 +159,31 @@ def token_masks(batch: Mapping[str, Any], patch: int, ref_grids: Sequence[tuple[
     return regions, m_prior, ref_masks, m_d.flatten(1).float()
 
 
+def reference_complexity(references: Sequence[torch.Tensor], ref_masks: Sequence[torch.Tensor], patch: int,
+                         cfg: FocusConfig) -> torch.Tensor:
+    """Each reference's DPCE complexity (DESIGN 2.4) averaged over its subject's tokens: ``[B, K]`` in [0, 1].
+
+    references: K images ``[B, 3, R, R]`` in [0, 1]; ref_masks: K token masks ``[B, M_k]`` (area fractions).
+    """
+    out = []
+    for ref, mask in zip(references, ref_masks, strict=True):
+        c = complexity_map(ref.to(mask.device), patch, cfg.sigma, cfg.bins).flatten(1)  # [B, M_k]
+        out.append((c * mask).sum(1) / mask.sum(1).clamp_min(1e-6))
+    return torch.stack(out, dim=1)
+
+
 def compute_focus(tap: FocusTap, masks: tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor],
-                  cfg: FocusConfig) -> FocusResult:
+                  cfg: FocusConfig, ref_complexity: torch.Tensor | None = None) -> FocusResult:
     """SPAF (``cfg.readout`` of the tap) + stored DPCE + gating -> ``W`` (DESIGN 2.3-2.5).
 
     tap: the policy's :class:`~focusdpo.backbones.base.FocusTap` of the batch (detached).
-    masks: the output of :func:`token_masks`.
+    masks: the output of :func:`token_masks`. ref_complexity: ``[B, K]`` (:func:`reference_complexity`),
+    needed when ``cfg.ref_complexity_scale > 0``.
     """
     regions, m_prior, ref_masks, m_d = masks
     scores = readout_scores(cfg.readout, tap.field, tap.target, tap.refs, ref_masks)  # S_k [B, K, N]
     matches = claim_tokens(scores, subject_top_k(regions, cfg.rho))  # k_k = ceil(rho * |P_k|)
-    W, stats = focus_weights(matches, regions.float(), m_d if cfg.dpce else None, cfg)
+    W, stats = focus_weights(matches, regions.float(), m_d if cfg.dpce else None, cfg, ref_complexity)
     sets = focus_sets(matches, regions.float())
     return FocusResult(W, matches, scores, regions, m_prior, m_d, sets, stats)
 
@@ -229,25 +251,30 @@ def pair_step(policy: Policy, backbone: Backbone, batch: Mapping[str, Any], nois
     pred, tap = policy(x_t, s, text, refs, inputs.grid, tap=use_focus, ref_masks=tap_masks)
     err = token_errors(pred, target)  # [sides * B, N]
     _check_finite("policy prediction", err)
-    focus = compute_focus(tap.select(slice(0, b)), masks, cfg.focus) if use_focus else None
-    weights = _objective_weights(objective, focus, tap, b, masks, cfg)
+    ref_c = None
+    if use_focus and cfg.focus.ref_complexity_scale > 0:
+        ref_c = reference_complexity(batch["references"], masks[2], backbone.patch, cfg.focus)
+    focus = compute_focus(tap.select(slice(0, b)), masks, cfg.focus, ref_c) if use_focus else None
+    weights = _objective_weights(objective, focus, tap, b, masks, cfg, ref_c)
     loss, metrics = objective_loss(
         objective, err[:b], err[b:] if sides == 2 else None, None if ref_err is None else ref_err[:b],
         None if ref_err is None else ref_err[b:], weights=weights, m_prior_tok=masks[1], beta=cfg.loss.beta,
         lambda_sft=cfg.loss.lambda_sft, patch_alpha=cfg.loss.patch_alpha)
     _check_finite("loss", loss)
     if focus is not None:
-        metrics = {**metrics, **_focus_metrics(focus, masks[1], objective)}
+        # the objective's own weight metrics win (PatchDPO's patch weights are not the focus weights)
+        metrics = {**_focus_metrics(focus, masks[1], objective), **metrics}
     return StepOutput(loss.mean(), {k: v.detach() for k, v in metrics.items()}, focus)
 
 
 def _objective_weights(objective: str, focus: FocusResult | None, tap: FocusTap | None, b: int, masks: tuple,
-                       cfg: Config) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
+                       cfg: Config, ref_c: torch.Tensor | None = None
+                       ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
     """``W`` for ``focusdpo`` (from the positive, or ``(W_w, W_l)`` with ``focus.weights_from=each``)."""
     if not get_objective(objective).uses_focus or focus is None or tap is None:
         return None
     if cfg.focus.weights_from == "each":
-        return focus.W, compute_focus(tap.select(slice(b, 2 * b)), masks, cfg.focus).W
+        return focus.W, compute_focus(tap.select(slice(b, 2 * b)), masks, cfg.focus, ref_c).W
     return focus.W
 
 
