@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -144,30 +144,22 @@ class FluxInContext:
         guidance = None
         if self.guidance is not None:
             guidance = torch.full((x_t.shape[0],), float(self.guidance), device=device, dtype=dtype)
-        hidden: list[torch.Tensor] = []
-        handles = []
-        if tap:
-            masks = _tap_masks(refs, ref_masks, device)
-            self._store.arm(self._tap_blocks, text.tokens.shape[1], x_t.shape[1],
-                            flux_tap.reference_values(masks, x_t.shape[1]))
-            modules = flux_tap.block_modules(self.transformer)
-
-            def hook(_module: nn.Module, _inputs: object, output: tuple[torch.Tensor, torch.Tensor]) -> None:
-                hidden.append(output[1].detach())
-            handles = [modules[name].register_forward_hook(hook) for name in self._tap_blocks]
-        try:
+        with self._tap_session(tap, text.tokens.shape[1], x_t.shape[1], refs, ref_masks) as (hidden, fields):
             out = self.transformer(hidden_states=seq, encoder_hidden_states=text.tokens.to(device, dtype),
                                    pooled_projections=text.pooled.to(device, dtype), timestep=t.to(device, dtype),
                                    img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
-            fields = dict(self._store.fields)
-        finally:
-            for handle in handles:
-                handle.remove()
-            self._store.disarm()
         pred = out[:, : x_t.shape[1]].to(x_t.dtype)
         if not tap:
             return pred, None
         return pred, FocusTap.from_blocks(hidden, fields, x_t.shape[1], [r.grid for r in refs], self._tap_blocks)
+
+    def _tap_session(self, tap: bool, text_len: int, n_target: int, refs: Sequence[Tokens],
+                     ref_masks: Sequence[torch.Tensor] | None) -> AbstractContextManager:
+        """:func:`~focusdpo.backbones.flux_tap.armed` for a tapped forward; a no-op yielding empty results else."""
+        if not tap:
+            return nullcontext(([], {}))
+        masks = flux_tap.tap_masks([r.tokens for r in refs], ref_masks, self.device)
+        return flux_tap.armed(self._store, self.transformer, self._tap_blocks, text_len, n_target, masks)
 
     def _check_inputs(self, x_t: torch.Tensor, t: torch.Tensor, text: TextCond, refs: Sequence[Tokens],
                       grid: tuple[int, int]) -> None:
@@ -198,20 +190,6 @@ class FluxInContext:
 
     def load_lora_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         lora_utils.load_lora_state_dict(self.transformer, state_dict)
-
-
-def _tap_masks(refs: Sequence[Tokens], ref_masks: Sequence[torch.Tensor] | None, device: torch.device
-               ) -> list[torch.Tensor]:
-    """Reference token masks ``[B, M_k]`` float32 for the attention field (all ones when not given)."""
-    if ref_masks is None:
-        return [torch.ones(r.tokens.shape[:2], device=device) for r in refs]
-    if len(ref_masks) != len(refs):
-        raise ValueError(f"predict: {len(ref_masks)} reference masks for {len(refs)} references")
-    for k, (m, r) in enumerate(zip(ref_masks, refs, strict=True)):
-        if tuple(m.shape) != tuple(r.tokens.shape[:2]):
-            raise ValueError(f"predict: ref_masks[{k}] has shape {tuple(m.shape)}, expected "
-                             f"{tuple(r.tokens.shape[:2])} (one value per reference token)")
-    return [m.to(device, torch.float32) for m in ref_masks]
 
 
 # --- the built-in tiny model: construction and its single-file checkpoint -------------------------------------

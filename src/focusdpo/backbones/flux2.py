@@ -31,8 +31,8 @@ from torch import nn
 
 from focusdpo.backbones import flux2_tap
 from focusdpo.backbones.base import Codec, FocusTap, TextCond, TextEncoder, Tokens
-from focusdpo.backbones.flux import FluxInContext, _tap_masks
-from focusdpo.backbones.flux_tap import TapStore, reference_values
+from focusdpo.backbones.flux import FluxInContext
+from focusdpo.backbones.flux_tap import TapStore
 from focusdpo.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -105,41 +105,15 @@ class Flux2InContext(FluxInContext):
         guidance = None
         if self.guidance is not None:
             guidance = torch.full((x_t.shape[0],), float(self.guidance), device=device, dtype=dtype)
-        hidden: list[torch.Tensor] = []
-        handles = []
-        if tap:
-            masks = _tap_masks(refs, ref_masks, device)
-            self._store.arm(self._tap_blocks, text_len, x_t.shape[1], reference_values(masks, x_t.shape[1]))
-            handles = self._hidden_hooks(hidden, text_len)
-        try:
+        with self._tap_session(tap, text_len, x_t.shape[1], refs, ref_masks) as (hidden, fields):
             out = self.transformer(hidden_states=seq, encoder_hidden_states=text.tokens.to(device, dtype),
                                    timestep=t.to(device, dtype), img_ids=position_ids(grid, [r.grid for r in refs],
                                                                                       device),
                                    txt_ids=text_ids(text_len, device), guidance=guidance, return_dict=False)[0]
-            fields = dict(self._store.fields)
-        finally:
-            for handle in handles:
-                handle.remove()
-            self._store.disarm()
         pred = out[:, : x_t.shape[1]].to(x_t.dtype)
         if not tap:
             return pred, None
         return pred, FocusTap.from_blocks(hidden, fields, x_t.shape[1], [r.grid for r in refs], self._tap_blocks)
-
-    def _hidden_hooks(self, hidden: list[torch.Tensor], text_len: int) -> list:
-        """Forward hooks that append each tapped block's image-stream output ``[B, N + sum M_k, D]``."""
-        tr = self.transformer
-        blocks = dict(zip(self.block_names, list(tr.transformer_blocks) + list(tr.single_transformer_blocks),
-                          strict=True))
-
-        def double(_m: nn.Module, _i: object, output: tuple[torch.Tensor, torch.Tensor]) -> None:
-            hidden.append(output[1].detach())  # (text stream, image stream)
-
-        def single(_m: nn.Module, _i: object, output: torch.Tensor) -> None:
-            hidden.append(output[:, text_len:].detach())  # the joint [text | image] stream
-
-        return [blocks[n].register_forward_hook(double if n.startswith("double") else single)
-                for n in self._tap_blocks]
 
     def _check_inputs(self, x_t: torch.Tensor, t: torch.Tensor, text: TextCond, refs: Sequence[Tokens],
                       grid: tuple[int, int], tap: bool = False) -> None:

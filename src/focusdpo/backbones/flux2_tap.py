@@ -8,7 +8,7 @@ block's attention itself with the stock processor's operations in the stock orde
 tested against ``Flux2AttnProcessor`` / ``Flux2ParallelSelfAttnProcessor``), in every forward, whether or not
 the block is tapped (gradient checkpointing replays it). Armed for a block, it also computes the attention
 field ``[B, K, N]`` from the same rotated queries and keys with
-:meth:`~focusdpo.backbones.flux_tap.FieldTapProcessor._field` (one more fused attention call of the target
+:class:`~focusdpo.backbones.flux_tap.FieldTapProcessor`'s ``_field`` (one more fused attention call of the target
 queries against all keys with mask-weighted reference indicators as values; see that module for the math).
 
 The joint sequence is ``[text | target | ref_1 .. ref_K]`` in both block kinds (text first), which is the
@@ -19,9 +19,11 @@ user's own) runs as it is, and tapping its block is refused with a message.
 from __future__ import annotations
 
 import torch
+from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
-from focusdpo.backbones.flux_tap import FieldTapProcessor, TapStore, block_names
+from focusdpo.backbones import flux_tap
+from focusdpo.backbones.flux_tap import FieldTapProcessor, TapStore
 
 
 def _heads(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -31,20 +33,20 @@ def _heads(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class Flux2FieldTapProcessor(FieldTapProcessor):
     """Processor of a FLUX.2 double-stream block (``Flux2Attention``) that can also return the attention field.
 
-    Args: as :class:`~focusdpo.backbones.flux_tap.FieldTapProcessor`; ``inner`` must be a plain
-    ``Flux2AttnProcessor`` for the block to be tappable.
+    Args: as :class:`~focusdpo.backbones.flux_tap.FieldTapProcessor`, whose arming, projections (the same
+    ``to_q/k/v`` + ``add_*_proj`` layout as FLUX.1), attention and field it uses.
     """
 
-    def __init__(self, name: str, store: TapStore, inner: object) -> None:
+    @staticmethod
+    def stock_class() -> type:
         from diffusers.models.transformers.transformer_flux2 import Flux2AttnProcessor
 
-        self.name, self.store, self.inner = name, store, inner
-        self.own = type(inner) is Flux2AttnProcessor
+        return Flux2AttnProcessor
 
     def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None
                  = None, attention_mask: torch.Tensor | None = None, image_rotary_emb: object = None,
                  **kwargs: object) -> object:
-        armed = self._armed(attn, kwargs, "Flux2AttnProcessor")
+        armed = self._armed(attn, kwargs)
         if not self.own:
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
                               **kwargs)
@@ -56,62 +58,19 @@ class Flux2FieldTapProcessor(FieldTapProcessor):
                                             out.shape[1] - encoder_hidden_states.shape[1]], dim=1)
         return attn.to_out[1](attn.to_out[0](image)), attn.to_add_out(text)
 
-    def _armed(self, attn: nn.Module, kwargs: dict, stock: str) -> bool:
-        """Whether this forward captures the field; refuses what the tap cannot reproduce."""
-        armed = self.store.armed and self.name in self.store.blocks
-        if not self.own and armed:
-            raise ValueError(f"the focus tap of block {self.name} needs diffusers' plain {stock}, found "
-                             f"{type(self.inner).__name__}; tap another block or restore the processor")
-        if self.own and (kwargs or getattr(attn, "fused_projections", False)):
-            raise ValueError(f"the focus tap of block {self.name} supports plain FLUX.2 attention only (no fused "
-                             f"q/k/v projections, no extra arguments {sorted(kwargs)}); unfuse the projections")
-        return armed
 
-    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                armed: bool) -> torch.Tensor:
-        """The block's attention ``[B, L, H * d]`` (as the stock processor) and, when armed, the field."""
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-        backend = getattr(self.inner, "_attention_backend", None)
-        out = dispatch_attention_fn(query, key, value, attn_mask=mask, backend=backend,
-                                    parallel_config=getattr(self.inner, "_parallel_config", None))
-        if armed:
-            self.store.fields[self.name] = self._field(query.detach(), key.detach(), backend)
-        return out.flatten(2, 3).to(query.dtype)
-
-    @staticmethod
-    def _qkv(attn: nn.Module, hidden: torch.Tensor, encoder: torch.Tensor | None, rotary: object
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Projected, normalised and rotated ``[B, L, H, d]`` queries, keys and values, text first."""
-        from diffusers.models.embeddings import apply_rotary_emb
-
-        q, k, v = _heads(attn, attn.to_q(hidden)), _heads(attn, attn.to_k(hidden)), _heads(attn, attn.to_v(hidden))
-        q, k = attn.norm_q(q), attn.norm_k(k)
-        if encoder is not None and attn.added_kv_proj_dim is not None:
-            eq, ek = _heads(attn, attn.add_q_proj(encoder)), _heads(attn, attn.add_k_proj(encoder))
-            ev = _heads(attn, attn.add_v_proj(encoder))
-            eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
-            q, k, v = torch.cat([eq, q], dim=1), torch.cat([ek, k], dim=1), torch.cat([ev, v], dim=1)
-        if rotary is not None:
-            q = apply_rotary_emb(q, rotary, sequence_dim=1)
-            k = apply_rotary_emb(k, rotary, sequence_dim=1)
-        return q, k, v
-
-
-class Flux2ParallelFieldTapProcessor(Flux2FieldTapProcessor):
+class Flux2ParallelFieldTapProcessor(FieldTapProcessor):
     """Processor of a FLUX.2 single-stream block (``Flux2ParallelSelfAttention``: fused qkv + MLP)."""
 
-    def __init__(self, name: str, store: TapStore, inner: object) -> None:
+    @staticmethod
+    def stock_class() -> type:
         from diffusers.models.transformers.transformer_flux2 import Flux2ParallelSelfAttnProcessor
 
-        self.name, self.store, self.inner = name, store, inner
-        self.own = type(inner) is Flux2ParallelSelfAttnProcessor
+        return Flux2ParallelSelfAttnProcessor
 
     def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  image_rotary_emb: object = None, **kwargs: object) -> torch.Tensor:
-        from diffusers.models.embeddings import apply_rotary_emb
-
-        armed = self._armed(attn, kwargs, "Flux2ParallelSelfAttnProcessor")
+        armed = self._armed(attn, kwargs)
         if not self.own:
             return self.inner(attn, hidden_states, attention_mask, image_rotary_emb, **kwargs)
         proj = attn.to_qkv_mlp_proj(hidden_states)
@@ -129,13 +88,4 @@ class Flux2ParallelFieldTapProcessor(Flux2FieldTapProcessor):
 
 def install(transformer: nn.Module, store: TapStore) -> list[str]:
     """Wrap the attention processor of every block of a ``Flux2Transformer2DModel``; returns the block names."""
-    names = block_names(len(transformer.transformer_blocks), len(transformer.single_transformer_blocks))
-    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
-    n_double = len(transformer.transformer_blocks)
-    for i, (name, block) in enumerate(zip(names, blocks, strict=True)):
-        inner = block.attn.processor
-        if isinstance(inner, FieldTapProcessor):
-            inner = inner.inner
-        kind = Flux2FieldTapProcessor if i < n_double else Flux2ParallelFieldTapProcessor
-        block.attn.set_processor(kind(name, store, inner))
-    return names
+    return flux_tap.install(transformer, store, Flux2FieldTapProcessor, Flux2ParallelFieldTapProcessor)

@@ -31,10 +31,13 @@ guard on a Python attribute: each block compiles at most two variants.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
 DOUBLE, SINGLE = "double", "single"
@@ -109,51 +112,65 @@ class FieldTapProcessor:
     Args:
         name: the block's name (:func:`block_names`).
         store: the backbone's :class:`TapStore`, shared by every block.
-        inner: the processor it replaces, run whenever this block is not tapped.
+        inner: the processor it replaces; the block is computed here only when ``inner`` is exactly
+            :meth:`stock_class` (else ``inner`` runs, and tapping the block is refused).
+
+    Subclasses for other families (:mod:`focusdpo.backbones.flux2_tap`) override :meth:`stock_class` and
+    ``__call__``'s projections and output; the arming, the attention and the field are shared.
     """
 
     def __init__(self, name: str, store: TapStore, inner: object) -> None:
+        self.name, self.store, self.inner = name, store, inner
+        self.own = type(inner) is self.stock_class()
+
+    @staticmethod
+    def stock_class() -> type:
+        """The diffusers processor whose output this one reproduces bit for bit."""
         from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-        self.name, self.store, self.inner = name, store, inner
-        self.own = type(inner) is FluxAttnProcessor  # else: delegate, and refuse to tap
+        return FluxAttnProcessor
 
     def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None
                  = None, attention_mask: torch.Tensor | None = None, image_rotary_emb: object = None,
                  **kwargs: object) -> object:
-        armed = self.store.armed and self.name in self.store.blocks
+        armed = self._armed(attn, kwargs)
         if not self.own:
-            if armed:
-                raise ValueError(f"the focus tap of block {self.name} needs diffusers' plain FluxAttnProcessor, "
-                                 f"found {type(self.inner).__name__}; tap another block or restore the processor")
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
                               **kwargs)
-        if kwargs or getattr(attn, "fused_projections", False):
-            raise ValueError(f"the focus tap of block {self.name} supports plain FLUX attention only (no fused "
-                             f"projections, no extra arguments {sorted(kwargs)}); unfuse the projections")
-        return self._tapped(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, armed)
+        query, key, value = self._qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        out = self._attend(query, key, value, attention_mask, armed)
+        if encoder_hidden_states is None:
+            return out
+        n_text = encoder_hidden_states.shape[1]
+        text, image = out.split_with_sizes([n_text, out.shape[1] - n_text], dim=1)
+        return attn.to_out[1](attn.to_out[0](image.contiguous())), attn.to_add_out(text.contiguous())
 
-    def _tapped(self, attn: nn.Module, hidden: torch.Tensor, encoder: torch.Tensor | None,
-                mask: torch.Tensor | None, rotary: object, armed: bool) -> object:
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
+    def _armed(self, attn: nn.Module, kwargs: dict) -> bool:
+        """Whether this forward captures the field; refuses what the tap cannot reproduce."""
+        armed = self.store.armed and self.name in self.store.blocks
+        stock = self.stock_class().__name__
+        if not self.own and armed:
+            raise ValueError(f"the focus tap of block {self.name} needs diffusers' plain {stock}, found "
+                             f"{type(self.inner).__name__}; tap another block or restore the processor")
+        if self.own and (kwargs or getattr(attn, "fused_projections", False)):
+            raise ValueError(f"the focus tap of block {self.name} supports {stock}'s plain attention only (no "
+                             f"fused projections, no extra arguments {sorted(kwargs)}); unfuse the projections")
+        return armed
 
-        query, key, value = self._qkv(attn, hidden, encoder, rotary)
+    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                armed: bool) -> torch.Tensor:
+        """The block's attention ``[B, L, H * d]`` (as the stock processor) and, when armed, the field."""
         backend = getattr(self.inner, "_attention_backend", None)
-        out = dispatch_attention_fn(query, key, value, attn_mask=mask, backend=backend)
-        out = out.flatten(2, 3).to(query.dtype)
+        out = dispatch_attention_fn(query, key, value, attn_mask=mask, backend=backend,
+                                    parallel_config=getattr(self.inner, "_parallel_config", None))
         if armed:
             self.store.fields[self.name] = self._field(query.detach(), key.detach(), backend)
-        if encoder is None:
-            return out
-        text, image = out.split_with_sizes([encoder.shape[1], out.shape[1] - encoder.shape[1]], dim=1)
-        return attn.to_out[1](attn.to_out[0](image.contiguous())), attn.to_add_out(text.contiguous())
+        return out.flatten(2, 3).to(query.dtype)
 
     @staticmethod
     def _qkv(attn: nn.Module, hidden: torch.Tensor, encoder: torch.Tensor | None, rotary: object
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Projected, normalised and rotated ``[B, L, H, d]`` queries, keys and values, text first."""
-        from diffusers.models.embeddings import apply_rotary_emb
-
         def heads(x: torch.Tensor) -> torch.Tensor:
             return x.unflatten(-1, (-1, attn.head_dim))
 
@@ -171,8 +188,6 @@ class FieldTapProcessor:
 
     def _field(self, query: torch.Tensor, key: torch.Tensor, backend: object) -> torch.Tensor:
         """``[B, K, N]`` float32: per-reference softmax mass of the target queries, mean over heads."""
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
         store = self.store
         with torch.no_grad():
             start = store.text_len
@@ -191,20 +206,64 @@ class FieldTapProcessor:
             return torch.cat(parts, dim=2).transpose(1, 2).contiguous()
 
 
-def install(transformer: nn.Module, store: TapStore) -> list[str]:
-    """Wrap the attention processor of every block of a FLUX transformer; returns the block names."""
+def install(transformer: nn.Module, store: TapStore, double: type[FieldTapProcessor] = FieldTapProcessor,
+            single: type[FieldTapProcessor] = FieldTapProcessor) -> list[str]:
+    """Wrap the attention processor of every block of a FLUX-family transformer (``transformer_blocks`` then
+    ``single_transformer_blocks``) with ``double`` / ``single``; returns the block names."""
     names = block_names(len(transformer.transformer_blocks), len(transformer.single_transformer_blocks))
-    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
-    for name, block in zip(names, blocks, strict=True):
+    kinds = [double] * len(transformer.transformer_blocks) + [single] * len(transformer.single_transformer_blocks)
+    for name, block, kind in zip(names, block_modules(transformer).values(), kinds, strict=True):
         inner = block.attn.processor
         if isinstance(inner, FieldTapProcessor):
             inner = inner.inner
-        block.attn.set_processor(FieldTapProcessor(name, store, inner))
+        block.attn.set_processor(kind(name, store, inner))
     return names
 
 
+def tap_masks(refs: Sequence[torch.Tensor], ref_masks: Sequence[torch.Tensor] | None, device: torch.device
+              ) -> list[torch.Tensor]:
+    """Reference token masks ``[B, M_k]`` float32 for the attention field (all ones when not given).
+
+    refs: the K reference token blocks ``[B, M_k, C]``.
+    """
+    if ref_masks is None:
+        return [torch.ones(r.shape[:2], device=device) for r in refs]
+    if len(ref_masks) != len(refs):
+        raise ValueError(f"predict: {len(ref_masks)} reference masks for {len(refs)} references")
+    for k, (m, r) in enumerate(zip(ref_masks, refs, strict=True)):
+        if tuple(m.shape) != tuple(r.shape[:2]):
+            raise ValueError(f"predict: ref_masks[{k}] has shape {tuple(m.shape)}, expected {tuple(r.shape[:2])} "
+                             "(one value per reference token)")
+    return [m.to(device, torch.float32) for m in ref_masks]
+
+
+@contextmanager
+def armed(store: TapStore, transformer: nn.Module, blocks: Sequence[str], text_len: int, n_target: int,
+          ref_masks: Sequence[torch.Tensor]) -> Iterator[tuple[list[torch.Tensor], dict[str, torch.Tensor]]]:
+    """One tapped forward: arm the store and hook the tapped blocks' outputs; always unhook and disarm.
+
+    Yields ``(hidden, fields)``, filled by the forward run inside: each tapped block's image-stream output
+    ``[B, N + sum M_k, D]`` (a block returning ``(text, image)``, or the joint ``[text | image]`` stream of a
+    FLUX.2 single block) and block name -> field ``[B, K, N]``.
+    """
+    hidden: list[torch.Tensor] = []
+    store.arm(blocks, text_len, n_target, reference_values(ref_masks, n_target))
+    modules = block_modules(transformer)
+
+    def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+        hidden.append((output[1] if isinstance(output, tuple) else output[:, text_len:]).detach())
+
+    handles = [modules[name].register_forward_hook(hook) for name in blocks]
+    try:
+        yield hidden, store.fields
+    finally:
+        for handle in handles:
+            handle.remove()
+        store.disarm()
+
+
 def block_modules(transformer: nn.Module) -> dict[str, nn.Module]:
-    """Block name -> block module."""
+    """Block name -> block module, in forward order."""
     names = block_names(len(transformer.transformer_blocks), len(transformer.single_transformer_blocks))
     return dict(zip(names, list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks),
                     strict=True))
