@@ -1,36 +1,4 @@
-"""Fixtures of the trainer tests: a random tiny base and a tiny toy DIP set, built once per session."""
+"""Fixtures of the trainer tests: a random tiny base and a tiny toy DIP set, built once per session
+(defined in ``train_fixtures``, shared with the adversarial tests)."""
 
-from __future__ import annotations
-
-from pathlib import Path
-
-import pytest
-import torch
-from train_fixtures import tiny_overrides
-
-from focusdpo.config import load_config
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread inside these tests: on 2 shared cores oversubscribed BLAS threads are ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def tiny_env(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """``(root, base)``: a folder holding the cached toy DIP set, and a random tiny base checkpoint file."""
-    from focusdpo.backbones.flux import build_tiny, save_tiny
-    from focusdpo.data import ensure_toy_dip
-    from focusdpo.world import World
-
-    root = tmp_path_factory.mktemp("train_env")
-    cfg = load_config(None, tiny_overrides(root, root / "base.safetensors"))
-    torch.manual_seed(0)
-    backbone = build_tiny(cfg.model, World(cfg.world).vocabulary())
-    save_tiny(backbone, root / "base.safetensors", cfg.model)
-    ensure_toy_dip(cfg)
-    return root, root / "base.safetensors"
+from train_fixtures import one_thread, tiny_env  # noqa: F401  (fixtures)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+import torch
+
 from focusdpo.config import Config, load_config
 
 TINY_MODEL = ["model.num_layers=2", "model.num_single_layers=1", "model.num_heads=2", "model.head_dim=16",
@@ -25,3 +28,31 @@ def tiny_overrides(root: Path, base: Path, **extra: object) -> list[str]:
 
 def tiny_config(root: Path, base: Path, **extra: object) -> Config:
     return load_config(None, tiny_overrides(root, base, **extra))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread inside these tests: on 2 shared cores oversubscribed BLAS threads are ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_env(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """``(root, base)``: a folder holding the cached toy DIP set, and a random tiny base checkpoint file.
+
+    Used through the conftests that import it (trainer and adversarial tests), built once per session each.
+    """
+    from focusdpo.backbones.flux import build_tiny, save_tiny
+    from focusdpo.data import ensure_toy_dip
+    from focusdpo.world import World
+
+    root = tmp_path_factory.mktemp("tiny_env")
+    cfg = load_config(None, tiny_overrides(root, root / "base.safetensors"))
+    torch.manual_seed(0)
+    backbone = build_tiny(cfg.model, World(cfg.world).vocabulary())
+    save_tiny(backbone, root / "base.safetensors", cfg.model)
+    ensure_toy_dip(cfg)
+    return root, root / "base.safetensors"
