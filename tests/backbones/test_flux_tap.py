@@ -101,6 +101,12 @@ def test_unit_masks_give_masses_that_sum_below_one_and_all_averages_blocks(backb
     assert (tap.field >= 0).all() and (total > 0).all() and (total < 1).all()
     assert list(tap.blocks) == ["double:0", "double:1", "single:0", "single:1"]
     assert torch.allclose(tap.field, torch.stack(list(tap.blocks.values())).mean(0))
+    singles = []  # the hidden states of "all" are the mean of each block's own, kept as a running sum
+    for name in tap.blocks:
+        backbone.tap_layer = name
+        with torch.no_grad():
+            singles.append(backbone.predict(x_t, t, text, refs, grid, tap=True)[1].target)
+    assert torch.allclose(tap.target, torch.stack(singles).mean(0), atol=1e-6)
 
 
 def test_tapping_changes_nothing_and_equals_diffusers_processor(backbone):

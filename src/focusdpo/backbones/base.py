@@ -88,14 +88,14 @@ class FocusTap:
     blocks: dict[str, torch.Tensor]
 
     @staticmethod
-    def from_blocks(hidden: Sequence[torch.Tensor], fields: dict[str, torch.Tensor], n_target: int,
+    def from_blocks(feats: torch.Tensor | None, n_hidden: int, fields: dict[str, torch.Tensor], n_target: int,
                     ref_grids: Sequence[tuple[int, int]], names: Sequence[str]) -> FocusTap:
-        """Average the tapped blocks' image-stream states ``[B, N + sum M_k, D]`` and fields ``[B, K, N]``."""
+        """The tap from the tapped blocks' mean image-stream state ``feats [B, N + sum M_k, D]`` (over
+        ``n_hidden`` blocks) and their fields ``[B, K, N]`` (averaged here)."""
         missing = [n for n in names if n not in fields]
-        if missing or len(hidden) != len(names):
+        if missing or feats is None or n_hidden != len(names):
             raise RuntimeError(f"focus tap: blocks {missing or list(names)} ran no tapped attention; the backbone's "
                                "attention processors were replaced after it was built")
-        feats = hidden[0] if len(hidden) == 1 else torch.stack(hidden).float().mean(0)
         sizes = [h * w for h, w in ref_grids]
         refs = list(torch.split(feats[:, n_target:], sizes, dim=1))
         field = torch.stack([fields[n] for n in names]).mean(0)

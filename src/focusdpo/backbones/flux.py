@@ -151,13 +151,14 @@ class FluxInContext:
         pred = out[:, : x_t.shape[1]].to(x_t.dtype)
         if not tap:
             return pred, None
-        return pred, FocusTap.from_blocks(hidden, fields, x_t.shape[1], [r.grid for r in refs], self._tap_blocks)
+        return pred, FocusTap.from_blocks(hidden.value(), hidden.count, fields, x_t.shape[1], [r.grid for r in refs],
+                                          self._tap_blocks)
 
     def _tap_session(self, tap: bool, text_len: int, n_target: int, refs: Sequence[Tokens],
                      ref_masks: Sequence[torch.Tensor] | None) -> AbstractContextManager:
         """:func:`~focusdpo.backbones.flux_tap.armed` for a tapped forward; a no-op yielding empty results else."""
         if not tap:
-            return nullcontext(([], {}))
+            return nullcontext((flux_tap.RunningMean(), {}))
         masks = flux_tap.tap_masks([r.tokens for r in refs], ref_masks, self.device)
         return flux_tap.armed(self._store, self.transformer, self._tap_blocks, text_len, n_target, masks)
 

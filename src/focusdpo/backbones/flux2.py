@@ -113,7 +113,8 @@ class Flux2InContext(FluxInContext):
         pred = out[:, : x_t.shape[1]].to(x_t.dtype)
         if not tap:
             return pred, None
-        return pred, FocusTap.from_blocks(hidden, fields, x_t.shape[1], [r.grid for r in refs], self._tap_blocks)
+        return pred, FocusTap.from_blocks(hidden.value(), hidden.count, fields, x_t.shape[1], [r.grid for r in refs],
+                                          self._tap_blocks)
 
     def _check_inputs(self, x_t: torch.Tensor, t: torch.Tensor, text: TextCond, refs: Sequence[Tokens],
                       grid: tuple[int, int], tap: bool = False) -> None:

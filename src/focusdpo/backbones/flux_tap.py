@@ -237,21 +237,38 @@ def tap_masks(refs: Sequence[torch.Tensor], ref_masks: Sequence[torch.Tensor] | 
     return [m.to(device, torch.float32) for m in ref_masks]
 
 
+class RunningMean:
+    """Mean of the tapped blocks' hidden states, kept as one running sum (``tap_layer=all`` on a 57-block model
+    would otherwise hold 57 ``[B, L, D]`` tensors until the forward ends). One block keeps its dtype; several
+    are summed in float32."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        self.total = x if self.total is None else self.total.float() + x.float()
+        self.count += 1
+
+    def value(self) -> torch.Tensor | None:
+        return self.total if self.count <= 1 else self.total / self.count
+
+
 @contextmanager
 def armed(store: TapStore, transformer: nn.Module, blocks: Sequence[str], text_len: int, n_target: int,
-          ref_masks: Sequence[torch.Tensor]) -> Iterator[tuple[list[torch.Tensor], dict[str, torch.Tensor]]]:
+          ref_masks: Sequence[torch.Tensor]) -> Iterator[tuple[RunningMean, dict[str, torch.Tensor]]]:
     """One tapped forward: arm the store and hook the tapped blocks' outputs; always unhook and disarm.
 
-    Yields ``(hidden, fields)``, filled by the forward run inside: each tapped block's image-stream output
-    ``[B, N + sum M_k, D]`` (a block returning ``(text, image)``, or the joint ``[text | image]`` stream of a
-    FLUX.2 single block) and block name -> field ``[B, K, N]``.
+    Yields ``(hidden, fields)``, filled by the forward run inside: the running mean of the tapped blocks'
+    image-stream outputs ``[B, N + sum M_k, D]`` (a block returning ``(text, image)``, or the joint
+    ``[text | image]`` stream of a FLUX.2 single block) and block name -> field ``[B, K, N]``.
     """
-    hidden: list[torch.Tensor] = []
+    hidden = RunningMean()
     store.arm(blocks, text_len, n_target, reference_values(ref_masks, n_target))
     modules = block_modules(transformer)
 
     def hook(_module: nn.Module, _inputs: object, output: object) -> None:
-        hidden.append((output[1] if isinstance(output, tuple) else output[:, text_len:]).detach())
+        hidden.add((output[1] if isinstance(output, tuple) else output[:, text_len:]).detach())
 
     handles = [modules[name].register_forward_hook(hook) for name in blocks]
     try:
