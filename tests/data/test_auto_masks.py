@@ -316,3 +316,14 @@ def test_cli_build_falls_back_with_the_reason_and_builds_two_subject_pairs(tmp_p
     assert _iou(rec.m_prior, truth[k]) > 0.9 and np.array_equal(rec.negative[~rec.m_prior], img[~rec.m_prior])
     card = json.loads((tmp_path / "dip" / "card.json").read_text())
     assert card["auto_masks"]["backend"] == "grabcut" and "not-cached" in card["auto_masks"]["reason"]
+
+
+def test_target_boxes_outside_the_target_reject_the_record(tmp_path):
+    img, _ = _disc_scene()
+    Image.fromarray(img).save(tmp_path / "t.png")
+    line = {"prompt": "p", "target": "t.png", "references": [{"image": "t.png"}, {"image": "t.png"}],
+            "target_boxes": [[0, 0, 64, 64], [64, 0, 129, 64]]}  # the target is 128 wide
+    (tmp_path / "m.jsonl").write_text(json.dumps(line) + "\n")
+    (_, _, entry), = list(read_manifest(tmp_path / "m.jsonl"))
+    with pytest.raises(BadRecord, match=r"target_boxes .* reach outside the 128x64 target"):
+        load_entry(entry, tmp_path.resolve(), patch=8, max_pixels=10**6, auto_masks=True)
