@@ -53,14 +53,15 @@ def test_prompt_subjects_known_values():
 
 
 def test_grabcut_components_are_ordered_by_colour_whatever_the_reference_order():
-    """Two separated discs: the ``components`` layout; each reference gets its own disc (planted colours)."""
+    """Two separated discs in a 96 x 128 photo (not a 2:1 composition): the ``components`` layout; each reference
+    gets its own disc (planted colours)."""
     masker = AutoMasker()
-    img, truth = _disc_scene()
+    img, truth = _disc_scene(96, 128, centres=((30, 30), (66, 96)))
     refs = [_ref(RED), _ref(BLUE)]
     for order in ([0, 1], [1, 0]):
         regions, origin, why = masker.target(img, [None, None], [refs[i][0] for i in order],
                                              [refs[i][1] for i in order])
-        assert origin == "grabcut-components" and why is None and regions.shape == (2, 64, 128)
+        assert origin == "grabcut-components" and why is None and regions.shape == (2, 96, 128)
         for k, i in enumerate(order):
             assert _iou(regions[k], truth[i]) > 0.9
         assert not (regions[0] & regions[1]).any()
@@ -71,12 +72,27 @@ def test_grabcut_strips_for_a_side_by_side_composition():
     layout, each half masked as a one-subject photo (the bar reaches the strip's border: background there)."""
     from focusdpo.data.masks import grabcut_subjects
 
-    img, truth = _disc_scene()
-    img[28:37, 40:89] = (220, 200, 40)
+    img, truth = _disc_scene(80, 128, centres=((40, 32), (40, 96)))  # 1.6:1, not a 2-tile composition
+    img[36:45, 40:89] = (220, 200, 40)
     masks, layout = grabcut_subjects(img, 2)
-    assert layout == "strips" and masks.shape == (2, 64, 128)
+    assert layout == "strips" and masks.shape == (2, 80, 128)
     assert not masks[0][:, 64:].any() and not masks[1][:, :64].any()  # each mask stays in its strip
     assert _iou(masks[0], truth[0]) > 0.85 and _iou(masks[1], truth[1]) > 0.85
+
+
+def test_a_k_to_1_image_is_masked_as_a_composition_of_k_tiles():
+    """Two discs in a 64 x 128 image (2:1) and three in 64 x 192 (3:1): strips, even though the discs stand apart;
+    in a 64 x 192 image two subjects are not a composition (3:1 for K = 2) and the components are used."""
+    from focusdpo.data.masks import grabcut_subjects
+
+    img, truth = _disc_scene()
+    masks, layout = grabcut_subjects(img, 2)
+    assert layout == "strips" and _iou(masks[0], truth[0]) > 0.85 and _iou(masks[1], truth[1]) > 0.85
+    img3, truth3 = _disc_scene(64, 192, (RED, BLUE, (40, 160, 60)), ((32, 32), (32, 96), (32, 160)))
+    masks3, layout3 = grabcut_subjects(img3, 3)
+    assert layout3 == "strips" and all(_iou(masks3[i], truth3[i]) > 0.85 for i in range(3))
+    img2, truth2 = _disc_scene(64, 192, centres=((32, 40), (32, 150)))
+    assert grabcut_subjects(img2, 2)[1] == "components"
 
 
 def test_target_boxes_give_masks_in_box_order_inside_the_boxes(tmp_path):
@@ -260,7 +276,7 @@ def test_models_failure_per_record_falls_back_or_rejects(tiny_models, tmp_path):
     over = [f"data.mask_detector={det}", f"data.mask_segmenter={seg}", "data.mask_min_score=1.0"]
     auto = make_masker(load_config(None, over + ["data.mask_backend=auto"]).data, lambda m: None)
     regions, origin, why = auto.target(img, ["dog", "cat"], [r[0] for r in refs], [r[1] for r in refs])
-    assert origin == "grabcut-components" and "found no box" in why and _iou(regions[0], truth[0]) > 0.9
+    assert origin == "grabcut-strips" and "found no box" in why and _iou(regions[0], truth[0]) > 0.85
     strict = make_masker(load_config(None, over + ["data.mask_backend=models"]).data, lambda m: None)
     with pytest.raises(MaskFailure, match="models: the detector found no box"):
         strict.target(img, ["dog", "cat"], [r[0] for r in refs], [r[1] for r in refs])

@@ -9,10 +9,14 @@ extra (``pip install 'focusdpo[masks]'``, i.e. opencv-python-headless).
 - K subjects (:func:`grabcut_subjects`), boxes first, masks second, then the order:
 
   1. ``boxes`` given (the manifest's ``target_boxes``): GrabCut inside each box, in the boxes' order.
-  2. else ``components``: GrabCut of the whole image (margin box); when its foreground has at least K
-     connected components each over ``min_area`` of the image, the K largest are the subjects (separated
-     subjects on a plain background).
-  3. else ``strips``: the image is split into K equal strips along its longer side and each strip is masked
+  2. an image whose sides are in the ratio K:1 (within 10 %) is taken as a side-by-side composition of K
+     square photos: ``strips`` (4.) directly (whole-image GrabCut on the DreamBench dog + can tiles kept the
+     can and the dog's mouth only).
+  3. else ``components``: GrabCut of the whole image (margin box); when the K largest connected components
+     of its foreground each cover ``min_area`` of the image and together hold ``COMPONENT_SHARE`` (90 %) of
+     the foreground, they are the subjects (separated subjects on a plain background; a subject GrabCut broke
+     into pieces fails the share).
+  4. else ``strips``: the image is split into K equal strips along its longer side and each strip is masked
      as a one-subject photo (centre box with a margin): the layout of a side-by-side composition, the usual
      way multi-subject training images are assembled from single-subject photos (UNO, DreamBench pairs).
 
@@ -28,6 +32,12 @@ import itertools
 
 import numpy as np
 from PIL import Image
+
+# The K largest foreground components are taken as the K subjects only when they hold this share of it.
+COMPONENT_SHARE = 0.9
+# An image whose longer side is K times its shorter one, within this relative tolerance, is a composition of K
+# square tiles.
+COMPOSITION_TOLERANCE = 0.1
 
 
 def _cv2():
@@ -136,9 +146,11 @@ def grabcut_subjects(image: np.ndarray, k: int, boxes: list[tuple[int, int, int,
             raise ValueError(f"grabcut_subjects: {len(boxes)} boxes for k={k} subjects; give one box per subject")
         masks = [grabcut_mask(image, seed=seed, max_side=max_side, box=b) for b in boxes]
         return _keep_in_boxes(np.stack(masks), boxes), "boxes"
-    comps = [c for c in _grabcut_components(image, margin, 5, seed, max_side) if c.mean() >= min_area]
-    if len(comps) >= k:
-        return np.stack(comps[:k]), "components"
+    if k > 1 and abs(max(h, w) / min(h, w) / k - 1) > COMPOSITION_TOLERANCE:  # not K square tiles in a row
+        comps = _grabcut_components(image, margin, 5, seed, max_side)
+        areas = [float(c.mean()) for c in comps]
+        if len(comps) >= k and areas[k - 1] >= min_area and sum(areas[:k]) >= COMPONENT_SHARE * sum(areas):
+            return np.stack(comps[:k]), "components"
     masks = np.zeros((k, h, w), bool)
     for i, (x0, y0, x1, y1) in enumerate(strip_boxes(h, w, k)):
         # each strip as its own photo (centre box with a margin): GrabCut over the whole image with the strip as
