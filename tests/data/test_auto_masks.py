@@ -343,3 +343,18 @@ def test_target_boxes_outside_the_target_reject_the_record(tmp_path):
     (_, _, entry), = list(read_manifest(tmp_path / "m.jsonl"))
     with pytest.raises(BadRecord, match=r"target_boxes .* reach outside the 128x64 target"):
         load_entry(entry, tmp_path.resolve(), patch=8, max_pixels=10**6, auto_masks=True)
+
+
+def test_manifest_schema_is_documented_in_the_help_and_the_readme():
+    """Every manifest key the parser accepts is named in ``dip build --help`` and in the README's table."""
+    from focusdpo.cli import app
+    from focusdpo.data.manifest import KEYS, REF_KEYS
+
+    res = CliRunner().invoke(app, ["dip", "build", "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for key in [*(k for k in KEYS if k != "references"), *(f"references[].{k}" for k in REF_KEYS)]:
+        assert key in res.output, key
+        assert f"| `{key}` |" in readme, key
+    for field in ("data.mask_backend", "data.mask_detector", "data.mask_segmenter", "data.mask_min_score"):
+        assert field in readme
