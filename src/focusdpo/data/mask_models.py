@@ -146,14 +146,14 @@ def load_mask_models(detector: str, segmenter: str, device: str = "cpu", min_sco
 
 def _load(name: str, field: str, types: tuple[str, ...], task: str) -> tuple[Any, Any]:
     """Model and processor of ``name``: the local cache first, then the Hub unless offline."""
-    from huggingface_hub import is_offline_mode
+    from huggingface_hub import constants  # HF_HUB_OFFLINE: read at call time, on old and new hub clients
 
     try:
         return _from_pretrained(name, types, field, task, local_only=True)
     except MaskModelsUnavailable:
         raise
     except Exception as local_err:  # noqa: BLE001 - not a folder and not cached: maybe downloadable
-        if is_offline_mode():
+        if constants.HF_HUB_OFFLINE:
             raise MaskModelsUnavailable(f"{field}={name!r} is neither a local folder nor in the Hugging Face cache "
                                         f"and HF_HUB_OFFLINE is set ({type(local_err).__name__}); download it "
                                         f"first (`hf download {name}`)") from local_err
