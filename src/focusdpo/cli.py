@@ -135,7 +135,10 @@ def dip_build_cmd(
     n: int | None = typer.Option(None, "--n", help="Toy: number of records (default data.n_records)."),
     seed: int | None = typer.Option(None, "--seed", help="Build seed (default data.seed)."),
     patch: int | None = typer.Option(None, "--patch", help="Pixels per token side of M_d (default model.patch)."),
-    auto_masks: bool = typer.Option(False, "--auto-masks", help="Manifest: GrabCut masks where none are given."),
+    auto_masks: bool = typer.Option(False, "--auto-masks", help="Manifest: make the masks a record does not give, "
+                                    "for K subjects: detector + segmenter (data.mask_detector, data.mask_segmenter) "
+                                    "or GrabCut (data.mask_backend=auto|models|grabcut; auto falls back to GrabCut "
+                                    "with the reason printed)."),
     root: Path | None = typer.Option(None, "--root", help="Manifest: folder its paths are relative to "
                                                           "(default: the manifest's folder)."),
     size: int | None = typer.Option(None, "--size", help="Manifest: resize targets to size x size (shorter "
@@ -145,7 +148,22 @@ def dip_build_cmd(
     config: Path | None = ConfigOpt,
     overrides: list[str] | None = OverridesArg,
 ) -> None:
-    """Build a DIP set: positives, disrupted negatives, M_prior and M_d, as Parquet shards."""
+    """Build a DIP set: positives, disrupted negatives, M_prior and M_d, as Parquet shards.
+
+    Manifest (JSONL, one record a line; paths relative to the manifest's folder or --root):
+
+    {"prompt": "a dog and a backpack in the jungle", "target": "t.jpg",
+    "references": [{"image": "dog.jpg", "mask": "dog_m.png", "class": "dog"}, {"image": "bag.jpg"}],
+    "target_masks": ["t_dog.png", "t_bag.png"], "target_boxes": [[0, 0, 256, 256], [256, 0, 512, 256]],
+    "id": "r1"}
+
+    Required: prompt, target, references[].image (K references = K subjects, in order). Optional:
+    references[].mask (default all-ones, or automatic with --auto-masks), references[].class (the subject's
+    class words for the detector; default: the prompt's "a X and a Y" phrases), target_masks (one per
+    reference; required without --auto-masks), target_boxes (one pixel box x0, y0, x1, y1 per subject in the
+    target, used by --auto-masks instead of the detector), id. A mask is an image of its image's size, subject =
+    pixels > 127. Bad records are listed in rejected.jsonl with the reason; the others are built.
+    """
     import shlex
     import sys
 
@@ -165,7 +183,8 @@ def dip_build_cmd(
         else:
             s = build_manifest_dip(cfg, manifest, out, seed=seed, patch=patch, auto_masks=auto_masks,
                                    overwrite=overwrite, progress=True, command=command, root=root, size=size,
-                                   ref_size=ref_size, extras=plugin_extras(cfg, toy=False))
+                                   ref_size=ref_size, extras=plugin_extras(cfg, toy=False),
+                                   log=lambda m: typer.echo(m, err=True))
     except (BuildStopped, ImportError, OSError, ValueError) as e:  # OSError: FileExistsError, full disk, ...
         typer.secho(f"dip build: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from e

@@ -97,8 +97,25 @@ class DataConfig:
     shard_records: int = _f(1000, "Records per Parquet shard of a DIP build.")
     max_pixels: int = _f(4096 * 4096, "Largest image (width x height) a manifest build accepts; bigger ones are "
                                       "rejected (also guards against decompression bombs).")
+    mask_backend: str = _f("auto", "`dip build --auto-masks`: models (the detector + segmenter below; must load), "
+                                   "grabcut (OpenCV, CPU) or auto (the models when they load, else GrabCut with "
+                                   "the reason printed; GrabCut also for a record the models cannot mask).")
+    mask_detector: str = _f("google/owlv2-base-patch16-ensemble",
+                            "--auto-masks: open-vocabulary detector queried with each subject's class words "
+                            "(OWL-ViT or OWLv2; local folder or hub id, from the cache unless downloadable).")
+    mask_segmenter: str = _f("facebook/sam-vit-base", "--auto-masks: box-prompted segmenter (SAM; local folder or "
+                                                      "hub id).")
+    mask_device: str = _f("cpu", "--auto-masks: device of the detector and segmenter (cpu, cuda, cuda:1, ...).")
+    mask_min_score: float = _f(0.1, "--auto-masks: smallest detector score (sigmoid, in [0, 1]) that counts as "
+                                    "finding a subject.")
 
     def __post_init__(self) -> None:
+        _choice("data.mask_backend", self.mask_backend, ("auto", "models", "grabcut"))
+        for name in ("mask_detector", "mask_segmenter", "mask_device"):
+            _check(isinstance(getattr(self, name), str) and bool(getattr(self, name).strip()), f"data.{name}",
+                   getattr(self, name), "a non-empty string")
+        _check(isinstance(self.mask_min_score, (int, float)) and 0.0 <= self.mask_min_score <= 1.0,
+               "data.mask_min_score", self.mask_min_score, "a number in [0, 1]")
         _check(self.n_records >= 1, "data.n_records", self.n_records, ">= 1")
         _check(self.shard_records >= 1, "data.shard_records", self.shard_records, ">= 1")
         _check(self.max_pixels >= 1, "data.max_pixels", self.max_pixels, ">= 1")

@@ -1,17 +1,30 @@
 """Real data: a JSONL manifest of file paths, validated record by record.
 
-One line per record::
+One line per record (the schema; README "Manifest format" and ``focusdpo dip build --help`` say the same)::
 
-    {"prompt": str, "target": path, "target_masks": [path, ...one per subject],
-     "references": [{"image": path, "mask": path (optional)}, ...], "id": str (optional)}
+    {"prompt": str,                                   required
+     "target": path,                                  required: the positive photo, K subjects
+     "references": [{"image": path,                   required, one per subject (K = their number), in order
+                     "mask": path,                    optional: the subject in the reference
+                     "class": str}, ...],             optional: the subject's class words ("dog", "stuffed
+                                                      animal"), the detector's query with --auto-masks
+     "target_masks": [path, ...],                     optional: one mask per reference, P_k in reference order
+     "target_boxes": [[x0, y0, x1, y1], ...],         optional: one pixel box per reference in the target (for
+                                                      --auto-masks: where each subject is; no detector needed)
+     "id": str}                                       optional: unique; default "line<N>"
 
-Paths are relative to the manifest's folder (the root; ``--root DIR`` names another) and may not leave it,
-symlinks included. K = the number of references;
-``target_masks`` gives ``P_k`` in reference order. When masks are missing and ``auto_masks`` is on, a GrabCut
-foreground (:mod:`focusdpo.data.masks`) is used: for a reference without a mask, and for the target of a
-one-subject record without ``target_masks``; a GrabCut mask covering under 1 % or over 95 % of its image is
-a failure and rejects the record. Without ``auto_masks`` a reference without a mask gets an
-all-ones mask (unknown) and a record without ``target_masks`` is rejected.
+A mask is an image file of its image's size: a pixel > 127 (any channel) is the subject, and it must not be
+empty. Paths are relative to the manifest's folder (the root; ``--root DIR`` names another) and may not leave
+it, symlinks included.
+
+Without masks: a reference without a mask gets an all-ones mask (unknown), and a record without
+``target_masks`` is rejected unless ``auto_masks`` is on. With ``auto_masks`` (an
+:class:`focusdpo.data.automask.AutoMasker`, or True for GrabCut) the missing masks are made automatically, for
+references (one subject each) and for targets of K subjects (:mod:`focusdpo.data.automask`: a promptable
+detector + segmenter, or GrabCut); an automatic mask covering under 1 % or over 95 % of its image is a failure
+and rejects the record. The provenance's ``mask_origin`` says where each mask came from (``file``,
+``unknown``, ``models``, ``models-boxes``, ``grabcut``, ``grabcut-boxes|components|strips``) and ``fallback``
+why the models were not used for a record.
 
 Every problem raises :class:`BadRecord` with a reason that names the file and the fix; the builder lists it in
 ``rejected.jsonl`` and goes on. Whatever exception a line raises (a NUL byte in a path, JSON nested too deep
@@ -33,8 +46,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-# Automatic masks covering less or more than these fractions of the image are failures, not subjects.
-AUTO_MASK_AREA = (0.01, 0.95)
+from focusdpo.data.automask import AUTO_MASK_AREA, AutoMasker, MaskFailure  # noqa: F401 - AUTO_MASK_AREA kept here
+
+KEYS = ("prompt", "target", "references", "target_masks", "target_boxes", "id")
+REF_KEYS = ("image", "mask", "class")
 
 
 class BadRecord(ValueError):
@@ -53,6 +68,8 @@ class ManifestEntry:
     references: list[Path]
     ref_masks: list[Path | None]
     raw: dict[str, Any] = field(default_factory=dict)
+    classes: list[str | None] = field(default_factory=list)
+    target_boxes: list[tuple[float, float, float, float]] | None = None
 
 
 @dataclass
@@ -166,17 +183,26 @@ def parse_entry(obj: Any, line: int, root: Path) -> ManifestEntry:
     """Check one manifest object's keys and types and resolve its paths inside ``root``."""
     if not isinstance(obj, dict):
         raise BadRecord(f"line {line} is a {type(obj).__name__}; each line must be a JSON object")
-    unknown = set(obj) - {"prompt", "target", "target_masks", "references", "id"}
+    unknown = set(obj) - set(KEYS)
     if unknown:
-        raise BadRecord(f"unknown key(s) {sorted(unknown)}; allowed: prompt, target, target_masks, references, id")
+        raise BadRecord(f"unknown key(s) {sorted(unknown)}; allowed: {', '.join(KEYS)}")
     if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
         raise BadRecord("'prompt' must be a non-empty string")
     refs = obj.get("references")
     if not isinstance(refs, list) or not refs or not all(isinstance(r, dict) and "image" in r for r in refs):
-        raise BadRecord("'references' must be a non-empty list of {\"image\": path, \"mask\": path (optional)}")
+        raise BadRecord("'references' must be a non-empty list of {\"image\": path, \"mask\": path (optional), "
+                        "\"class\": str (optional)}")
+    for i, r in enumerate(refs):
+        if set(r) - set(REF_KEYS):
+            raise BadRecord(f"references[{i}] has unknown key(s) {sorted(set(r) - set(REF_KEYS))}; allowed: "
+                            f"{', '.join(REF_KEYS)}")
+        if "class" in r and (not isinstance(r["class"], str) or not r["class"].strip()):
+            raise BadRecord(f"references[{i}].class must be a non-empty string (the subject's class words), "
+                            f"got {r['class']!r}")
     masks = obj.get("target_masks")
     if masks is not None and (not isinstance(masks, list) or len(masks) != len(refs)):
         raise BadRecord(f"'target_masks' must list one mask per reference ({len(refs)}), got {masks!r}")
+    boxes = _boxes(obj.get("target_boxes"), len(refs))
     rid = obj.get("id", f"line{line:06d}")
     if not isinstance(rid, str) or not rid:
         raise BadRecord(f"'id' must be a non-empty string, got {rid!r}")
@@ -187,7 +213,21 @@ def parse_entry(obj: Any, line: int, root: Path) -> ManifestEntry:
         references=[resolve_inside(root, r["image"], f"references[{i}].image") for i, r in enumerate(refs)],
         ref_masks=[None if r.get("mask") is None else resolve_inside(root, r["mask"], f"references[{i}].mask")
                    for i, r in enumerate(refs)],
-        raw=obj)
+        raw=obj, classes=[r["class"].strip() if "class" in r else None for r in refs], target_boxes=boxes)
+
+
+def _boxes(boxes: Any, k: int) -> list[tuple[float, float, float, float]] | None:
+    """``target_boxes`` checked: None, or K ``[x0, y0, x1, y1]`` with x0 < x1 and y0 < y1 (pixels, >= 0)."""
+    if boxes is None:
+        return None
+    ok = isinstance(boxes, list) and len(boxes) == k and all(
+        isinstance(b, list) and len(b) == 4 and all(isinstance(v, int | float) and not isinstance(v, bool)
+                                                    and v >= 0 for v in b) and b[0] < b[2] and b[1] < b[3]
+        for b in boxes)
+    if not ok:
+        raise BadRecord(f"'target_boxes' must list one [x0, y0, x1, y1] pixel box per reference ({k}) with "
+                        f"0 <= x0 < x1 and 0 <= y0 < y1, got {boxes!r}")
+    return [tuple(float(v) for v in b) for b in boxes]  # type: ignore[misc]
 
 
 def resolve_inside(root: Path, rel: Any, name: str) -> Path:
@@ -255,54 +295,87 @@ def load_mask(path: Path, name: str, size: tuple[int, int], max_pixels: int) -> 
     return mask
 
 
-def load_entry(entry: ManifestEntry, root: Path, patch: int, max_pixels: int, auto_masks: bool,
+def load_entry(entry: ManifestEntry, root: Path, patch: int, max_pixels: int, auto_masks: bool | AutoMasker,
                size: int | None = None, ref_size: int | None = None) -> LoadedEntry:
     """Read and check every file of ``entry``; raises :class:`BadRecord` on the first problem.
 
+    ``auto_masks``: False (no automatic masks), True (GrabCut) or the build's :class:`AutoMasker`.
     ``size`` / ``ref_size``: when given, the target / each reference (with its masks) is resized so that its
     shorter side has that many pixels (Lanczos for images, nearest for masks) and centre-cropped to a square.
+    References are read first: their masks order the target's automatic masks.
     """
-    image, regions, target_origin = _load_target(entry, max_pixels, auto_masks)
-    refs, ref_masks, ref_origin = [], [], []
+    masker = AutoMasker() if auto_masks is True else (auto_masks or None)
+    queries = _queries(entry)
+    refs, ref_masks, ref_origin, fallback = [], [], [], {}
     for i, (rp, mp) in enumerate(zip(entry.references, entry.ref_masks, strict=True)):
         ref = load_image(rp, f"references[{i}].image", max_pixels)
         if mp is not None:
             mask, origin = load_mask(mp, f"references[{i}].mask", ref.shape[:2], max_pixels), "file"
-        elif auto_masks:
-            mask, origin = _auto_mask(ref, f"references[{i}]"), "grabcut"
+        elif masker is not None:
+            mask, origin, why = _auto(lambda: masker.reference(ref, queries[i]), f"references[{i}]")  # noqa: B023
+            if why:
+                fallback[f"references[{i}]"] = why
         else:
             mask, origin = np.ones(ref.shape[:2], bool), "unknown"
-        if ref_size is not None:
-            ref, masks = square_resize(ref, mask[None], ref_size)
-            mask = masks[0]
-            if not mask.any():
-                raise BadRecord(f"references[{i}].mask is empty after the centre crop to {ref_size} px; "
-                                "give a reference with the subject nearer the centre")
         refs.append(ref)
         ref_masks.append(mask)
         ref_origin.append(origin)
+    image, regions, target_origin = _load_target(entry, max_pixels, masker, queries, refs, ref_masks, fallback)
+    if ref_size is not None:
+        for i in range(len(refs)):
+            refs[i], masks = square_resize(refs[i], ref_masks[i][None], ref_size)
+            ref_masks[i] = masks[0]
+            if not ref_masks[i].any():
+                raise BadRecord(f"references[{i}].mask is empty after the centre crop to {ref_size} px; "
+                                "give a reference with the subject nearer the centre")
     if size is not None:
         image, regions = square_resize(image, regions, size)
     image, regions, crop = _crop_to_patch(image, regions, patch)
     rel = lambda p: str(p.relative_to(root))  # noqa: E731
+    origin = {"target_masks": target_origin, "references": ref_origin, **({"fallback": fallback} if fallback else {})}
     prov = {"builder": "manifest", "line": entry.line, "target": rel(entry.target),
-            "references": [rel(p) for p in entry.references],
-            "mask_origin": {"target_masks": target_origin, "references": ref_origin},
+            "references": [rel(p) for p in entry.references], "mask_origin": origin,
             "resize": [size, ref_size], "crop": crop}
     return LoadedEntry(image, regions, refs, ref_masks, prov)
 
 
-def _load_target(entry: ManifestEntry, max_pixels: int, auto_masks: bool) -> tuple[np.ndarray, np.ndarray, str]:
-    """The target uint8 [H, W, 3], its regions bool [K, H, W] and where they came from (file or grabcut)."""
+def _queries(entry: ManifestEntry) -> list[str | None]:
+    """The detector's query of each subject: the reference's ``class``, else the prompt's subject phrase."""
+    from focusdpo.data.automask import prompt_subjects
+
+    k = len(entry.references)
+    phrases = prompt_subjects(entry.prompt, k) or [None] * k
+    classes = entry.classes or [None] * k
+    return [c if c is not None else p for c, p in zip(classes, phrases, strict=True)]
+
+
+def _auto(make, name: str):
+    """Run one automatic mask; its :class:`MaskFailure` becomes the record's :class:`BadRecord`."""
+    try:
+        return make()
+    except MaskFailure as e:
+        raise BadRecord(f"{name}: {e}") from e
+
+
+def _load_target(entry: ManifestEntry, max_pixels: int, masker: AutoMasker | None, queries: list[str | None],
+                 refs: list[np.ndarray], ref_masks: list[np.ndarray], fallback: dict[str, str]
+                 ) -> tuple[np.ndarray, np.ndarray, str]:
+    """The target uint8 [H, W, 3], its regions bool [K, H, W] and where they came from (``mask_origin``)."""
     image = load_image(entry.target, "target", max_pixels)
     if entry.target_masks is not None:
         regions = np.stack([load_mask(p, f"target_masks[{i}]", image.shape[:2], max_pixels)
                             for i, p in enumerate(entry.target_masks)])
         return image, regions, "file"
-    if auto_masks and len(entry.references) == 1:
-        return image, _auto_mask(image, "target")[None], "grabcut"
-    raise BadRecord("no 'target_masks'; give one mask per reference, or pass --auto-masks "
-                    "(automatic masks cover one-subject records only)")
+    if masker is None:
+        raise BadRecord("no 'target_masks'; give one mask per reference, or pass --auto-masks")
+    boxes = entry.target_boxes
+    if boxes is not None and any(b[2] > image.shape[1] or b[3] > image.shape[0] for b in boxes):
+        raise BadRecord(f"target_boxes {boxes} reach outside the {image.shape[1]}x{image.shape[0]} target; give "
+                        "boxes in its pixels")
+    regions, origin, why = _auto(lambda: masker.target(image, queries, refs, ref_masks, boxes), "target")
+    if why:
+        fallback["target"] = why
+    return image, regions, origin
 
 
 def square_resize(image: np.ndarray, masks: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
@@ -318,17 +391,6 @@ def square_resize(image: np.ndarray, masks: np.ndarray, side: int) -> tuple[np.n
     img = np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.LANCZOS).crop(box))
     out = [np.asarray(Image.fromarray(m).resize((nw, nh), Image.Resampling.NEAREST).crop(box)) for m in masks]
     return img, np.stack(out).astype(bool)
-
-
-def _auto_mask(image: np.ndarray, name: str) -> np.ndarray:
-    from focusdpo.data.masks import grabcut_mask
-
-    mask = grabcut_mask(image)
-    frac = float(mask.mean())
-    if not AUTO_MASK_AREA[0] <= frac <= AUTO_MASK_AREA[1]:
-        raise BadRecord(f"GrabCut found a foreground of {frac:.1%} of {name}, outside the plausible "
-                        f"{AUTO_MASK_AREA[0]:.0%}..{AUTO_MASK_AREA[1]:.0%}; give a mask in the manifest")
-    return mask
 
 
 def _crop_to_patch(image: np.ndarray, regions: np.ndarray, patch: int) -> tuple[np.ndarray, np.ndarray, list[int]]:

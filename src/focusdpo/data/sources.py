@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import shlex
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -139,10 +139,13 @@ def ensure_toy_dip(cfg, patch: int | None = None, progress: bool = False) -> Pat
     return atomic_build(final, lambda tmp: build_toy_dip(cfg, tmp, patch=patch, progress=progress))
 
 
-def manifest_candidates(path: Path, seed: int, patch: int, max_pixels: int, auto_masks: bool,
+def manifest_candidates(path: Path, seed: int, patch: int, max_pixels: int, auto_masks: Any,
                         extras: dict[str, Any], root: Path | None = None, size: int | None = None,
                         ref_size: int | None = None) -> Iterator[Candidate | Rejection]:
-    """Candidates of a manifest's good lines and :class:`Rejection` for the bad ones."""
+    """Candidates of a manifest's good lines and :class:`Rejection` for the bad ones.
+
+    ``auto_masks``: False, True (GrabCut) or an :class:`~focusdpo.data.automask.AutoMasker`.
+    """
     root = manifest_root(path, root)
     for line, raw, entry in read_manifest(path, root):
         if isinstance(entry, BadRecord):
@@ -166,10 +169,12 @@ def build_manifest_dip(cfg, manifest: str | Path, out_dir: str | Path, seed: int
                        patch: int | None = None, auto_masks: bool = False, overwrite: bool = False,
                        progress: bool = False, extras: dict[str, Any] | None = None,
                        command: str | None = None, root: str | Path | None = None, size: int | None = None,
-                       ref_size: int | None = None) -> BuildSummary:
+                       ref_size: int | None = None, log: Callable[[str], None] | None = None) -> BuildSummary:
     """Build a DIP set from a JSONL manifest into ``out_dir``; bad lines go to ``rejected.jsonl``.
 
     ``root``: the folder the manifest's paths are relative to (None: the manifest's folder).
+    ``auto_masks``: masks for records without them, by ``data.mask_backend`` (:mod:`focusdpo.data.automask`);
+    ``log`` (default: stderr) gets the line saying which mask backend is used and why.
     ``size`` / ``ref_size``: resize targets / references to squares of that side (shorter side, centre crop),
     so that every record falls in one loader bucket; None keeps the photos' sizes (targets are only cropped to
     multiples of the patch).
@@ -183,16 +188,18 @@ def build_manifest_dip(cfg, manifest: str | Path, out_dir: str | Path, seed: int
     for name, v in (("size", size), ("ref_size", ref_size)):
         if v is not None and (v < s.patch or v % s.patch):
             raise ValueError(f"{name}={v} must be a positive multiple of the patch {s.patch}")
+    masker = None
     if auto_masks:
-        from focusdpo.data.masks import require_opencv
+        from focusdpo.data.automask import make_masker
 
-        require_opencv()  # before the output folder is touched, not mid-build
+        # before the output folder is touched, not mid-build: loads the models, or checks OpenCV for GrabCut
+        masker = make_masker(cfg.data, log or (lambda m: print(m, file=sys.stderr)))
     check_encoding(manifest)
     with manifest.open("rb") as f:
         total = sum(1 for t in f if t.strip())
-    items = manifest_candidates(manifest, seed, s.patch, cfg.data.max_pixels, auto_masks, s.extras, base, size,
+    items = manifest_candidates(manifest, seed, s.patch, cfg.data.max_pixels, masker or False, s.extras, base, size,
                                 ref_size)
     return staged_build(out_dir, overwrite, lambda out: run_build(
         items, out, s, total, {"kind": "manifest", "manifest": str(manifest.resolve()), "root": str(base),
-                               "auto_masks": auto_masks, "size": size, "ref_size": ref_size,
+                               "auto_masks": masker.info if masker else False, "size": size, "ref_size": ref_size,
                                "max_pixels": cfg.data.max_pixels}))
