@@ -43,7 +43,8 @@ def test_cache_latents_command_fills_the_cache_the_loader_reads(tmp_path) -> Non
     cfg = load_config(None, [
         "world.scene_size=32", "world.ref_size=16", "world.n_identities=40", "world.max_subjects=2",
         "data.n_records=3", f"data.cache_dir={tmp_path / 'cache'}", "model.backbone=flux", f"model.checkpoint={folder}",
-        "model.patch=16", "model.flux.guidance=4.0", "model.max_text_tokens=32", f"model.flux.latent_cache={tmp_path / 'lat'}"])
+        "model.patch=16", "model.flux.guidance=4.0", "model.max_text_tokens=32",
+        f"model.flux.latent_cache={tmp_path / 'lat'}"])
     cfg.data.path = str(ensure_toy_dip(cfg))
     counts = cache_latents_command(cfg, batch_size=4)
     hits, misses = counts["images"]

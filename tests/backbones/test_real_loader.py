@@ -76,7 +76,8 @@ def test_flux_uno_yaml_loads_the_stack(folder: str, tmp_path) -> None:
     cfg = load_config(Path(__file__).parents[2] / "configs" / "flux-uno.yaml", [
         f"model.checkpoint={folder}", f"model.flux.lora_import={tmp_path / 'dit_lora.safetensors'}",
         f"model.flux.latent_cache={tmp_path / 'latents'}"])
-    assert (cfg.model.backbone, cfg.model.patch, cfg.model.options.guidance, cfg.model.dtype) == ("flux", 16, 4.0, "bfloat16")
+    assert (cfg.model.backbone, cfg.model.patch, cfg.model.options.guidance, cfg.model.dtype) == (
+        "flux", 16, 4.0, "bfloat16")
     bb = load_backbone(cfg.model)
     assert isinstance(bb.codec, LatentCache) and bb.text_encoder.encoder.max_tokens == 512
     assert not torch.equal(bb.transformer.transformer_blocks[0].attn.to_q.weight,

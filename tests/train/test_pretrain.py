@@ -12,8 +12,9 @@ from focusdpo.cli import app
 from focusdpo.config import load_config
 from focusdpo.train.pretrain import PretrainOptions, lr_at, pretrain
 
-SMALL = ["model.flux-tiny.num_layers=1", "model.flux-tiny.num_single_layers=1", "model.flux-tiny.num_heads=2", "model.flux-tiny.head_dim=16",
-         "model.flux-tiny.text_dim=16", "data.batch_size=2", "world.n_identities=40", "train.log_every=1",
+SMALL = ["model.flux-tiny.num_layers=1", "model.flux-tiny.num_single_layers=1", "model.flux-tiny.num_heads=2",
+         "model.flux-tiny.head_dim=16", "model.flux-tiny.text_dim=16", "data.batch_size=2", "world.n_identities=40",
+         "train.log_every=1",
          "train.checkpoint_every=2", "train.seed=3"]
 
 
