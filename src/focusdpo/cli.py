@@ -452,17 +452,27 @@ def export_lora_cmd(
     run: Path = typer.Argument(..., help="A finished run folder (its lora.safetensors)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default: the run folder)."),
     bf16: bool = typer.Option(False, "--bf16", help="Store bfloat16 weights (half the size)."),
+    fmt: str = typer.Option("diffusers", "--format", help="diffusers (pytorch_lora_weights.safetensors) or uno "
+                                                           "(dit_lora.safetensors in UNO's own key format)."),
+    uno_lora: Path | None = typer.Option(None, "--uno-lora", help="The UNO LoRA the run merged (default: the "
+                                                                   "run's model.lora_import)."),
 ) -> None:
-    """Write the run's LoRA in diffusers naming, for FluxPipeline.load_lora_weights(folder)."""
+    """Write the run's LoRA for other tools: diffusers naming for FluxPipeline.load_lora_weights(folder), or
+    UNO's format. A run on UNO (model.lora_import) gets UNO's LoRA and ours as one file."""
     import torch
 
     from focusdpo.backbones.lora_export import export_run
 
     try:
-        path = export_run(run, out, torch.bfloat16 if bf16 else torch.float32)
+        path = export_run(run, out, torch.bfloat16 if bf16 else torch.float32, fmt, uno_lora)
     except (ValueError, FileNotFoundError) as e:
         _fail("export-lora", e)
     typer.echo(f"wrote {path}")
+    if fmt == "uno":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            typer.echo(f"UNO rank {f.metadata()['rank']}: pass --lora_rank {f.metadata()['rank']} to UNO's inference")
 
 
 def cache_latents_command(cfg, device: str = "cpu", batch_size: int = 8, progress=None) -> dict[str, tuple[int, int]]:
