@@ -254,7 +254,10 @@ class TrainConfig:
     schedule: str = _f("constant", "LR schedule after warm-up: constant, linear or cosine.")
     grad_accum: int = _f(1, "Gradient accumulation steps.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0: off).")
-    mixed_precision: str = _f("auto", "auto (bf16 where the device has it, else fp32), no, bf16 or fp16.")
+    mixed_precision: str = _f("auto", "auto, no, bf16 or fp16. auto: the launcher's setting when accelerate "
+                                      "launch gave one (ACCELERATE_MIXED_PRECISION, from --mixed_precision or its "
+                                      "config file), else bf16 where the GPU has it, else fp32 (no). A bare YAML "
+                                      "`no` (read as false) means no.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
     compile: bool = _f(False, "Regional torch.compile of the transformer's repeated blocks (diffusers "
                               "compile_repeated_blocks), for GPUs: the policy and reference forwards of every step.")
@@ -434,6 +437,11 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
     raise ConfigError(f"{name}={value!r} is invalid: expected {getattr(tp, '__name__', tp)}")
 
 
+# Fields whose allowed string values include "no": YAML 1.1 (PyYAML) reads a bare `no`/`off`/`false` as the
+# boolean False, in a file and in a `key=value` override alike, so False is taken as "no" there.
+_FALSE_MEANS = {"train.mixed_precision": "no"}
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}={data!r} is invalid: expected a mapping")
@@ -449,6 +457,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, f"{prefix}{key}.")
         else:
+            if value is False and prefix + key in _FALSE_MEANS:
+                value = _FALSE_MEANS[prefix + key]
             kwargs[key] = _coerce(tp, value, prefix + key)
             _check_seed(prefix + key, kwargs[key])
     return cls(**kwargs)
