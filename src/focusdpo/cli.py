@@ -1,9 +1,10 @@
 """The ``focusdpo`` command line (typer).
 
 Commands import their implementation lazily so that ``focusdpo --help`` stays fast. Every command that
-reads a config takes ``--config FILE`` (default: the packaged ``toy.yaml``) and trailing ``key.sub=value``
-overrides. Expected failures go through one error path (:mod:`focusdpo.cli_errors`): one message naming the
-file or field and the fix, exit code 2, no traceback; ``focusdpo --debug <command>`` shows the traceback.
+reads a config takes ``--config FILE`` or the ``--config NAME`` of a packaged config (default: ``toy``;
+``focusdpo config --list``) and trailing ``key.sub=value`` overrides. Expected failures go through one error
+path (:mod:`focusdpo.cli_errors`): one message naming the file or field and the fix, exit code 2, no traceback;
+``focusdpo --debug <command>`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (default: the packaged toy.yaml).")
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file, or the name of a packaged config (toy, "
+                                                       "flux-uno, ...: `focusdpo config --list`). Default: toy.")
 OverridesArg = typer.Argument(None, help="Config overrides, key.sub=value.", show_default=False)
 
 
@@ -51,8 +53,16 @@ def _load(config: Path | None, overrides: list[str] | None):
 
 
 @app.command("config")
-def config_cmd(config: Path | None = ConfigOpt, overrides: list[str] | None = OverridesArg) -> None:
-    """Print the resolved config (YAML) after overrides."""
+def config_cmd(config: Path | None = ConfigOpt, overrides: list[str] | None = OverridesArg,
+               list_: bool = typer.Option(False, "--list", help="List the packaged configs (--config NAME)."),
+               ) -> None:
+    """Print the resolved config (YAML) after overrides, or list the packaged configs."""
+    if list_:
+        from focusdpo.config import packaged_config_names, packaged_config_summary
+
+        for name in packaged_config_names():
+            typer.echo(f"{name:<14} {packaged_config_summary(name)}")
+        return
     typer.echo(_load(config, overrides).to_yaml(), nl=False)
 
 
