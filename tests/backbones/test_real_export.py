@@ -250,3 +250,47 @@ def test_combine_lora_state_dicts_sums_updates_at_one_rank() -> None:
     with pytest.raises(ValueError, match="disagree on 'm'"):
         combine_lora_state_dicts({"m.lora_A.weight": a1, "m.lora_B.weight": b1},
                                  {"m.lora_A.weight": torch.ones(1, 4), "m.lora_B.weight": torch.ones(3, 1)})
+
+
+def test_uno_format_of_a_run_without_uno_holds_our_update_alone(folder: str, tmp_path) -> None:
+    from focusdpo.backbones.uno import UnoLoraError, load_uno_lora_file, merge_uno_lora, uno_to_diffusers_pairs
+
+    bb = _trained_backbone(folder, rank=4, alpha=8.0)  # default-like targets + proj_out, no UNO
+    save_lora(tmp_path / "lora.safetensors", bb.lora_state_dict(), metadata={"rank": "4", "alpha": "8.0"})
+    with pytest.raises(UnoLoraError, match=r"\['proj_out'\]"):  # the final layer: no UNO processor holds it
+        export_run(tmp_path, fmt="uno")
+    bb = load_backbone(ModelConfig(backbone="flux", checkpoint=folder, guidance=4.0, max_text_tokens=16, patch=16))
+    bb.add_lora(LoraConfig(rank=4, alpha=8.0))  # attention only: single blocks' proj_lora has no source
+    with torch.no_grad():
+        for name, p in bb.transformer.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.1)
+    save_lora(tmp_path / "lora.safetensors", bb.lora_state_dict(), metadata={"rank": "4", "alpha": "8.0"})
+    written = load_uno_lora_file(export_run(tmp_path, fmt="uno"))
+    cfg = bb.transformer.config
+    pairs = uno_to_diffusers_pairs(written, cfg.num_layers, cfg.num_single_layers)  # complete, as UNO saves it
+    want = load_file(export_diffusers_lora(bb.trainable(), tmp_path / "d"))
+    for p, pair in pairs.items():
+        delta = pair.up @ pair.down
+        if p.endswith("proj_out"):  # the single blocks' proj_lora: nothing adds to it, zeros of the right shape
+            assert not delta.any() and delta.shape == bb.transformer.get_submodule(p).weight.shape
+        else:
+            torch.testing.assert_close(delta, want[f"transformer.{p}.lora_B.weight"]
+                                       @ want[f"transformer.{p}.lora_A.weight"], rtol=1e-5, atol=1e-6)
+    x_t, t, text, refs, grid = _inputs(bb)
+    with torch.no_grad():
+        ours, _ = bb.predict(x_t, t, text, refs, grid)
+    pipe = FluxPipeline.from_pretrained(folder)
+    merge_uno_lora(pipe.transformer, written)  # the same importer as model.lora_import (all blocks required)
+    torch.testing.assert_close(_pipeline_predict(pipe, x_t, t, text, refs, grid), ours, rtol=1e-4, atol=1e-5)
+
+
+def test_run_uno_lora_reads_the_runs_config(tmp_path) -> None:
+    from focusdpo.backbones.lora_export import run_uno_lora
+
+    assert run_uno_lora(tmp_path) is None  # no config.yaml: nothing to combine
+    (tmp_path / "config.yaml").write_text("model:\n  backbone: flux\n  lora_import: models/UNO/dit_lora.safetensors\n")
+    assert run_uno_lora(tmp_path) == "models/UNO/dit_lora.safetensors"
+    # a run of a plugin objective this process has not registered still names its UNO LoRA
+    (tmp_path / "config.yaml").write_text("model:\n  lora_import: u.safetensors\ntrain:\n  objective: my-plugin\n")
+    assert run_uno_lora(tmp_path) == "u.safetensors"

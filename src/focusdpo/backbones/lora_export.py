@@ -131,9 +131,15 @@ def run_uno_lora(run_dir: str | Path) -> str | None:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         return None
-    from focusdpo.config import load_config
+    from focusdpo.config import ConfigError, load_config
 
-    return load_config(path).model.lora_import
+    try:
+        return load_config(path).model.lora_import
+    except ConfigError:  # e.g. an objective registered by a plugin this process has not imported
+        import yaml
+
+        model = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
+        return model.get("lora_import") if isinstance(model, dict) else None
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path | None = None, dtype: torch.dtype = torch.float32,

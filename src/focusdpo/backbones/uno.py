@@ -216,7 +216,11 @@ def diffusers_to_uno_state_dict(ours: dict[str, torch.Tensor], uno: dict[str, to
     A_q; A_k; A_v]`` and ``up = [up_uno | B_q in the q rows | B_k in the k rows | B_v in the v rows]``, so
     ``up @ down`` is exactly UNO's update plus ours. UNO's inference builds every processor with one
     ``lora_rank``: every pair is zero-padded to the largest rank R, and every block up to the highest index
-    gets every pair (zeros where nothing adds to it). Returns ``(state dict, R)``.
+    gets all of its pairs, zeros where nothing adds to one, so the file is complete as UNO saves it. The shape
+    of a pair no block has (e.g. the single blocks' ``proj_lora`` when neither UNO nor ``lora.targets``
+    covers ``proj_out``) follows from the width D: ``D -> 3D`` (qkv), ``D -> D`` (proj), ``D + 4D -> D``
+    (single ``proj_lora``: FLUX's single-block MLP is 4D wide, ``mlp_ratio=4`` in diffusers). Returns
+    ``(state dict, R)``.
 
     Raises :class:`UnoLoraError` naming the modules of ``ours`` that UNO's processors cannot hold (UNO adds
     LoRA to attention q/k/v/out and the single blocks' ``proj_out`` only: not ``ff``, ``proj_mlp``, norms or
@@ -247,7 +251,13 @@ def diffusers_to_uno_state_dict(ours: dict[str, torch.Tensor], uno: dict[str, to
     if not groups:
         raise UnoLoraError("nothing to write: neither our LoRA nor a UNO LoRA covers a FLUX block")
     rank = max(d.shape[0] for d, _ in groups.values())
-    shapes = {(kind, pair): (d.shape[1], u.shape[0]) for (kind, _, pair), (d, u) in groups.items()}
+    seen = {(kind, pair): (d.shape[1], u.shape[0]) for (kind, _, pair), (d, u) in groups.items()}
+    (kind, pair), (fan_in, fan_out) = next(iter(seen.items()))
+    width = fan_in if pair.startswith("qkv") else fan_out
+    shapes = {(k, p): (width, 3 * width) if p.startswith("qkv") else (width, width)
+              for k, pairs in (("double_blocks", DOUBLE_PAIRS), ("single_blocks", SINGLE_PAIRS)) for p in pairs}
+    shapes[("single_blocks", "proj_lora")] = (width + 4 * width, width)
+    shapes.update(seen)
     out = {}
     for (kind, pair), (fan_in, fan_out) in sorted(shapes.items()):
         for i in range(n[kind]):
