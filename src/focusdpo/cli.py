@@ -1,9 +1,10 @@
 """The ``focusdpo`` command line (typer).
 
 Commands import their implementation lazily so that ``focusdpo --help`` stays fast. Every command that
-reads a config takes ``--config FILE`` (default: the packaged ``toy.yaml``) and trailing ``key.sub=value``
-overrides. Expected failures go through one error path (:mod:`focusdpo.cli_errors`): one message naming the
-file or field and the fix, exit code 2, no traceback; ``focusdpo --debug <command>`` shows the traceback.
+reads a config takes ``--config FILE`` or the ``--config NAME`` of a packaged config (default: ``toy``;
+``focusdpo config --list``) and trailing ``key.sub=value`` overrides. Expected failures go through one error
+path (:mod:`focusdpo.cli_errors`): one message naming the file or field and the fix, exit code 2, no traceback;
+``focusdpo --debug <command>`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (default: the packaged toy.yaml).")
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file, or the name of a packaged config (toy, "
+                                                       "flux-uno, ...: `focusdpo config --list`). Default: toy.")
 OverridesArg = typer.Argument(None, help="Config overrides, key.sub=value.", show_default=False)
 
 
@@ -65,8 +67,16 @@ def _load(config: Path | None, overrides: list[str] | None):
 
 
 @app.command("config")
-def config_cmd(config: Path | None = ConfigOpt, overrides: list[str] | None = OverridesArg) -> None:
-    """Print the resolved config (YAML) after overrides."""
+def config_cmd(config: Path | None = ConfigOpt, overrides: list[str] | None = OverridesArg,
+               list_: bool = typer.Option(False, "--list", help="List the packaged configs (--config NAME)."),
+               ) -> None:
+    """Print the resolved config (YAML) after overrides, or list the packaged configs."""
+    if list_:
+        from focusdpo.config import packaged_config_names, packaged_config_summary
+
+        for name in packaged_config_names():
+            typer.echo(f"{name:<14} {packaged_config_summary(name)}")
+        return
     typer.echo(_load(config, overrides).to_yaml(), nl=False)
 
 
@@ -507,17 +517,27 @@ def export_lora_cmd(
     run: Path = typer.Argument(..., help="A finished run folder (its lora.safetensors)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default: the run folder)."),
     bf16: bool = typer.Option(False, "--bf16", help="Store bfloat16 weights (half the size)."),
+    fmt: str = typer.Option("diffusers", "--format", help="diffusers (pytorch_lora_weights.safetensors) or uno "
+                                                           "(dit_lora.safetensors in UNO's own key format)."),
+    uno_lora: Path | None = typer.Option(None, "--uno-lora", help="The UNO LoRA the run merged (default: the "
+                                                                   "run's model.flux.lora_import)."),
 ) -> None:
-    """Write the run's LoRA in diffusers naming, for FluxPipeline.load_lora_weights(folder)."""
+    """Write the run's LoRA for other tools: diffusers naming for FluxPipeline.load_lora_weights(folder), or
+    UNO's format. A run on UNO (model.flux.lora_import) gets UNO's LoRA and ours as one file."""
     import torch
 
     from focusdpo.backbones.lora_export import export_run
 
     try:
-        path = export_run(run, out, torch.bfloat16 if bf16 else torch.float32)
+        path = export_run(run, out, torch.bfloat16 if bf16 else torch.float32, fmt, uno_lora)
     except (ValueError, FileNotFoundError) as e:
         _fail("export-lora", e)
     typer.echo(f"wrote {path}")
+    if fmt == "uno":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            typer.echo(f"UNO rank {f.metadata()['rank']}: pass --lora_rank {f.metadata()['rank']} to UNO's inference")
 
 
 def cache_latents_command(cfg, device: str = "cpu", batch_size: int = 8, progress=None) -> dict[str, tuple[int, int]]:
@@ -536,7 +556,7 @@ def cache_latents_cmd(
     config: Path | None = ConfigOpt,
     overrides: list[str] | None = OverridesArg,
 ) -> None:
-    """Encode a DIP set's images (VAE) and prompts (T5 + CLIP) into model.latent_cache, ahead of training."""
+    """Encode a DIP set's images (VAE) and prompts (T5 + CLIP) into model.<backbone>.latent_cache, ahead of training."""
     cfg = _load(config, overrides)
     try:
         counts = cache_latents_command(cfg, device, batch_size)

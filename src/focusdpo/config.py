@@ -342,7 +342,10 @@ class TrainConfig:
     schedule: str = _f("constant", "LR schedule after warm-up: constant, linear or cosine.")
     grad_accum: int = _f(1, "Gradient accumulation steps.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0: off).")
-    mixed_precision: str = _f("auto", "auto (bf16 where the device has it, else fp32), no, bf16 or fp16.")
+    mixed_precision: str = _f("auto", "auto, no, bf16 or fp16. auto: the launcher's setting when accelerate "
+                                      "launch gave one (ACCELERATE_MIXED_PRECISION, from --mixed_precision or its "
+                                      "config file), else bf16 where the GPU has it, else fp32 (no). A bare YAML "
+                                      "`no` (read as false) means no.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
     compile: bool = _f(False, "Regional torch.compile of the transformer's repeated blocks (diffusers "
                               "compile_repeated_blocks), for GPUs: the policy and reference forwards of every step.")
@@ -545,6 +548,11 @@ def _drop_retired(data: dict[str, Any], prefix: str) -> dict[str, Any]:
     return kept
 
 
+# Fields whose allowed string values include "no": YAML 1.1 (PyYAML) reads a bare `no`/`off`/`false` as the
+# boolean False, in a file and in a `key=value` override alike, so False is taken as "no" there.
+_FALSE_MEANS = {"train.mixed_precision": "no"}
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}={data!r} is invalid: expected a mapping")
@@ -565,6 +573,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         elif dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, f"{prefix}{key}.")
         else:
+            if value is False and prefix + key in _FALSE_MEANS:
+                value = _FALSE_MEANS[prefix + key]
             kwargs[key] = _coerce(tp, value, prefix + key)
             _check_seed(prefix + key, kwargs[key])
     return cls(**kwargs)
@@ -636,6 +646,31 @@ def default_config_text(name: str = "toy") -> str:
     return resources.files("focusdpo").joinpath("configs", f"{name}.yaml").read_text()
 
 
+def packaged_config_names() -> list[str]:
+    """Names of the configs shipped inside the package (``focusdpo/configs/*.yaml``), sorted: what
+    ``--config NAME`` accepts besides a file path."""
+    folder = resources.files("focusdpo").joinpath("configs")
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def packaged_config_summary(name: str) -> str:
+    """The first line of a packaged config's header comment (what it is for), without the ``#``."""
+    for line in default_config_text(name).splitlines():
+        if line.startswith("#"):
+            return line.lstrip("#").strip()
+    return ""
+
+
+def _packaged_name(path: str | Path) -> str | None:
+    """``path`` as a packaged config name (``flux-uno`` or ``flux-uno.yaml``) when it is no existing file and
+    has no folder part; None otherwise."""
+    text = str(path)
+    if Path(text).exists() or "/" in text or "\\" in text:
+        return None
+    name = text[: -len(".yaml")] if text.endswith(".yaml") else text
+    return name if name in packaged_config_names() else None
+
+
 def _read_config_file(path: Path) -> str:
     """The text of a config file; a :class:`ConfigError` naming it when it is missing, a folder or not UTF-8."""
     try:
@@ -645,12 +680,15 @@ def _read_config_file(path: Path) -> str:
                           f"YAML file saved as UTF-8") from e
     except OSError as e:
         what = "is a folder" if path.is_dir() else f"cannot be read ({e.strerror or e})"
-        raise ConfigError(f"config {path} {what}: give an existing YAML file to --config") from e
+        raise ConfigError(f"config {path} {what}: give an existing YAML file to --config, or the name of a packaged "
+                          f"config: {', '.join(packaged_config_names())} (`focusdpo config --list`)") from e
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read a YAML config (None: the packaged ``toy.yaml``), apply dotted overrides, validate."""
-    text = default_config_text() if path is None else _read_config_file(Path(path))
+    """Read a YAML config, apply dotted overrides, validate. ``path``: a file, or the name of a packaged config
+    (``toy``, ``flux-uno``, ...: :func:`packaged_config_names`) when no such file exists; None: ``toy``."""
+    name = "toy" if path is None else _packaged_name(path)
+    text = default_config_text(name) if name is not None else _read_config_file(Path(path))
     data = _yaml(text, f"config {path or 'toy.yaml'}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config {path or 'toy.yaml'} must be a mapping at the top level")

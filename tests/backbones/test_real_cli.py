@@ -119,3 +119,46 @@ def test_train_on_the_real_stack_then_load_the_export_in_flux_pipeline(tmp_path)
                                   txt_ids=torch.zeros(32, 3), guidance=torch.tensor([4.0]), return_dict=False)[0]
     assert (ours - base).abs().max() > 1e-4  # two steps at lr 0.01 moved the LoRA
     torch.testing.assert_close(theirs[:, :4], ours, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_train_on_uno_then_the_export_is_the_trained_model_in_flux_pipeline(tmp_path) -> None:
+    """`focusdpo train` (2 steps) with model.flux.lora_import (a UNO LoRA merged into the base), `export-lora`:
+    FluxPipeline on the plain base + the one exported file equals the trained model (issue 18.1)."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from safetensors.torch import save_file
+
+    from flux_tiny import synthetic_uno_state_dict
+    from focusdpo.backbones.flux import position_ids
+    from focusdpo.lora import load_lora
+    from focusdpo.train.trainer import train
+
+    folder = write_tiny_flux_folder(tmp_path / "flux", seed=0)
+    base = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer")
+    save_file(synthetic_uno_state_dict(base, rank=4, seed=1), tmp_path / "dit_lora.safetensors")
+    cfg = load_config(None, [
+        "world.scene_size=32", "world.ref_size=16", "world.n_identities=40", "world.max_subjects=2",
+        "data.n_records=4", f"data.cache_dir={tmp_path / 'cache'}", "data.batch_size=2", "model.backbone=flux",
+        f"model.checkpoint={folder}", f"model.flux.lora_import={tmp_path / 'dit_lora.safetensors'}", "model.patch=16",
+        "model.flux.guidance=4.0", "model.max_text_tokens=32", "train.max_steps=2", "train.warmup_steps=0",
+        "train.lr=0.01", "train.checkpoint_every=0", "train.val_records=1", "sample.steps=2",
+        f"train.output_dir={tmp_path / 'run'}", "train.mixed_precision=no", "lora.alpha=16"])
+    run = train(cfg)
+    result = CliRunner().invoke(app, ["export-lora", str(run)])
+    assert result.exit_code == 0, result.output
+    bb = load_backbone(cfg.model)  # the base with UNO merged, as the run trained it
+    bb.add_lora(cfg.lora)
+    bb.load_lora_state_dict(load_lora(run / "lora.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    x_t, ref = torch.randn(1, 4, 64, generator=g), torch.randn(1, 1, 64, generator=g)
+    text = bb.encode_prompts(["a red dog"])
+    t = torch.tensor([0.6])
+    with torch.no_grad():
+        ours = bb.predict(x_t, t, text, [Tokens(ref, (1, 1))], (2, 2))[0]
+    pipe = FluxPipeline.from_pretrained(folder)
+    pipe.load_lora_weights(str(run))
+    with torch.no_grad():
+        theirs = pipe.transformer(hidden_states=torch.cat([x_t, ref], 1), encoder_hidden_states=text.tokens,
+                                  pooled_projections=text.pooled, timestep=t, img_ids=position_ids((2, 2), [(1, 1)]),
+                                  txt_ids=torch.zeros(32, 3), guidance=torch.tensor([4.0]), return_dict=False)[0]
+    torch.testing.assert_close(theirs[:, :4], ours, rtol=1e-4, atol=1e-5)

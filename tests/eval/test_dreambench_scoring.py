@@ -30,7 +30,8 @@ from shared_data import needs_dreambench as needs_shared
 
 
 def _save_tiny_models(root: Path) -> tuple[str, str]:
-    """A 1-layer DINO-like ViT and a 1-layer CLIP with a character-level tokenizer, saved with save_pretrained."""
+    """A 1-layer DINO-like ViT and a 1-layer CLIP with a character-level tokenizer, saved with save_pretrained
+    (built the same way on transformers 4.x, the floor, and 5.x)."""
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, ViTConfig, ViTModel
 
     torch.manual_seed(0)
@@ -41,7 +42,10 @@ def _save_tiny_models(root: Path) -> tuple[str, str]:
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
     vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    (root / "clip").mkdir()  # vocab.json + merges.txt: the one tokenizer input transformers 4.x and 5.x both read
+    (root / "clip" / "vocab.json").write_text(json.dumps(vocab))
+    (root / "clip" / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer.from_pretrained(root / "clip")
     text = {"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
             "num_attention_heads": 2, "max_position_embeddings": 77, "projection_dim": 16,
             "bos_token_id": vocab["<|startoftext|>"], "eos_token_id": vocab["<|endoftext|>"],
@@ -216,3 +220,40 @@ def test_eval_command_writes_metrics_and_report(scorer, tmp_path):
     assert "| mymethod | dreambench-single | 1 |" in (out / "report.md").read_text()
     assert (out / "scores.csv").read_text().count("\n") == 2
     shutil.rmtree(models)
+
+
+class _OldOrNewClip(torch.nn.Module):
+    """A CLIPModel whose get_*_features return one API shape: ``tensor`` (transformers 4.x, the floor) or
+    ``output`` (5.x: a BaseModelOutputWithPooling with the projected embedding in pooler_output)."""
+
+    def __init__(self, clip, shape: str) -> None:
+        super().__init__()
+        self.clip, self.shape, self.config = clip, shape, clip.config
+
+    def _wrap(self, x: torch.Tensor):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return x if self.shape == "tensor" else BaseModelOutputWithPooling(pooler_output=x)
+
+    def get_image_features(self, pixel_values):
+        return self._wrap(self.clip.visual_projection(self.clip.vision_model(pixel_values=pixel_values).pooler_output))
+
+    def get_text_features(self, input_ids, attention_mask=None):
+        out = self.clip.text_model(input_ids=input_ids, attention_mask=attention_mask)
+        return self._wrap(self.clip.text_projection(out.pooler_output))
+
+
+def test_clip_embeddings_on_both_transformers_api_shapes(scorer) -> None:
+    """CLIP-I/CLIP-T read the projected embedding whether get_*_features returns a tensor (4.x) or an output
+    object (5.x); all equal the installed CLIPModel's own, which is one of the two shapes."""
+    from dataclasses import replace
+
+    g = torch.Generator().manual_seed(0)
+    images = [Image.fromarray((torch.rand(40, 56, 3, generator=g) * 255).byte().numpy()) for _ in range(2)]
+    texts = ["a photo of a dog", "a red backpack on a table"]
+    installed = scorer.embed_clip_images(images), scorer.embed_clip_texts(texts)
+    assert installed[0].shape == (2, 16) and installed[1].shape == (2, 16)
+    for shape in ("tensor", "output"):
+        other = replace(scorer, clip=_OldOrNewClip(scorer.clip, shape))
+        torch.testing.assert_close(other.embed_clip_images(images), installed[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(other.embed_clip_texts(texts), installed[1], rtol=1e-5, atol=1e-6)

@@ -72,7 +72,7 @@ def load_flux_pretrained(cfg: ModelConfig, device: torch.device | str | None = N
 
 def cache_latents(cfg, open_dataset: Callable[[str], Sequence], device: torch.device | str = "cpu",
                   batch_size: int = 8, progress=None) -> dict[str, tuple[int, int]]:
-    """The body of ``focusdpo cache-latents``: fill ``cfg.model.latent_cache`` with the VAE latents of every
+    """The body of ``focusdpo cache-latents``: fill ``model.<backbone>.latent_cache`` with the VAE latents of every
     image and the text features (FLUX.1: T5 + CLIP; FLUX.2: Qwen3) of every prompt of the DIP set
     ``cfg.data.path`` (loads no transformer).
 

@@ -9,7 +9,7 @@ truncates with a warning; training on a silently cut prompt teaches the wrong th
 here is one pooled vector, truncates at its 77 tokens as in the pipeline.
 
 Both encoders are frozen. With ``offload=True`` they stay on the CPU and visit the execution device only
-during ``encode``. :class:`TextCache` keeps each prompt's features on disk (``model.latent_cache``), so that
+during ``encode``. :class:`TextCache` keeps each prompt's features on disk (``model.<backbone>.latent_cache``), so that
 the encoders run once per distinct prompt rather than once per step.
 """
 

@@ -11,6 +11,15 @@ readers that ignore LoRA metadata. Module paths are the diffusers ``FluxTransfor
 The same file serves FLUX.2: ``Flux2KleinPipeline.load_lora_weights(run_dir)`` reads these ``transformer.*``
 keys unchanged (``Flux2Transformer2DModel`` module paths such as
 ``single_transformer_blocks.0.attn.to_qkv_mlp_proj``), tested in ``tests/backbones/test_flux2_export.py``.
+
+A run with an imported UNO LoRA (``model.flux.lora_import``) trained on top of UNO merged into the base, so
+:func:`export_run` writes UNO's adapter and ours as ONE LoRA (:func:`combine_lora_state_dicts`): for a
+module both touch ``A' = [A_uno; A_ours]`` and ``B' = [B_uno | s_ours B_ours]``, so ``B' @ A'`` is the sum of
+the two updates; a module only one of them touches gets that one alone. Every module is zero-padded to one
+rank, so readers that take ``alpha = rank`` for the whole file (older diffusers: no per-module alpha) still
+apply scale 1. ``FluxPipeline`` on the plain FLUX base plus this file reproduces the trained model.
+``export_run(..., fmt="uno")`` writes the same sum in UNO's own processor naming (``dit_lora.safetensors``,
+:func:`focusdpo.backbones.uno.diffusers_to_uno_state_dict`) for UNO's inference scripts.
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ import torch
 from torch import nn
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+UNO_WEIGHT_NAME = "dit_lora.safetensors"
+FORMATS = ("diffusers", "uno")
 _WRAPPER_PREFIXES = ("base_model.model.",)
 
 
@@ -81,12 +92,75 @@ def scaled_lora_state_dict(state_dict: dict[str, torch.Tensor], scale: float) ->
             for k, v in state_dict.items()}
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path | None = None, dtype: torch.dtype = torch.float32) -> Path:
-    """Convert a finished run's ``lora.safetensors`` (rank and alpha in its metadata) to diffusers naming in
+def combine_lora_state_dicts(*parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Scale-folded LoRAs of one model -> one LoRA whose update is their sum, at scale 1.
+
+    Each part maps ``<module>.lora_A.weight`` ``[r_i, in]`` and ``.lora_B.weight`` ``[out, r_i]`` (scale already
+    in ``lora_B``). Per module, ranks are concatenated, ``A' = [A_1; A_2; ...]``, ``B' = [B_1 | B_2 | ...]``, so
+    ``B' @ A' = sum_i B_i @ A_i``; then every module is zero-padded (zero rows of ``A'``, zero columns of ``B'``)
+    to the largest combined rank R, so a reader that assumes ``alpha = R`` everywhere gets scale 1. Raises if
+    two parts give one module different ``in``/``out`` sizes.
+    """
+    merged: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for part in parts:
+        for key, a in part.items():
+            if not key.endswith(".lora_A.weight"):
+                continue
+            module = key[: -len(".lora_A.weight")]
+            b = part[f"{module}.lora_B.weight"]
+            downs, ups = merged.setdefault(module, ([], []))
+            if downs and (downs[0].shape[1], ups[0].shape[0]) != (a.shape[1], b.shape[0]):
+                raise ValueError(f"LoRA parts disagree on {module!r}: [out, in] {[ups[0].shape[0], downs[0].shape[1]]}"
+                                 f" vs {[b.shape[0], a.shape[1]]}; they are not for the same model")
+            downs.append(a.float())
+            ups.append(b.float())
+    if not merged:
+        raise ValueError("combine_lora_state_dicts: no <module>.lora_A.weight key in any part")
+    rank = max(sum(a.shape[0] for a in downs) for downs, _ in merged.values())
+    out = {}
+    for module, (downs, ups) in merged.items():
+        a, b = torch.cat(downs), torch.cat(ups, dim=1)
+        pad = rank - a.shape[0]
+        out[f"{module}.lora_A.weight"] = torch.cat([a, a.new_zeros(pad, a.shape[1])]).contiguous()
+        out[f"{module}.lora_B.weight"] = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1).contiguous()
+    return out
+
+
+def run_uno_lora(run_dir: str | Path) -> str | None:
+    """The UNO LoRA a run merged into its base (``model.flux.lora_import`` of ``<run>/config.yaml``; flat
+    ``model.lora_import`` in configs written before the per-backbone sections), or None."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    from focusdpo.config import ConfigError, load_config
+
+    try:
+        return getattr(load_config(path).model.options, "lora_import", None)
+    except ConfigError:  # e.g. an objective registered by a plugin this process has not imported
+        import yaml
+
+        model = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
+        if not isinstance(model, dict):
+            return None
+        section = model.get("flux")
+        return (section or {}).get("lora_import") if isinstance(section, dict) else model.get("lora_import")
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path | None = None, dtype: torch.dtype = torch.float32,
+               fmt: str = "diffusers", uno_lora: str | Path | None = None) -> Path:
+    """Convert a finished run's ``lora.safetensors`` (rank and alpha in its metadata) for other tools, in
     ``out_dir`` (default: the run folder itself, so ``FluxPipeline.load_lora_weights(run_dir)`` works).
-    No model is loaded."""
+    No model is loaded.
+
+    The run's UNO LoRA (``uno_lora``; default: ``model.lora_import`` of ``<run>/config.yaml``) is combined
+    with ours (:func:`combine_lora_state_dicts`), so the file reproduces the trained model on the plain base.
+    ``fmt``: ``diffusers`` (``pytorch_lora_weights.safetensors``) or ``uno`` (``dit_lora.safetensors`` in
+    UNO's processor naming, every pair at one rank, stored in the metadata as ``rank``).
+    """
     from safetensors import safe_open
 
+    if fmt not in FORMATS:
+        raise ValueError(f"format={fmt!r} is invalid: allowed {', '.join(FORMATS)}")
     src = Path(run_dir) / "lora.safetensors"
     if not src.is_file():
         raise FileNotFoundError(f"{src} not found: pass a finished run folder (train writes lora.safetensors)")
@@ -98,8 +172,33 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, dtype: to
     if "rank" not in meta or "alpha" not in meta:
         raise ValueError(f"{src} has no rank/alpha metadata (keys {sorted(meta)}): it was not written by "
                          f"`focusdpo train`; use export_diffusers_lora on a model with the LoRA attached")
-    scale = float(meta["alpha"]) / float(meta["rank"])
-    return _write(scaled_lora_state_dict(state, scale), out_dir or run_dir, dtype)
+    ours = scaled_lora_state_dict(state, float(meta["alpha"]) / float(meta["rank"]))
+    uno_lora = uno_lora if uno_lora is not None else run_uno_lora(run_dir)
+    from focusdpo.backbones import uno as uno_format
+
+    try:
+        uno_sd = uno_format.load_uno_lora_file(uno_lora) if uno_lora else {}
+    except uno_format.UnoLoraError as e:
+        raise uno_format.UnoLoraError(f"{e} (the run's UNO LoRA, which the export combines with ours: give its "
+                                      f"path with --uno-lora)") from e
+    if fmt == "uno":
+        sd, rank = uno_format.diffusers_to_uno_state_dict(ours, uno_sd)
+        return _write_uno(sd, rank, out_dir or run_dir, dtype)
+    if uno_sd:
+        uno_peft = uno_format.uno_to_peft_state_dict(uno_sd, *uno_format.uno_block_counts(uno_sd))
+        ours = combine_lora_state_dicts(uno_peft, ours)
+    return _write(ours, out_dir or run_dir, dtype)
+
+
+def _write_uno(state: dict[str, torch.Tensor], rank: int, out_dir: str | Path, dtype: torch.dtype) -> Path:
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / UNO_WEIGHT_NAME
+    save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, str(path),
+              metadata={"format": "uno", "rank": str(rank)})
+    return path
 
 
 def _write(state: dict[str, torch.Tensor], out_dir: str | Path, dtype: torch.dtype) -> Path:

@@ -166,7 +166,104 @@ def load_uno_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
 
     path = Path(path).expanduser()
     if path.suffix != ".safetensors":
-        raise UnoLoraError(f"model.lora_import={str(path)!r}: expected a .safetensors file (UNO's dit_lora)")
+        raise UnoLoraError(f"model.flux.lora_import={str(path)!r}: expected a .safetensors file (UNO's dit_lora)")
     if not path.is_file():
-        raise UnoLoraError(f"model.lora_import={str(path)!r} does not exist: give the path of dit_lora.safetensors")
+        raise UnoLoraError(f"model.flux.lora_import={str(path)!r} does not exist: give the path of dit_lora.safetensors")
     return load_file(str(path))
+
+
+def uno_block_counts(state_dict: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """``(double blocks, single blocks)`` a UNO state dict reaches: the highest block index + 1 of each kind."""
+    counts = {"double_blocks": 0, "single_blocks": 0}
+    for key in state_dict:
+        m = _KEY.match(key)
+        if m is None:
+            raise UnoLoraError(f"{key!r} is not a UNO LoRA key: expected "
+                               f"'<double|single>_blocks.<i>.processor.<pair>.<down|up>.weight'")
+        counts[m.group(1)] = max(counts[m.group(1)], int(m.group(2)) + 1)
+    return counts["double_blocks"], counts["single_blocks"]
+
+
+def _group_parts(kind: str, idx: int, pair: str, uno: dict[str, torch.Tensor],
+                 ours: dict[str, torch.Tensor], used: set[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The ``(down [r, in], up [out_total, r])`` parts of one UNO processor pair: UNO's own, then one per
+    diffusers module of ``ours`` it covers (its ``lora_B`` placed in that module's rows of the fused output)."""
+    parts = []
+    key = f"{kind}.{idx}.processor.{pair}"
+    if f"{key}.down.weight" in uno:
+        parts.append((uno[f"{key}.down.weight"].float(), uno[f"{key}.up.weight"].float()))
+    targets = (DOUBLE_PAIRS if kind == "double_blocks" else SINGLE_PAIRS)[pair]
+    prefix = ("transformer_blocks" if kind == "double_blocks" else "single_transformer_blocks") + f".{idx}."
+    for j, name in enumerate(targets):
+        a_key, b_key = f"{prefix}{name}.lora_A.weight", f"{prefix}{name}.lora_B.weight"
+        if a_key not in ours:
+            continue
+        a, b = ours[a_key].float(), ours[b_key].float()
+        up = torch.zeros(b.shape[0] * len(targets), b.shape[1])
+        up[j * b.shape[0]:(j + 1) * b.shape[0]] = b  # q, k, v are equal thirds of the fused rows (K outermost)
+        parts.append((a, up))
+        used |= {a_key, b_key}
+    return parts
+
+
+def diffusers_to_uno_state_dict(ours: dict[str, torch.Tensor], uno: dict[str, torch.Tensor] | None = None
+                                ) -> tuple[dict[str, torch.Tensor], int]:
+    """Write a LoRA back in UNO's processor naming (the inverse of :func:`uno_to_diffusers_pairs`).
+
+    ``ours``: diffusers-naming pairs with the scale folded into ``lora_B`` (``<module>.lora_A.weight`` ``[r, in]``,
+    ``.lora_B.weight`` ``[out, r]``, scale 1); ``uno``: an optional UNO state dict added on top (the one merged
+    at training time). Each UNO pair holds the sum of its parts by concatenating ranks: ``down = [down_uno;
+    A_q; A_k; A_v]`` and ``up = [up_uno | B_q in the q rows | B_k in the k rows | B_v in the v rows]``, so
+    ``up @ down`` is exactly UNO's update plus ours. UNO's inference builds every processor with one
+    ``lora_rank``: every pair is zero-padded to the largest rank R, and every block up to the highest index
+    gets all of its pairs, zeros where nothing adds to one, so the file is complete as UNO saves it. The shape
+    of a pair no block has (e.g. the single blocks' ``proj_lora`` when neither UNO nor ``lora.targets``
+    covers ``proj_out``) follows from the width D: ``D -> 3D`` (qkv), ``D -> D`` (proj), ``D + 4D -> D``
+    (single ``proj_lora``: FLUX's single-block MLP is 4D wide, ``mlp_ratio=4`` in diffusers). Returns
+    ``(state dict, R)``.
+
+    Raises :class:`UnoLoraError` naming the modules of ``ours`` that UNO's processors cannot hold (UNO adds
+    LoRA to attention q/k/v/out and the single blocks' ``proj_out`` only: not ``ff``, ``proj_mlp``, norms or
+    the final ``proj_out``).
+    """
+    uno = uno or {}
+    if uno:
+        _check_keys(uno, *uno_block_counts(uno), require_all_blocks=False)
+    idx_re = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.")
+    n = dict(zip(("double_blocks", "single_blocks"), uno_block_counts(uno) if uno else (0, 0), strict=True))
+    for key in ours:
+        m = idx_re.match(key)
+        if m:
+            kind = "double_blocks" if m.group(1) == "transformer_blocks" else "single_blocks"
+            n[kind] = max(n[kind], int(m.group(2)) + 1)
+    groups, used = {}, set()
+    for kind, pairs in (("double_blocks", DOUBLE_PAIRS), ("single_blocks", SINGLE_PAIRS)):
+        for i in range(n[kind]):
+            for pair in pairs:
+                parts = _group_parts(kind, i, pair, uno, ours, used)
+                if parts:
+                    groups[(kind, i, pair)] = (torch.cat([d for d, _ in parts]), torch.cat([u for _, u in parts], 1))
+    left = sorted(k.rsplit(".lora_", 1)[0] for k in set(ours) - used if ".lora_A." in k)
+    if left:
+        raise UnoLoraError(f"{len(left)} LoRA module(s) have no place in UNO's processors (attention q/k/v/out and "
+                           f"single-block proj_out only): {left[:10]}{' ...' if len(left) > 10 else ''}; export in "
+                           f"diffusers format instead, or train with lora.targets inside that set")
+    if not groups:
+        raise UnoLoraError("nothing to write: neither our LoRA nor a UNO LoRA covers a FLUX block")
+    rank = max(d.shape[0] for d, _ in groups.values())
+    seen = {(kind, pair): (d.shape[1], u.shape[0]) for (kind, _, pair), (d, u) in groups.items()}
+    (kind, pair), (fan_in, fan_out) = next(iter(seen.items()))
+    width = fan_in if pair.startswith("qkv") else fan_out
+    shapes = {(k, p): (width, 3 * width) if p.startswith("qkv") else (width, width)
+              for k, pairs in (("double_blocks", DOUBLE_PAIRS), ("single_blocks", SINGLE_PAIRS)) for p in pairs}
+    shapes[("single_blocks", "proj_lora")] = (width + 4 * width, width)
+    shapes.update(seen)
+    out = {}
+    for (kind, pair), (fan_in, fan_out) in sorted(shapes.items()):
+        for i in range(n[kind]):
+            down, up = groups.get((kind, i, pair), (torch.zeros(0, fan_in), torch.zeros(fan_out, 0)))
+            pad = rank - down.shape[0]
+            key = f"{kind}.{i}.processor.{pair}"
+            out[f"{key}.down.weight"] = torch.cat([down, torch.zeros(pad, fan_in)]).contiguous()
+            out[f"{key}.up.weight"] = torch.cat([up, torch.zeros(fan_out, pad)], 1).contiguous()
+    return out, rank

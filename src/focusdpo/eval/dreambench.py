@@ -32,6 +32,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -97,6 +98,13 @@ def preprocess(images: Sequence[Image.Image | Path], kind: str, crop: int) -> to
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
+def clip_features(out: Any) -> torch.Tensor:
+    """The projected embedding ``[B, D_clip]`` from ``CLIPModel.get_image_features``/``get_text_features`` of any
+    transformers version: a tensor up to 4.x; from 5.0 a ``BaseModelOutputWithPooling`` whose ``pooler_output``
+    holds it (reading ``.pooler_output`` on 4.57 crashed: issue 18)."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
 @dataclass
 class Scorer:
     """DINO and CLIP embedders; every ``embed_*`` returns L2-normalised float [B, D] on the CPU."""
@@ -128,7 +136,7 @@ class Scorer:
 
         def fn(chunk: Sequence) -> torch.Tensor:
             x = preprocess(chunk, "clip", crop).to(self.device)
-            return self.clip.get_image_features(pixel_values=x).pooler_output
+            return clip_features(self.clip.get_image_features(pixel_values=x))
         return self._batched(images, fn)
 
     @torch.no_grad()
@@ -139,7 +147,7 @@ class Scorer:
         def fn(chunk: Sequence[str]) -> torch.Tensor:
             tok = self.tokenizer(list(chunk), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
             tok = {k: v.to(self.device) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
-            return self.clip.get_text_features(**tok).pooler_output
+            return clip_features(self.clip.get_text_features(**tok))
         return self._batched(texts, fn)
 
 

@@ -29,6 +29,7 @@ Choices made here:
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -48,6 +49,7 @@ from torch import nn
 from focusdpo.config import Config, ConfigError
 from focusdpo.train import checkpoint as ckpt
 from focusdpo.train.batches import Position, ShardedBatches
+from focusdpo.train.precision import resolve_mixed_precision
 from focusdpo.train.run_folder import RunFolderError, RunFolderLock, check_fresh
 from focusdpo.train.run_log import RunLog
 from focusdpo.train.step import NoiseKey, NonFiniteError, StepOutput, pair_step
@@ -166,14 +168,15 @@ def make_accelerator(cfg: Config) -> Any:
     """An ``accelerate.Accelerator`` for the run (process group, device, mixed precision)."""
     from accelerate import Accelerator
 
-    mp = cfg.train.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    precision = resolve_mixed_precision(cfg.train.mixed_precision)  # the config's, or the launcher's under auto
+    mp = precision.value
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     use_cpu = not torch.cuda.is_available() or _env_flag("ACCELERATE_USE_CPU")
     _forget_single_process_state()
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=mp, gradient_accumulation_steps=1)
+    accelerator.print(f"mixed precision {mp}: {precision.reason}")
+    logging.getLogger(__name__).info("mixed precision %s: %s", mp, precision.reason)
     if use_cpu and accelerator.num_processes == 1 and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
         # `accelerate launch --cpu --num_processes N` without an MPI hostfile starts ONE process (accelerate 1.x)
         warnings.warn("accelerate launch --cpu started a single process: several CPU processes need "
