@@ -289,8 +289,8 @@ def test_run_uno_lora_reads_the_runs_config(tmp_path) -> None:
     from focusdpo.backbones.lora_export import run_uno_lora
 
     assert run_uno_lora(tmp_path) is None  # no config.yaml: nothing to combine
-    (tmp_path / "config.yaml").write_text("model:\n  backbone: flux\n  flux:\n    lora_import: models/UNO/d.safetensors\n")
-    assert run_uno_lora(tmp_path) == "models/UNO/d.safetensors"
+    (tmp_path / "config.yaml").write_text("model:\n  backbone: flux\n  flux:\n    lora_import: models/d.safetensors\n")
+    assert run_uno_lora(tmp_path) == "models/d.safetensors"
     # a run folder written before the per-backbone sections (flat model.lora_import)
     (tmp_path / "config.yaml").write_text("model:\n  backbone: flux\n  lora_import: models/UNO/dit_lora.safetensors\n")
     with pytest.warns(FutureWarning, match="read as model.flux.lora_import"):

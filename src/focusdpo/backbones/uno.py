@@ -168,7 +168,8 @@ def load_uno_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix != ".safetensors":
         raise UnoLoraError(f"model.flux.lora_import={str(path)!r}: expected a .safetensors file (UNO's dit_lora)")
     if not path.is_file():
-        raise UnoLoraError(f"model.flux.lora_import={str(path)!r} does not exist: give the path of dit_lora.safetensors")
+        raise UnoLoraError(f"model.flux.lora_import={str(path)!r} does not exist: give the path of "
+                           f"dit_lora.safetensors")
     return load_file(str(path))
 
 
