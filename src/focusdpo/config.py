@@ -250,8 +250,10 @@ class TrainConfig:
     max_steps: int = _f(300, "Optimizer steps.")
     lr: float = _f(1e-4, "AdamW learning rate.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
-    warmup_steps: int = _f(10, "Linear warm-up steps.")
-    schedule: str = _f("constant", "LR schedule after warm-up: constant, linear or cosine.")
+    warmup_steps: int = _f(10, "Linear warm-up steps: step i < warmup_steps runs at i / warmup_steps of lr "
+                               "(diffusers' get_scheduler, from 0).")
+    schedule: str = _f("constant", "LR schedule after warm-up (diffusers' get_scheduler, shared by train and "
+                                   "pretrain): constant, linear or cosine (both decay to 0 at max_steps).")
     grad_accum: int = _f(1, "Gradient accumulation steps.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0: off).")
     mixed_precision: str = _f("auto", "auto (bf16 where the device has it, else fp32), no, bf16 or fp16.")

@@ -13,7 +13,8 @@ Choices made here:
   noise of a pair is keyed by ``(train.seed, step, micro-batch)`` (:class:`focusdpo.train.step.NoiseKey`).
   A 2-process run therefore reproduces a 1-process run with twice the batch size, and a resumed run the run
   it continues.
-- The LR scheduler is stepped by hand once per optimizer step (accelerate's prepared scheduler steps once per
+- The LR schedule is diffusers' ``get_scheduler`` (:mod:`focusdpo.train.schedule`, shared with pretraining),
+  stepped by hand once per optimizer step (accelerate's prepared scheduler steps once per
   process, which would make the schedule depend on the process count).
 - Gradient accumulation is done by hand (``no_sync`` on all but the last micro-batch).
 - A non-finite loss, prediction or gradient norm raises :class:`TrainingError` naming the step and the
@@ -50,6 +51,7 @@ from focusdpo.train import checkpoint as ckpt
 from focusdpo.train.batches import Position, ShardedBatches
 from focusdpo.train.run_folder import RunFolderError, RunFolderLock, check_fresh
 from focusdpo.train.run_log import RunLog
+from focusdpo.train.schedule import make_scheduler
 from focusdpo.train.step import NoiseKey, NonFiniteError, StepOutput, pair_step
 
 # Config keys that may change when a run is resumed (they do not change what a step computes).
@@ -282,7 +284,7 @@ def _setup(cfg: Config, accelerator: Any, run_dir: Path, resume: bool) -> _Run:
     if cfg.train.compile:
         _compile_regions(module.net, cfg.train.compile_backend)
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
+    scheduler = make_scheduler(optimizer, cfg.train)
     module, optimizer = accelerator.prepare(module, optimizer)
     module.train()
     state = ckpt.TrainState(0, 0, 0, accelerator.num_processes)
@@ -346,22 +348,6 @@ def _compile_regions(net: nn.Module, backend: str) -> None:
         raise ConfigError(f"train.compile=True is invalid: {type(net).__name__} has no compile_repeated_blocks(); "
                           f"allowed false for this backbone")
     compile_blocks(backend=backend)
-
-
-def lr_factor(cfg: Config) -> Any:
-    """LR multiplier of optimizer step ``i`` (0-based): linear warm-up to 1, then constant, linear or cosine
-    decay to 0 at ``train.max_steps``."""
-    warm, total, kind = cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.schedule
-
-    def factor(i: int) -> float:
-        if i < warm:
-            return (i + 1) / (warm + 1)
-        if kind == "constant":
-            return 1.0
-        frac = min(1.0, (i - warm) / max(1, total - warm))
-        return 1.0 - frac if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
-
-    return factor
 
 
 # ------------------------------------------------------------------------------------------------- resume
