@@ -270,6 +270,11 @@ class TrainConfig:
     keep_checkpoints: int = _f(0, "Keep only the N newest checkpoints (0: keep all).")
     deterministic: bool = _f(False, "torch.use_deterministic_algorithms: bit-exact resume on GPU at some speed "
                                     "cost (CUDA needs CUBLAS_WORKSPACE_CONFIG=:4096:8); CPU runs are exact anyway.")
+    report_to: str = _f("tensorboard", "Experiment tracker (accelerate's trackers): tensorboard (<run>/tb), wandb, "
+                                       "mlflow or none; metrics.csv is written in every case. wandb and mlflow need "
+                                       "their package (pip install 'focusdpo[trackers]').")
+    tracker_project: str = _f("focusdpo", "W&B project / MLflow experiment name of train.report_to (the run is "
+                                          "named after its folder).")
 
     def __post_init__(self) -> None:
         from focusdpo.objectives import objective_names  # the registry: built-ins and registered ones
@@ -289,6 +294,8 @@ class TrainConfig:
         _check(self.val_every >= 0, "train.val_every", self.val_every, ">= 0")
         _check(self.val_records >= 1, "train.val_records", self.val_records, ">= 1")
         _check(self.keep_checkpoints >= 0, "train.keep_checkpoints", self.keep_checkpoints, ">= 0")
+        _choice("train.report_to", self.report_to, ("tensorboard", "wandb", "mlflow", "none"))
+        _check(bool(self.tracker_project.strip()), "train.tracker_project", self.tracker_project, "a non-empty name")
 
 
 @dataclass

@@ -53,10 +53,12 @@ from focusdpo.train.run_folder import RunFolderError, RunFolderLock, check_fresh
 from focusdpo.train.run_log import RunLog
 from focusdpo.train.schedule import make_scheduler
 from focusdpo.train.step import NoiseKey, NonFiniteError, StepOutput, pair_step
+from focusdpo.train.trackers import check_installed
 
 # Config keys that may change when a run is resumed (they do not change what a step computes).
 RESUMABLE_CHANGES = ("train.max_steps", "train.checkpoint_every", "train.log_every", "train.val_every",
-                     "train.val_records", "train.keep_checkpoints", "data.num_workers", "train.output_dir")
+                     "train.val_records", "train.keep_checkpoints", "data.num_workers", "train.output_dir",
+                     "train.report_to", "train.tracker_project")
 
 
 class TrainingError(RuntimeError):
@@ -110,7 +112,8 @@ class _Run:
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
     """Post-train the backbone's LoRA with ``cfg.train.objective``; returns the run folder.
 
-    The run folder gets ``config.yaml``, ``metrics.csv``, ``tb/`` (TensorBoard), ``val/`` (sample grids and
+    The run folder gets ``config.yaml``, ``metrics.csv``, ``tb/`` (TensorBoard; or W&B / MLflow, see
+    ``train.report_to``), ``val/`` (sample grids and
     focus strips), ``checkpoints/step-N/`` and, at the end, ``lora.safetensors``. ``resume=True`` continues
     from the newest checkpoint of ``train.output_dir`` exactly (same per-step losses). A new run refuses a
     folder holding an earlier run's files unless ``overwrite=True`` (which removes them first). The folder is
@@ -146,6 +149,7 @@ def check_config(cfg: Config, resume: bool) -> None:
                           f"{cfg.model.backbone!r}, a flow-matching model: allowed flow")
     if resume and cfg.train.output_dir is None:
         raise ConfigError("train.output_dir=None is invalid with --resume: allowed the folder of the run to resume")
+    check_installed(cfg.train.report_to)
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision='fp16' is invalid without a CUDA device: allowed auto, no, bf16")
 
@@ -298,7 +302,7 @@ def _setup(cfg: Config, accelerator: Any, run_dir: Path, resume: bool) -> _Run:
         ckpt.clean_stale(run_dir)
         cfg.save(run_dir / "config.yaml")
     accelerator.wait_for_everyone()
-    log = RunLog(run_dir, state.step, cfg.train.max_steps, enabled=accelerator.is_main_process)
+    log = RunLog(run_dir, state.step, cfg.train.max_steps, enabled=accelerator.is_main_process, cfg=cfg)
     return _Run(cfg, accelerator, run_dir, backbone, module, optimizer, scheduler, data, dataset, state, log,
                 params, last_saved=state.step if resume else -1, fingerprint=fingerprint)
 
