@@ -453,16 +453,20 @@ def export_lora_cmd(
     out: Path | None = typer.Option(None, "--out", "-o", help="Output folder (default: the run folder)."),
     bf16: bool = typer.Option(False, "--bf16", help="Store bfloat16 weights (half the size)."),
 ) -> None:
-    """Write the run's LoRA in diffusers naming, for FluxPipeline.load_lora_weights(folder)."""
+    """Write the run's LoRA in diffusers naming, for FluxPipeline.load_lora_weights(folder), and its model card
+    (README.md) beside it."""
     import torch
 
     from focusdpo.backbones.lora_export import export_run
+    from focusdpo.train.model_card import write_model_card
 
     try:
         path = export_run(run, out, torch.bfloat16 if bf16 else torch.float32)
+        card = write_model_card(run, path.parent)
     except (ValueError, FileNotFoundError) as e:
         _fail("export-lora", e)
     typer.echo(f"wrote {path}")
+    typer.echo(f"wrote {card}")
 
 
 def cache_latents_command(cfg, device: str = "cpu", batch_size: int = 8, progress=None) -> dict[str, tuple[int, int]]:

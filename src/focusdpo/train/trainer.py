@@ -114,7 +114,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
 
     The run folder gets ``config.yaml``, ``metrics.csv``, ``tb/`` (TensorBoard; or W&B / MLflow, see
     ``train.report_to``), ``val/`` (sample grids and
-    focus strips), ``checkpoints/step-N/`` and, at the end, ``lora.safetensors``. ``resume=True`` continues
+    focus strips), ``checkpoints/step-N/`` and, at the end, ``lora.safetensors`` and the model card ``README.md``
+    (with the DIP set's card as ``dip.json``). ``resume=True`` continues
     from the newest checkpoint of ``train.output_dir`` exactly (same per-step losses). A new run refuses a
     folder holding an earlier run's files unless ``overwrite=True`` (which removes them first). The folder is
     locked for the whole call (:class:`~focusdpo.train.run_folder.RunFolderError` when another trainer holds it).
@@ -134,6 +135,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
                 stopped = _finish(run, stop)
             if not stopped:  # outside the signal guard: Ctrl-C stops the final grids at once
                 _validate(run)
+                _write_card(run)
                 run.log.message(f"done: {run.run_dir / 'lora.safetensors'}")
         finally:
             run.log.close()
@@ -606,6 +608,20 @@ def _finish(run: _Run, stop: threading.Event) -> bool:
         run.log.message(f"interrupted at the last step: the run is finished ({run.run_dir / 'lora.safetensors'}); "
                         f"final validation grids skipped")
     return stopped
+
+
+def _write_card(run: _Run) -> None:
+    """The run's model card (``README.md``) with the DIP set's card kept beside it as ``dip.json`` (main process)."""
+    import shutil
+
+    from focusdpo.train.model_card import DATA_CARD_NAME, write_model_card
+
+    if run.accelerator.is_main_process:
+        data_card = run.dataset.shards[0].parent / "card.json"
+        if data_card.is_file():
+            shutil.copyfile(data_card, run.run_dir / DATA_CARD_NAME)
+        write_model_card(run.run_dir)
+    run.accelerator.wait_for_everyone()
 
 
 # ------------------------------------------------------------------------------------------------ validation

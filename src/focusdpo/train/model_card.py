@@ -1,0 +1,176 @@
+"""The model card (``README.md``) of a finished run and of its diffusers export (issue 18.5).
+
+:func:`write_model_card` reads what the run folder holds (``config.yaml``, ``metrics.csv``, the newest
+``val/samples-step-N.png``, ``dip.json``: the DIP set's ``card.json`` copied at the end of training) and writes
+a Hugging Face model card through ``huggingface_hub.ModelCard``: YAML front matter (``library_name``, ``tags``,
+``base_model`` when the base is a hub id, ``license``), then the base model, the method and objective, the data
+card, the final metrics, the sample grid, a diffusers loading snippet for the backbone and the resolved config.
+The trainer writes it into the run folder at the end; ``focusdpo export-lora`` writes it next to the export
+(with the sample grid copied beside it, so the folder is complete on its own, e.g. for ``focusdpo push``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from focusdpo.config import Config
+
+CARD_NAME = "README.md"
+DATA_CARD_NAME = "dip.json"  # the DIP set's card.json, kept with the run
+SAMPLES_NAME = "samples.png"  # the sample grid copied next to an export
+# what the card reports of the last logged step (when the objective logs it)
+FINAL_METRICS = ("loss", "implicit_acc", "margin", "err_w", "err_l", "a", "w_in_prior", "w_out_prior", "lr")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+_METHOD = {
+    "focusdpo": "FocusDPO (Jin et al., arXiv 2509.01181): token-weighted Flow-DPO whose weights come from an "
+                "adaptive focus (SPAF attention field + DPCE detail complexity, gated over timesteps)",
+    "dpo": "Diffusion/Flow-DPO (uniform token weights)",
+    "patchdpo": "PatchDPO-style patch-weighted regression (no reference model)",
+    "sft": "supervised flow-matching fine-tuning on the positives",
+}
+
+
+def _base(cfg: Config) -> str:
+    if cfg.model.checkpoint is None:
+        return "the built-in flux-tiny base shipped with focusdpo"
+    return str(cfg.model.checkpoint)
+
+
+def _hub_id(cfg: Config) -> str | None:
+    """``model.checkpoint`` when it is a hub id (not an existing local path), for ``base_model``."""
+    ckpt = cfg.model.checkpoint
+    if ckpt is None or Path(ckpt).expanduser().exists() or not _HUB_ID.fullmatch(ckpt):
+        return None
+    return ckpt
+
+
+def final_metrics(run_dir: Path) -> dict[str, float]:
+    """The last row of ``metrics.csv``: :data:`FINAL_METRICS` that are finite, plus ``step``."""
+    from focusdpo.train.run_log import read_metrics
+
+    try:
+        rows = read_metrics(run_dir)
+    except OSError:
+        return {}
+    if not rows:
+        return {}
+    last = rows[-1]
+    return {"step": int(last["step"]), **{k: last[k] for k in FINAL_METRICS if math.isfinite(last.get(k, math.nan))}}
+
+
+def newest_samples(run_dir: Path) -> Path | None:
+    """The newest validation sample grid of the run (``val/samples-step-N.png``), if any."""
+    grids = sorted((run_dir / "val").glob("samples-step-*.png"))
+    return grids[-1] if grids else None
+
+
+def _snippet(cfg: Config, where: str) -> str:
+    base = cfg.model.checkpoint or "<base model folder or hub id>"
+    if cfg.model.backbone == "flux2":
+        return (f'```python\nimport torch\nfrom diffusers import Flux2KleinPipeline\nfrom PIL import Image\n\n'
+                f'pipe = Flux2KleinPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")\n'
+                f'pipe.load_lora_weights("{where}")\n'
+                f'refs = [Image.open("subject1.png"), Image.open("subject2.png")]\n'
+                f'image = pipe("a photo of ...", image=refs).images[0]\n```')
+    if cfg.model.backbone == "flux":
+        note = ""
+        if cfg.model.lora_import:
+            note = (f"\nThe base was trained with UNO's LoRA merged in (`model.lora_import: "
+                    f"{cfg.model.lora_import}`): load it into the pipeline as well to reproduce the trained model.\n")
+        return (f'```python\nimport torch\nfrom diffusers import FluxPipeline\n\n'
+                f'pipe = FluxPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")\n'
+                f'pipe.load_lora_weights("{where}")\nimage = pipe("a photo of ...").images[0]\n```\n{note}\n'
+                f"`FluxPipeline` takes no reference images; sample with references through `focusdpo sample`.")
+    return (f"The built-in flux-tiny backbone is not a diffusers pipeline; sample it with focusdpo:\n\n"
+            f"```bash\nfocusdpo sample --run {where} --n 8 --subjects 2 --out samples.png\n```")
+
+
+def _data_section(data_card: dict[str, Any] | None) -> str:
+    if not data_card:
+        return "No data card was found (the DIP set's `card.json`)."
+    text = json.dumps(data_card, indent=1, sort_keys=True)
+    return f"The DIP set's card (`{DATA_CARD_NAME}`):\n\n```json\n{text}\n```"
+
+
+def card_text(cfg: Config, metrics: dict[str, float], data_card: dict[str, Any] | None, samples: str | None,
+              where: str) -> str:
+    """The card's markdown body (no front matter). ``samples``: the sample grid's path relative to the card;
+    ``where``: what ``load_lora_weights`` is given in the snippet."""
+    t = cfg.train
+    lines = [f"# {cfg.model.backbone} LoRA post-trained with {t.objective}", "",
+             f"A LoRA (rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, on {', '.join(cfg.lora.targets)}) post-trained "
+             f"with focusdpo for multi-subject personalized image generation.", "",
+             "## Base model", "", f"- backbone: `{cfg.model.backbone}`", f"- weights: `{_base(cfg)}`"]
+    if cfg.model.lora_import:
+        lines.append(f"- imported LoRA merged into the base before training: `{cfg.model.lora_import}`")
+    method = _METHOD.get(t.objective, "an objective registered in focusdpo.objectives")
+    lines += ["", "## Method", "", f"- objective: `{t.objective}`: {method}",
+              f"- beta {cfg.loss.beta:g}, lambda_sft {cfg.loss.lambda_sft:g}, {t.max_steps} steps, lr {t.lr:g} "
+              f"({t.schedule}, {t.warmup_steps} warm-up steps), batch {cfg.data.batch_size} x {t.grad_accum} "
+              f"accumulation per process, seed {t.seed}"]
+    if t.objective == "focusdpo":
+        f = cfg.focus
+        lines.append(f"- focus: readout `{f.readout}` at `{f.tap_layer}`, alpha_s {f.alpha_s:g}, "
+                     f"alpha_a {f.alpha_a:g}, alpha_d {f.alpha_d:g}, tau {f.tau:g}, spaf {f.spaf}, dpce {f.dpce}, "
+                     f"dynamic {f.dynamic}")
+    lines += ["", "## Data", "", _data_section(data_card), "", "## Final metrics", ""]
+    if metrics:
+        lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.6g} |" for k, v in metrics.items()]
+    else:
+        lines.append("No metrics were logged.")
+    lines += ["", "## Samples", ""]
+    lines.append(f"References | positive | base | post-trained (validation records):\n\n![samples]({samples})"
+                 if samples else "No validation grid was written.")
+    lines += ["", "## Use", "", _snippet(cfg, where), "", "## Config", "",
+              "<details><summary>config.yaml (resolved)</summary>", "", "```yaml", cfg.to_yaml().rstrip(), "```",
+              "", "</details>", ""]
+    return "\n".join(lines)
+
+
+def _card_data(cfg: Config) -> Any:
+    from huggingface_hub import ModelCardData
+
+    family = {"flux": "flux", "flux2": "flux2", "flux-tiny": "flux-tiny"}.get(cfg.model.backbone, cfg.model.backbone)
+    tags = ["focusdpo", "lora", "dpo", cfg.train.objective, family, "text-to-image", "subject-driven-generation"]
+    license_ = "apache-2.0" if cfg.model.backbone == "flux-tiny" else "other"  # the base's terms apply to the rest
+    return ModelCardData(library_name="diffusers" if cfg.model.backbone != "flux-tiny" else "focusdpo",
+                         tags=list(dict.fromkeys(tags)), base_model=_hub_id(cfg), license=license_)
+
+
+def write_model_card(run_dir: str | Path, out_dir: str | Path | None = None, load_from: str | None = None) -> Path:
+    """Write ``README.md`` for the run in ``run_dir`` into ``out_dir`` (default: the run folder); returns it.
+
+    Into another folder (an export), the sample grid is copied beside the card as ``samples.png``.
+    ``load_from``: what the loading snippet passes to ``load_lora_weights`` (default: ``out_dir``; a hub repo id
+    when the folder is pushed).
+    """
+    from huggingface_hub import ModelCard
+
+    run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir
+    cfg = Config.from_yaml((run_dir / "config.yaml").read_text())
+    data_path = run_dir / DATA_CARD_NAME
+    data_card = json.loads(data_path.read_text()) if data_path.is_file() else None
+    grid = newest_samples(run_dir)
+    samples = None
+    if grid is not None:
+        if out.resolve() == run_dir.resolve():
+            samples = grid.relative_to(run_dir).as_posix()
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(grid, out / SAMPLES_NAME)
+            samples = SAMPLES_NAME
+    body = card_text(cfg, final_metrics(run_dir), data_card, samples, load_from or str(out))
+    if cfg.model.backbone != "flux-tiny" and not (out / "pytorch_lora_weights.safetensors").is_file():
+        first = f"## Use\n\nFirst write the diffusers file: `focusdpo export-lora {run_dir}`.\n"
+        body = body.replace("## Use\n", first, 1)
+    card = ModelCard(f"---\n{_card_data(cfg).to_yaml()}\n---\n\n{body}")
+    out.mkdir(parents=True, exist_ok=True)
+    card.save(out / CARD_NAME)
+    return out / CARD_NAME
