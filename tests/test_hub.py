@@ -62,7 +62,8 @@ def test_push_run_uploads_the_model_files_only(hub, finished_run) -> None:
     ((kind, meta),) = hub.validated  # the client had the card's front matter checked before uploading
     assert kind == "model" and meta["library_name"] == "focusdpo" and {"lora", "flux-tiny"} <= set(meta["tags"])
     assert 'load_lora_weights("me/my-lora")' not in card  # flux-tiny: sampled with focusdpo, not diffusers
-    assert "focusdpo sample --run me/my-lora" in card and card.startswith("---\n")
+    assert "hf download me/my-lora --local-dir my-lora\nfocusdpo sample --run my-lora" in card
+    assert card.startswith("---\n")
     from safetensors.torch import load
 
     exported = load(repo["files"]["pytorch_lora_weights.safetensors"])

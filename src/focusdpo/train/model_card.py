@@ -87,8 +87,11 @@ def _snippet(cfg: Config, where: str) -> str:
                 f'pipe = FluxPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")\n'
                 f'pipe.load_lora_weights("{where}")\nimage = pipe("a photo of ...").images[0]\n```\n{note}\n'
                 f"`FluxPipeline` takes no reference images; sample with references through `focusdpo sample`.")
+    fetch = ""
+    if not Path(where).exists():  # a hub repo id: download the folder first
+        fetch, where = f"hf download {where} --local-dir {where.rsplit('/', 1)[-1]}\n", where.rsplit("/", 1)[-1]
     return (f"The built-in flux-tiny backbone is not a diffusers pipeline; sample it with focusdpo:\n\n"
-            f"```bash\nfocusdpo sample --run {where} --n 8 --subjects 2 --out samples.png\n```")
+            f"```bash\n{fetch}focusdpo sample --run {where} --n 8 --subjects 2 --out samples.png\n```")
 
 
 def _data_section(data_card: dict[str, Any] | None) -> str:
