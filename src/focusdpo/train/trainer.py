@@ -54,11 +54,12 @@ from focusdpo.train.run_log import RunLog
 from focusdpo.train.schedule import make_scheduler
 from focusdpo.train.step import NoiseKey, NonFiniteError, StepOutput, pair_step
 from focusdpo.train.trackers import check_installed
+from focusdpo.train.user_validation import check_prompts, check_validation
 
 # Config keys that may change when a run is resumed (they do not change what a step computes).
 RESUMABLE_CHANGES = ("train.max_steps", "train.checkpoint_every", "train.log_every", "train.val_every",
                      "train.val_records", "train.keep_checkpoints", "data.num_workers", "train.output_dir",
-                     "train.report_to", "train.tracker_project")
+                     "train.report_to", "train.tracker_project", "train.validation")
 
 
 class TrainingError(RuntimeError):
@@ -114,7 +115,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
 
     The run folder gets ``config.yaml``, ``metrics.csv``, ``tb/`` (TensorBoard; or W&B / MLflow, see
     ``train.report_to``), ``val/`` (sample grids and
-    focus strips), ``checkpoints/step-N/`` and, at the end, ``lora.safetensors`` and the model card ``README.md``
+    focus strips), ``validation/step-N.png`` (``train.validation``: the user's prompts),
+    ``checkpoints/step-N/`` and, at the end, ``lora.safetensors`` and the model card ``README.md``
     (with the DIP set's card as ``dip.json``). ``resume=True`` continues
     from the newest checkpoint of ``train.output_dir`` exactly (same per-step losses). A new run refuses a
     folder holding an earlier run's files unless ``overwrite=True`` (which removes them first). The folder is
@@ -135,6 +137,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
                 stopped = _finish(run, stop)
             if not stopped:  # outside the signal guard: Ctrl-C stops the final grids at once
                 _validate(run)
+                _user_validation(run)
                 _write_card(run)
                 run.log.message(f"done: {run.run_dir / 'lora.safetensors'}")
         finally:
@@ -152,6 +155,7 @@ def check_config(cfg: Config, resume: bool) -> None:
     if resume and cfg.train.output_dir is None:
         raise ConfigError("train.output_dir=None is invalid with --resume: allowed the folder of the run to resume")
     check_installed(cfg.train.report_to)
+    check_validation(cfg)
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision='fp16' is invalid without a CUDA device: allowed auto, no, bf16")
 
@@ -280,6 +284,8 @@ def _setup(cfg: Config, accelerator: Any, run_dir: Path, resume: bool) -> _Run:
         backbone.tap_layer = cfg.focus.tap_layer
     except ValueError as err:  # the block names depend on the model, so only the backbone can check them
         raise ConfigError(str(err)) from None
+    if cfg.train.validation:
+        check_prompts(backbone, cfg)
     backbone.add_lora(cfg.lora)
     if saved is not None:  # before prepare: FSDP shards the weights it wraps
         backbone.load_lora_state_dict({k: v.to(backbone.device) for k, v in saved["lora"].items()})
@@ -473,6 +479,8 @@ def _loop(run: _Run, stop: threading.Event) -> None:
             raise TrainingInterrupted(run.run_dir, step)
         if cfg.train.val_every and step % cfg.train.val_every == 0 and step < cfg.train.max_steps:
             _validate(run)
+        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.max_steps:
+            _user_validation(run)
 
 
 def _sync_time(device: torch.device) -> float:
@@ -646,6 +654,26 @@ def _validate(run: _Run) -> None:
                         "`focusdpo focus-map` on the finished run")
     elif run.accelerator.is_main_process:
         _write_validation(run)
+    run.accelerator.wait_for_everyone()
+
+
+def _user_validation(run: _Run) -> None:
+    """``train.validation``: the user's prompts and references sampled into ``validation/step-N.png`` and the
+    tracker (:mod:`focusdpo.train.user_validation`), at the training records' sizes. Not under FSDP."""
+    cfg, step = run.cfg, run.state.step
+    if not cfg.train.validation:
+        return
+    if _is_fsdp(run.accelerator):
+        run.log.message("train.validation prompts are not sampled under FSDP (sharded weights): run `focusdpo "
+                        "sample --prompt ... --ref ...` on the finished run")
+    elif run.accelerator.is_main_process:
+        from focusdpo.train.user_validation import load_references, write_validation
+
+        item = run.dataset[0]
+        refs = load_references(cfg, tuple(item["references"][0].shape[-2:]))
+        grid = write_validation(run.backbone, cfg, refs, tuple(item["positive"].shape[-2:]),
+                                run.run_dir / "validation" / f"step-{step:08d}.png", run.accelerator.autocast)
+        run.log.image("validation/samples", grid, step)
     run.accelerator.wait_for_everyone()
 
 
