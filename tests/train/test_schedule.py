@@ -56,3 +56,31 @@ def test_state_dict_round_trip_resumes_the_exact_rates() -> None:
 def test_unknown_schedule_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="train.schedule='step' is invalid: allowed one of constant, linear"):
         load_config(None, ["train.schedule=step"])
+
+
+def test_a_killed_run_resumes_on_the_same_schedule(tiny_env, tmp_path, monkeypatch) -> None:
+    """Cosine with warm-up, killed after the step-3 checkpoint and resumed: the same lr and losses as straight."""
+    from train_fixtures import tiny_config
+
+    from focusdpo.train import trainer as trainer_mod
+    from focusdpo.train.run_log import read_metrics
+
+    kw = {"train__warmup_steps": 2, "train__schedule": "cosine", "train__max_steps": 5, "train__checkpoint_every": 3}
+    trainer_mod.train(tiny_config(*tiny_env, train__output_dir=tmp_path / "a", **kw))
+    real, calls = trainer_mod._optimizer_step, []
+
+    def dies_at_step_4(run, batches):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("killed")
+        return real(run, batches)
+
+    monkeypatch.setattr(trainer_mod, "_optimizer_step", dies_at_step_4)
+    with pytest.raises(RuntimeError, match="killed"):
+        trainer_mod.train(tiny_config(*tiny_env, train__output_dir=tmp_path / "b", **kw))
+    monkeypatch.setattr(trainer_mod, "_optimizer_step", real)
+    trainer_mod.train(tiny_config(*tiny_env, train__output_dir=tmp_path / "b", **kw), resume=True)
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [r["lr"] for r in b] == [r["lr"] for r in a] == pytest.approx([0, 5e-4, 1e-3, 5e-4 * (1 + math.cos(
+        math.pi / 3)), 5e-4 * (1 + math.cos(2 * math.pi / 3))])
+    assert [r["loss"] for r in b] == [r["loss"] for r in a]
