@@ -4,6 +4,7 @@ through accelerate's trackers; metrics.csv is written in every case; a missing l
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 
 import pytest
@@ -42,6 +43,28 @@ def test_wandb_offline_gets_every_scalar_and_the_images(tiny_env, tmp_path, monk
     config = wandb_offline.config(files[0])
     assert config["train.report_to"] == "wandb" and config["train.max_steps"] == 3
     assert (run / "trackers.json").read_text().count(files[0].stem.removeprefix("run-")) == 1  # the W&B run id
+
+
+def test_wandb_resume_continues_the_same_run(tiny_env, tmp_path, monkeypatch) -> None:
+    """--resume logs into the W&B run the first part started (its id kept in trackers.json)."""
+    pytest.importorskip("wandb")
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "wb").mkdir()
+    run = tmp_path / "run"
+    kw = {"train__report_to": "wandb", "train__output_dir": run, "train__checkpoint_every": 1}
+    train(tiny_config(*tiny_env, train__max_steps=1, **kw))
+    first = json.loads((run / "trackers.json").read_text())["wandb"]
+    train(tiny_config(*tiny_env, train__max_steps=2, **kw), resume=True)
+    wandb.teardown()
+    assert json.loads((run / "trackers.json").read_text())["wandb"] == first
+    files = sorted((tmp_path / "wb").glob("wandb/offline-run-*/run-*.wandb"))
+    assert [f.stem for f in files] == [f"run-{first}"] * 2  # two sessions of one run
+    steps = [r["_step"] for f in files for r in wandb_offline.history(f) if "train/loss" in r]
+    assert steps == [1, 2]
 
 
 def test_mlflow_file_store_gets_every_scalar_and_the_images(tiny_env, tmp_path, monkeypatch) -> None:
