@@ -504,11 +504,11 @@ def export_lora_cmd(
 
     try:
         path = export_run(run, out, torch.bfloat16 if bf16 else torch.float32)
-        card = write_model_card(run, path.parent)
+        card = write_model_card(run, path.parent) if (run / "config.yaml").is_file() else None
     except (ValueError, FileNotFoundError) as e:
         _fail("export-lora", e)
     typer.echo(f"wrote {path}")
-    typer.echo(f"wrote {card}")
+    typer.echo(f"wrote {card}" if card else f"no model card: {run} has no config.yaml (not a focusdpo run folder)")
 
 
 def cache_latents_command(cfg, device: str = "cpu", batch_size: int = 8, progress=None) -> dict[str, tuple[int, int]]:

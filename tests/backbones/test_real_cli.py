@@ -75,6 +75,7 @@ def test_export_lora_command(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     sd = load_file(tmp_path / "run" / WEIGHT_NAME)
     assert sd and all(k.startswith("transformer.") and v.dtype == torch.bfloat16 for k, v in sd.items())
+    assert "no model card" in result.output and not (tmp_path / "run" / "README.md").exists()  # no config.yaml
     bad = CliRunner().invoke(app, ["export-lora", str(tmp_path / "missing")])
     assert bad.exit_code == 2 and "lora.safetensors not found" in bad.output
 
