@@ -7,7 +7,7 @@ lock). The token is huggingface_hub's own: ``HF_TOKEN`` or the one saved by ``hf
 - :func:`push_run` (``focusdpo push RUN --repo ID``): a model repo with the model card ``README.md`` (written
   again with the repo id in its loading snippet), ``pytorch_lora_weights.safetensors`` (``export-lora`` is run
   first when the run folder lacks it), ``lora.safetensors``, ``config.yaml``, ``metrics.csv``, ``dip.json`` and
-  the newest validation grid.
+  the newest validation grids (``val/samples-step-N.png``, ``validation/step-N.png``).
 - :func:`push_dip` (``focusdpo dip push DIR --repo ID``): a dataset repo with the Parquet shards, ``card.json``
   and a dataset card ``README.md`` whose ``configs`` front matter points the Hub's viewer at the shards (their
   image columns are ``datasets.Image()`` features, so the viewer shows images).
@@ -38,7 +38,7 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False, endpoint:
              token: str | None = None) -> str:
     """Create (or reuse) the model repo ``repo_id`` and upload the finished run; returns the commit URL."""
     from focusdpo.backbones.lora_export import WEIGHT_NAME, export_run
-    from focusdpo.train.model_card import newest_samples, write_model_card
+    from focusdpo.train.model_card import newest_samples, newest_user_validation, write_model_card
 
     run_dir = Path(run_dir)
     if not (run_dir / "lora.safetensors").is_file() or not (run_dir / "config.yaml").is_file():
@@ -48,9 +48,9 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False, endpoint:
         export_run(run_dir)
     write_model_card(run_dir, load_from=repo_id)
     allow = list(RUN_FILES)
-    grid = newest_samples(run_dir)
-    if grid is not None:
-        allow.append(grid.relative_to(run_dir).as_posix())
+    for grid in (newest_samples(run_dir), newest_user_validation(run_dir)):
+        if grid is not None:
+            allow.append(grid.relative_to(run_dir).as_posix())
     api = _api(endpoint, token)
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     info = api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(run_dir), allow_patterns=allow,

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 from train_fixtures import tiny_config
+from typer.testing import CliRunner
 
+from focusdpo.cli import app
 from focusdpo.config import ConfigError
 from focusdpo.train.trainer import train
 
@@ -51,6 +53,12 @@ def test_user_prompts_are_sampled_at_checkpoints_and_the_end(tiny_env, tmp_path)
     assert [e.step for e in acc.Images("validation/samples")] == [2, 4]
     first = np.asarray(Image.open(run / "validation/step-00000002.png"))
     assert first.shape == grid.shape and not np.array_equal(first, grid)  # the LoRA moved between them
+    card = (run / "README.md").read_text()  # the model card shows the newest grid with the prompts
+    assert "1. a ball and a box\n2. a ball\n\n![validation](validation/step-00000004.png)" in card
+    export = tmp_path / "export"
+    assert CliRunner().invoke(app, ["export-lora", str(run), "--out", str(export)]).exit_code == 0
+    assert np.array_equal(np.asarray(Image.open(export / "validation.png")), grid)
+    assert "![validation](validation.png)" in (export / "README.md").read_text()
 
 
 def test_the_sample_is_generate_with_the_entry_seed(tiny_env, tmp_path) -> None:

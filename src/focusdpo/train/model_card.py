@@ -23,6 +23,7 @@ from focusdpo.config import Config
 CARD_NAME = "README.md"
 DATA_CARD_NAME = "dip.json"  # the DIP set's card.json, kept with the run
 SAMPLES_NAME = "samples.png"  # the sample grid copied next to an export
+VALIDATION_NAME = "validation.png"  # the newest train.validation grid copied next to an export
 # what the card reports of the last logged step (when the objective logs it)
 FINAL_METRICS = ("loss", "implicit_acc", "margin", "err_w", "err_l", "a", "w_in_prior", "w_out_prior", "lr")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -70,6 +71,12 @@ def newest_samples(run_dir: Path) -> Path | None:
     return grids[-1] if grids else None
 
 
+def newest_user_validation(run_dir: Path) -> Path | None:
+    """The newest grid of the user's ``train.validation`` prompts (``validation/step-N.png``), if any."""
+    grids = sorted((run_dir / "validation").glob("step-*.png"))
+    return grids[-1] if grids else None
+
+
 def _snippet(cfg: Config, where: str) -> str:
     base = cfg.model.checkpoint or "<base model folder or hub id>"
     if cfg.model.backbone == "flux2":
@@ -102,9 +109,9 @@ def _data_section(data_card: dict[str, Any] | None) -> str:
 
 
 def card_text(cfg: Config, metrics: dict[str, float], data_card: dict[str, Any] | None, samples: str | None,
-              where: str) -> str:
-    """The card's markdown body (no front matter). ``samples``: the sample grid's path relative to the card;
-    ``where``: what ``load_lora_weights`` is given in the snippet."""
+              where: str, user_grid: str | None = None) -> str:
+    """The card's markdown body (no front matter). ``samples`` / ``user_grid``: the sample grid's and the
+    ``train.validation`` grid's paths relative to the card; ``where``: what ``load_lora_weights`` is given."""
     t = cfg.train
     lines = [f"# {cfg.model.backbone} LoRA post-trained with {t.objective}", "",
              f"A LoRA (rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, on {', '.join(cfg.lora.targets)}) post-trained "
@@ -130,6 +137,10 @@ def card_text(cfg: Config, metrics: dict[str, float], data_card: dict[str, Any] 
     lines += ["", "## Samples", ""]
     lines.append(f"References | positive | base | post-trained (validation records):\n\n![samples]({samples})"
                  if samples else "No validation grid was written.")
+    if user_grid:
+        prompts = "\n".join(f"{i + 1}. {v.prompt}" for i, v in enumerate(cfg.train.validation))
+        lines += ["", f"Your validation prompts (`train.validation`; references | sample, a row each):\n\n{prompts}"
+                      f"\n\n![validation]({user_grid})"]
     lines += ["", "## Use", "", _snippet(cfg, where), "", "## Config", "",
               "<details><summary>config.yaml (resolved)</summary>", "", "```yaml", cfg.to_yaml().rstrip(), "```",
               "", "</details>", ""]
@@ -146,10 +157,22 @@ def _card_data(cfg: Config) -> Any:
                          tags=list(dict.fromkeys(tags)), base_model=_hub_id(cfg), license=license_)
 
 
+def _place(grid: Path | None, run_dir: Path, out: Path, name: str) -> str | None:
+    """``grid``'s path relative to the card in ``out``: inside the run folder as is, else copied as ``name``."""
+    if grid is None:
+        return None
+    if out.resolve() == run_dir.resolve():
+        return grid.relative_to(run_dir).as_posix()
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(grid, out / name)
+    return name
+
+
 def write_model_card(run_dir: str | Path, out_dir: str | Path | None = None, load_from: str | None = None) -> Path:
     """Write ``README.md`` for the run in ``run_dir`` into ``out_dir`` (default: the run folder); returns it.
 
-    Into another folder (an export), the sample grid is copied beside the card as ``samples.png``.
+    Into another folder (an export), the sample grid is copied beside the card as ``samples.png`` (and the
+    newest ``train.validation`` grid as ``validation.png``).
     ``load_from``: what the loading snippet passes to ``load_lora_weights`` (default: ``out_dir``; a hub repo id
     when the folder is pushed).
     """
@@ -160,16 +183,9 @@ def write_model_card(run_dir: str | Path, out_dir: str | Path | None = None, loa
     cfg = Config.from_yaml((run_dir / "config.yaml").read_text())
     data_path = run_dir / DATA_CARD_NAME
     data_card = json.loads(data_path.read_text()) if data_path.is_file() else None
-    grid = newest_samples(run_dir)
-    samples = None
-    if grid is not None:
-        if out.resolve() == run_dir.resolve():
-            samples = grid.relative_to(run_dir).as_posix()
-        else:
-            out.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(grid, out / SAMPLES_NAME)
-            samples = SAMPLES_NAME
-    body = card_text(cfg, final_metrics(run_dir), data_card, samples, load_from or str(out))
+    samples = _place(newest_samples(run_dir), run_dir, out, SAMPLES_NAME)
+    user_grid = _place(newest_user_validation(run_dir), run_dir, out, VALIDATION_NAME)
+    body = card_text(cfg, final_metrics(run_dir), data_card, samples, load_from or str(out), user_grid)
     if cfg.model.backbone != "flux-tiny" and not (out / "pytorch_lora_weights.safetensors").is_file():
         first = f"## Use\n\nFirst write the diffusers file: `focusdpo export-lora {run_dir}`.\n"
         body = body.replace("## Use\n", first, 1)
