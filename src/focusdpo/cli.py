@@ -133,7 +133,7 @@ def world_cmd(
         typer.echo(f"wrote {out}")
 
 
-dip_app = typer.Typer(help="DIP datasets: build (toy world or JSONL manifest) and show.", no_args_is_help=True)
+dip_app = typer.Typer(help="DIP datasets: build (toy world or JSONL manifest), show and push.", no_args_is_help=True)
 app.add_typer(dip_app, name="dip")
 
 
@@ -223,6 +223,48 @@ def dip_show_cmd(
         typer.secho(f"dip show: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from e
     typer.echo(f"wrote {out}")
+
+
+def _push(command: str, fn: object, folder: Path, repo: str, private: bool) -> None:
+    """Run a :mod:`focusdpo.hub` push and report its commit; Hub errors are named with the fix."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from focusdpo.hub import HubError
+
+    try:
+        url = fn(folder, repo, private=private)
+    except (HubError, ValueError, FileNotFoundError) as e:
+        _fail(command, e)
+    except HfHubHTTPError as e:
+        _fail(command, RuntimeError(f"the Hub refused the upload ({e}); check the token (HF_TOKEN or `hf auth "
+                                    f"login`) and that it may write to {repo}"))
+    typer.echo(f"pushed {folder} to {repo}: {url}")
+
+
+@dip_app.command("push")
+def dip_push_cmd(
+    path: Path = typer.Argument(..., help="A built DIP folder (data-*.parquet + card.json)."),
+    repo: str = typer.Option(..., "--repo", help="Hub dataset repo id, e.g. me/my-dip (created if missing)."),
+    private: bool = typer.Option(False, "--private", help="Create the repo private."),
+) -> None:
+    """Upload a DIP set to a Hub dataset repo (shards, card.json and a dataset card); token: HF_TOKEN or
+    `hf auth login`."""
+    from focusdpo.hub import push_dip
+
+    _push("dip push", push_dip, path, repo, private)
+
+
+@app.command("push")
+def push_cmd(
+    run: Path = typer.Argument(..., help="A finished run folder."),
+    repo: str = typer.Option(..., "--repo", help="Hub model repo id, e.g. me/my-lora (created if missing)."),
+    private: bool = typer.Option(False, "--private", help="Create the repo private."),
+) -> None:
+    """Upload a finished run's LoRA (diffusers file, exported if missing), model card, config, metrics and
+    sample grid to a Hub model repo; token: HF_TOKEN or `hf auth login`."""
+    from focusdpo.hub import push_run
+
+    _push("push", push_run, run, repo, private)
 
 
 # --- evaluation: eval, generate, data dreambench (engineer "eval") ------------------------------------------
@@ -523,16 +565,20 @@ def export_lora_cmd(
                                                                    "run's model.flux.lora_import)."),
 ) -> None:
     """Write the run's LoRA for other tools: diffusers naming for FluxPipeline.load_lora_weights(folder), or
-    UNO's format. A run on UNO (model.flux.lora_import) gets UNO's LoRA and ours as one file."""
+    UNO's format, and its model card (README.md) beside it. A run on UNO (model.flux.lora_import) gets UNO's LoRA
+    and ours as one file."""
     import torch
 
     from focusdpo.backbones.lora_export import export_run
+    from focusdpo.train.model_card import write_model_card
 
     try:
         path = export_run(run, out, torch.bfloat16 if bf16 else torch.float32, fmt, uno_lora)
+        card = write_model_card(run, path.parent) if (run / "config.yaml").is_file() else None
     except (ValueError, FileNotFoundError) as e:
         _fail("export-lora", e)
     typer.echo(f"wrote {path}")
+    typer.echo(f"wrote {card}" if card else f"no model card: {run} has no config.yaml (not a focusdpo run folder)")
     if fmt == "uno":
         from safetensors import safe_open
 

@@ -330,6 +330,22 @@ class LoraConfig:
 
 
 @dataclass
+class ValidationPrompt:
+    """One of the user's validation prompts (``train.validation``): sampled with the LoRA during training."""
+
+    prompt: str = _f("", "The prompt; its subjects in the order of the references.")
+    references: list[str] = _f([], "Reference image files, one per subject, in order of mention (resized to the "
+                                   "training records' reference size).")
+    seed: int | None = _f(None, "Noise seed of this prompt (null: sample.seed).")
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.prompt, str) and bool(self.prompt.strip()), "train.validation[].prompt", self.prompt,
+               "a non-empty prompt")
+        _check(len(self.references) >= 1, "train.validation[].references", self.references,
+               "a non-empty list of image files")
+
+
+@dataclass
 class TrainConfig:
     """The training loop (DESIGN 2.2-2.6, 7)."""
 
@@ -338,8 +354,10 @@ class TrainConfig:
     max_steps: int = _f(300, "Optimizer steps.")
     lr: float = _f(1e-4, "AdamW learning rate.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
-    warmup_steps: int = _f(10, "Linear warm-up steps.")
-    schedule: str = _f("constant", "LR schedule after warm-up: constant, linear or cosine.")
+    warmup_steps: int = _f(10, "Linear warm-up steps: step i < warmup_steps runs at i / warmup_steps of lr "
+                               "(diffusers' get_scheduler, from 0).")
+    schedule: str = _f("constant", "LR schedule after warm-up (diffusers' get_scheduler, shared by train and "
+                                   "pretrain): constant, linear or cosine (both decay to 0 at max_steps).")
     grad_accum: int = _f(1, "Gradient accumulation steps.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0: off).")
     mixed_precision: str = _f("auto", "auto, no, bf16 or fp16. auto: the launcher's setting when accelerate "
@@ -359,6 +377,15 @@ class TrainConfig:
     keep_checkpoints: int = _f(0, "Keep only the N newest checkpoints (0: keep all).")
     deterministic: bool = _f(False, "torch.use_deterministic_algorithms: bit-exact resume on GPU at some speed "
                                     "cost (CUDA needs CUBLAS_WORKSPACE_CONFIG=:4096:8); CPU runs are exact anyway.")
+    report_to: str = _f("tensorboard", "Experiment tracker (accelerate's trackers): tensorboard (<run>/tb), wandb, "
+                                       "mlflow or none; metrics.csv is written in every case. wandb and mlflow need "
+                                       "their package (pip install 'focusdpo[trackers]').")
+    tracker_project: str = _f("focusdpo", "W&B project / MLflow experiment name of train.report_to (the run is "
+                                          "named after its folder).")
+    validation: list[ValidationPrompt] = _f([], "Your own validation prompts, each {prompt, references: [image "
+                                                "files], seed (optional)}: sampled with the LoRA every "
+                                                "checkpoint_every steps and at the end into <run>/validation/"
+                                                "step-N.png and the tracker (the files are checked before training).")
 
     def __post_init__(self) -> None:
         from focusdpo.objectives import objective_names  # the registry: built-ins and registered ones
@@ -378,6 +405,8 @@ class TrainConfig:
         _check(self.val_every >= 0, "train.val_every", self.val_every, ">= 0")
         _check(self.val_records >= 1, "train.val_records", self.val_records, ">= 1")
         _check(self.keep_checkpoints >= 0, "train.keep_checkpoints", self.keep_checkpoints, ">= 0")
+        _choice("train.report_to", self.report_to, ("tensorboard", "wandb", "mlflow", "none"))
+        _check(bool(self.tracker_project.strip()), "train.tracker_project", self.tracker_project, "a non-empty name")
 
 
 @dataclass
@@ -517,6 +546,11 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
             raise ConfigError(f"{name}={value!r} is invalid: expected a mapping")
         kt, vt = typing.get_args(tp)
         return {_coerce(kt, k, name): _coerce(vt, v, f"{name}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):  # a section inside a list (train.validation): errors name its index
+        try:
+            return _build(tp, value, name + ".")
+        except ConfigError as e:
+            raise ConfigError(str(e).replace(f"{name.split('[')[0]}[].", f"{name}.")) from None
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):
@@ -586,7 +620,7 @@ SEED_RANGE = (0, 2**32 - 1)  # what numpy, torch and accelerate's set_seed all a
 def _check_seed(name: str, value: Any) -> None:
     """Seeds (``seed``, ``*_seed``, ``seeds``) must be integers in :data:`SEED_RANGE`."""
     leaf = name.rsplit(".", 1)[-1]
-    if leaf != "seeds" and leaf != "seed" and not leaf.endswith("_seed"):
+    if (leaf != "seeds" and leaf != "seed" and not leaf.endswith("_seed")) or value is None:  # None: optional seeds
         return
     lo, hi = SEED_RANGE
     for v in value if isinstance(value, list) else [value]:

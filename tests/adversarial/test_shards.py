@@ -72,7 +72,7 @@ def test_corrupt_png_row_names_the_record_and_the_others_stay_readable(copy) -> 
     shard = copy / "data-00000.parquet"
     table = pq.read_table(shard)
     rows = table.to_pylist()
-    rows[2]["positive"] = b"\x89PNG\r\n\x1a\n broken"
+    rows[2]["positive"] = {"bytes": b"\x89PNG\r\n\x1a\n broken", "path": None}  # an image cell (datasets.Image)
     pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), shard)
     bad_id = rows[2]["id"]
     with pytest.raises(ShardError, match=rf"record '{bad_id}' \(row 2 of shard {shard}\) cannot be decoded "

@@ -76,6 +76,7 @@ def test_export_lora_command(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     sd = load_file(tmp_path / "run" / WEIGHT_NAME)
     assert sd and all(k.startswith("transformer.") and v.dtype == torch.bfloat16 for k, v in sd.items())
+    assert "no model card" in result.output and not (tmp_path / "run" / "README.md").exists()  # no config.yaml
     bad = CliRunner().invoke(app, ["export-lora", str(tmp_path / "missing")])
     assert bad.exit_code == 2 and "lora.safetensors not found" in bad.output
 
@@ -98,8 +99,12 @@ def test_train_on_the_real_stack_then_load_the_export_in_flux_pipeline(tmp_path)
         "train.checkpoint_every=0", "train.val_records=2", "sample.steps=2", f"train.output_dir={tmp_path / 'run'}",
         "train.mixed_precision='no'", "lora.alpha=16"])
     run = train(cfg)
+    assert f"First write the diffusers file: `focusdpo export-lora {run}`" in (run / "README.md").read_text()
     result = CliRunner().invoke(app, ["export-lora", str(run)])
     assert result.exit_code == 0, result.output
+    card = (run / "README.md").read_text()  # rewritten beside the export: its snippet is what this test runs
+    assert f'FluxPipeline.from_pretrained("{folder}"' in card and f'pipe.load_lora_weights("{run}")' in card
+    assert "First write" not in card and "library_name: diffusers" in card
     bb = load_backbone(cfg.model)
     bb.add_lora(cfg.lora)
     bb.load_lora_state_dict(load_lora(run / "lora.safetensors"))

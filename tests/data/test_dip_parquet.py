@@ -53,4 +53,45 @@ def test_datasets_reads_the_shards(tmp_path):
                                cache_dir=str(tmp_path / "hf"))
     assert len(ds) == 5 and {"positive", "negative", "m_prior", "m_d", "disruption"} <= set(ds.column_names)
     assert sorted(ds["id"]) == sorted(f"r{i}" for i in range(5))
-    assert isinstance(ds[0]["positive"], bytes)
+    assert ds.features["positive"] == datasets.Image() and ds.features["regions"] == datasets.List(datasets.Image())
+    row = ds[0]  # decoded to PIL with no cast, pixel for pixel the record's arrays
+    rec = make_record(int(row["id"][1:]))
+    assert np.array_equal(np.asarray(row["positive"]), rec.positive)
+    assert np.array_equal(np.asarray(row["m_prior"]) > 127, rec.m_prior)
+    assert all(np.array_equal(np.asarray(im), ref) for im, ref in zip(row["references"], rec.references, strict=True))
+    assert np.allclose(np.asarray(row["m_d"], dtype=np.float32).reshape(rec.m_d.shape), rec.m_d)
+
+
+def test_schema_metadata_is_what_datasets_writes():
+    """The ``huggingface`` key equals what ``datasets.Features`` itself produces for these columns."""
+    import datasets
+
+    from focusdpo.data.parquet import SCHEMA
+
+    features = datasets.Features.from_arrow_schema(SCHEMA)
+    assert features.arrow_schema.metadata == SCHEMA.metadata
+    assert features.arrow_schema.types == SCHEMA.types
+
+
+def test_shards_written_before_the_image_features_still_read(tmp_path):
+    """Old shards: image columns as plain ``binary``; our reader and the training Dataset still decode them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from focusdpo.data.dataset import DipDataset
+    from focusdpo.data.parquet import IMAGE, SCHEMA, record_to_row
+
+    def old_type(tp):
+        return pa.binary() if tp == IMAGE else pa.list_(pa.binary()) if tp == pa.list_(IMAGE) else tp
+
+    def old_value(v):
+        return v["bytes"] if isinstance(v, dict) else [old_value(x) for x in v] if isinstance(v, list) else v
+
+    old = pa.schema([(f.name, old_type(f.type)) for f in SCHEMA])
+    assert old.field("positive").type == pa.binary() and old.field("regions").type == pa.list_(pa.binary())
+    recs = [make_record(i) for i in range(3)]
+    rows = [{k: old_value(v) for k, v in record_to_row(r).items()} for r in recs]
+    pq.write_table(pa.Table.from_pylist(rows, schema=old), tmp_path / "data-00000.parquet")
+    for a, b in zip(recs, read_records(tmp_path), strict=True):
+        _same(a, b)
+    assert DipDataset(tmp_path)[1]["id"] == "r1"

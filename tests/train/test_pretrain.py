@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from focusdpo.backbones import load_backbone
 from focusdpo.cli import app
 from focusdpo.config import load_config
-from focusdpo.train.pretrain import PretrainOptions, lr_at, pretrain
+from focusdpo.train.pretrain import PretrainOptions, pretrain
 
 SMALL = ["model.flux-tiny.num_layers=1", "model.flux-tiny.num_single_layers=1", "model.flux-tiny.num_heads=2",
          "model.flux-tiny.head_dim=16", "model.flux-tiny.text_dim=16", "data.batch_size=2", "world.n_identities=40",
@@ -48,13 +48,24 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     assert not torch.equal(raw[key], ema[key])  # the shipped file is the EMA, not the raw weights
 
 
-def test_lr_schedule_warmup_then_cosine_floor():
-    cfg = _cfg(110, ("train.lr=0.001", "train.warmup_steps=10", "train.schedule=cosine"))
-    opts = PretrainOptions(min_lr_fraction=0.1)
-    assert lr_at(0, cfg, opts) == pytest.approx(1e-4)
-    assert lr_at(9, cfg, opts) == pytest.approx(1e-3)
-    assert lr_at(60, cfg, opts) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))
-    assert lr_at(110, cfg, opts) == pytest.approx(1e-4)
+def test_pretrain_logs_the_trainers_schedule(tmp_path):
+    """The lr of each logged step is diffusers' warm-up then cosine (the trainer's schedule, not its own)."""
+    lines: list[str] = []
+    pretrain(_cfg(4, ("train.lr=0.001", "train.warmup_steps=2", "train.schedule=cosine")), tmp_path,
+             log=lines.append)
+    lrs = [float(line.split(" lr ")[1].split()[0]) for line in lines if " lr " in line]
+    assert lrs == pytest.approx([0.0, 5e-4, 1e-3, 5e-4])
+
+
+def test_resume_of_a_state_without_a_saved_schedule(tmp_path):
+    """A ``state/`` from before the schedule was saved: the schedule is fast-forwarded to its step (same weights)."""
+    cosine = ("train.schedule=cosine", "train.warmup_steps=1")
+    pretrain(_cfg(4, cosine), tmp_path / "a", log=lambda _: None)
+    pretrain(_cfg(4, cosine), tmp_path / "b", PretrainOptions(stop_at=2), log=lambda _: None)
+    (tmp_path / "b/state/scheduler.pt").unlink()
+    pretrain(_cfg(4, cosine), tmp_path / "b", log=lambda _: None)
+    a, b = load_file(str(tmp_path / "a/state/raw.safetensors")), load_file(str(tmp_path / "b/state/raw.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_options_reject_bad_values():

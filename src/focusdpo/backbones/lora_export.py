@@ -25,6 +25,7 @@ apply scale 1. ``FluxPipeline`` on the plain FLUX base plus this file reproduces
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -209,3 +210,39 @@ def _write(state: dict[str, torch.Tensor], out_dir: str | Path, dtype: torch.dty
     FluxPipeline.save_lora_weights(out_dir, transformer_lora_layers={k: v.to(dtype) for k, v in state.items()},
                                    weight_name=WEIGHT_NAME)
     return out_dir / WEIGHT_NAME
+
+
+PIPELINES = {"flux": "FluxPipeline", "flux2": "Flux2KleinPipeline"}  # backbone -> the stock pipeline of its export
+
+
+def has_diffusers_pipeline(model: Any) -> bool:
+    """Whether the run's backbone (``model``: its ModelConfig) exports a LoRA that a stock diffusers pipeline loads."""
+    return model.backbone in PIPELINES
+
+
+def pipeline_snippet(model: Any, where: str) -> str:
+    """Markdown telling a user how to load an exported LoRA (``where``: a folder or hub id) with the stock
+    pipeline of the run's backbone (``model``: the run's :class:`~focusdpo.config.ModelConfig`); for a model card."""
+    base = model.checkpoint or "<base model folder or hub id>"
+    if model.backbone == "flux2":
+        return (f'```python\nimport torch\nfrom diffusers import Flux2KleinPipeline\nfrom PIL import Image\n\n'
+                f'pipe = Flux2KleinPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")\n'
+                f'pipe.load_lora_weights("{where}")\n'
+                f'refs = [Image.open("subject1.png"), Image.open("subject2.png")]\n'
+                f'image = pipe("a photo of ...", image=refs).images[0]\n```')
+    if model.backbone == "flux":
+        note = ""
+        imported = getattr(model.options, "lora_import", None)
+        if imported:
+            note = (f"\nThe base was trained with UNO's LoRA merged in (`model.flux.lora_import: {imported}`); the "
+                    f"file `focusdpo export-lora` writes holds UNO's adapter and this one together (ranks "
+                    f"concatenated), so loading it alone reproduces the trained model.\n")
+        return (f'```python\nimport torch\nfrom diffusers import FluxPipeline\n\n'
+                f'pipe = FluxPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")\n'
+                f'pipe.load_lora_weights("{where}")\nimage = pipe("a photo of ...").images[0]\n```\n{note}\n'
+                f"`FluxPipeline` takes no reference images; sample with references through `focusdpo sample`.")
+    fetch = ""
+    if not Path(where).exists():  # a hub repo id: download the folder first
+        fetch, where = f"hf download {where} --local-dir {where.rsplit('/', 1)[-1]}\n", where.rsplit("/", 1)[-1]
+    return (f"The {model.backbone} backbone has no diffusers pipeline; sample it with focusdpo:\n\n"
+            f"```bash\n{fetch}focusdpo sample --run {where} --n 8 --subjects 2 --out samples.png\n```")

@@ -1,7 +1,10 @@
 """Parquet storage of DIP records: PNG bytes for images and masks, plain columns for metadata.
 
 A built set is a folder ``DIR`` with ``data-00000.parquet, ...`` (shards), ``card.json`` and
-``rejected.jsonl``. ``datasets.load_dataset("parquet", data_files=str(DIR / "data-*.parquet"))`` reads it.
+``rejected.jsonl``. ``datasets.load_dataset("parquet", data_files=str(DIR / "data-*.parquet"))`` reads it and
+decodes the images to PIL with no cast: image columns are stored the way ``datasets.Image()`` stores them
+(``struct<bytes, path>``, ``path`` null) and the schema carries the ``huggingface`` metadata key naming the
+features (:data:`HF_FEATURES`), which is also what the Hub's dataset viewer reads.
 
 Columns (one row per record):
 
@@ -11,11 +14,11 @@ column              type                   content
 id, prompt          string
 num_subjects        int32                  K
 height, width       int32                  H, W of the positive
-positive, negative  binary                 RGB PNG
-m_prior             binary                 greyscale PNG, 255 inside M_prior, 0 outside
-regions             list<binary>           K greyscale PNGs (P_k), reference order
-references          list<binary>           K RGB PNGs
-ref_masks           list<binary>           K greyscale PNGs
+positive, negative  image                  RGB PNG
+m_prior             image                  greyscale PNG, 255 inside M_prior, 0 outside
+regions             list<image>            K greyscale PNGs (P_k), reference order
+references          list<image>            K RGB PNGs
+ref_masks           list<image>            K greyscale PNGs
 ref_heights/widths  list<int32>            sizes of the references (bucketing reads only these)
 m_d                 list<float32>          DPCE map, row-major, shape (m_d_height, m_d_width)
 m_d_height/width    int32
@@ -24,6 +27,9 @@ disruption          string                 name
 disrupted           list<int32>            disrupted subject indices
 params, source      string                 JSON
 ==================  =====================  ==========================================================
+
+``image`` is ``struct<bytes: binary, path: string>``. Shards written before the image features (plain
+``binary`` columns) are read as well.
 
 Masks are written as 0/255 and read back as ``> 127``, so bool masks round-trip exactly; PNG is lossless, so
 images do; ``m_d`` is stored as float32, so it round-trips bit for bit.
@@ -49,17 +55,34 @@ from focusdpo.data.records import DipRecord
 
 SHARD_PATTERN = "data-*.parquet"
 
-SCHEMA = pa.schema([
+IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # datasets.Image()'s storage
+
+_COLUMNS = [
     ("id", pa.string()), ("prompt", pa.string()), ("num_subjects", pa.int32()),
     ("height", pa.int32()), ("width", pa.int32()),
-    ("positive", pa.binary()), ("negative", pa.binary()), ("m_prior", pa.binary()),
-    ("regions", pa.list_(pa.binary())), ("references", pa.list_(pa.binary())),
-    ("ref_masks", pa.list_(pa.binary())), ("ref_heights", pa.list_(pa.int32())),
+    ("positive", IMAGE), ("negative", IMAGE), ("m_prior", IMAGE),
+    ("regions", pa.list_(IMAGE)), ("references", pa.list_(IMAGE)),
+    ("ref_masks", pa.list_(IMAGE)), ("ref_heights", pa.list_(pa.int32())),
     ("ref_widths", pa.list_(pa.int32())),
     ("m_d", pa.list_(pa.float32())), ("m_d_height", pa.int32()), ("m_d_width", pa.int32()),
     ("m_d_patch", pa.int32()), ("disruption", pa.string()), ("disrupted", pa.list_(pa.int32())),
     ("params", pa.string()), ("source", pa.string()),
-])
+]
+
+
+def _feature(tp: pa.DataType) -> dict[str, Any]:
+    """The ``datasets`` feature (its JSON form) of one column type: Image, List or Value."""
+    if tp == IMAGE:
+        return {"_type": "Image"}
+    if pa.types.is_list(tp):
+        return {"feature": _feature(tp.value_type), "_type": "List"}
+    names = {pa.string(): "string", pa.int32(): "int32", pa.float32(): "float32"}
+    return {"dtype": names[tp], "_type": "Value"}
+
+
+# ``datasets.Features`` of a shard, as ``datasets`` itself stores them under the schema metadata key "huggingface"
+HF_FEATURES = {name: _feature(tp) for name, tp in _COLUMNS}
+SCHEMA = pa.schema(_COLUMNS, metadata={"huggingface": json.dumps({"info": {"features": HF_FEATURES}})})
 
 # Columns small enough to read for a whole set when building the loader's index.
 INDEX_COLUMNS = ["id", "num_subjects", "height", "width", "ref_heights", "ref_widths"]
@@ -117,12 +140,20 @@ def encode_png(arr: np.ndarray, compress_level: int = 1) -> bytes:
     return buf.getvalue()
 
 
-def decode_png(data: bytes, mask: bool = False) -> np.ndarray:
-    """Inverse of :func:`encode_png`: uint8 ``[H, W, 3]``, or bool ``[H, W]`` when ``mask``."""
+def decode_png(data: bytes | dict[str, Any], mask: bool = False) -> np.ndarray:
+    """Inverse of :func:`encode_png`: uint8 ``[H, W, 3]``, or bool ``[H, W]`` when ``mask``. ``data``: the PNG
+    bytes, or an image cell ``{"bytes": ..., "path": None}`` (old shards hold plain bytes)."""
+    if isinstance(data, dict):
+        data = data["bytes"]
     with Image.open(io.BytesIO(data)) as im:
         if mask:
             return np.asarray(im.convert("L")) > 127
         return np.asarray(im.convert("RGB")).copy()
+
+
+def _image(arr: np.ndarray) -> dict[str, Any]:
+    """An image cell (``datasets.Image()`` storage) holding :func:`encode_png` of ``arr``."""
+    return {"bytes": encode_png(arr), "path": None}
 
 
 def record_to_row(rec: DipRecord) -> dict[str, Any]:
@@ -130,9 +161,9 @@ def record_to_row(rec: DipRecord) -> dict[str, Any]:
     return {
         "id": rec.id, "prompt": rec.prompt, "num_subjects": rec.num_subjects,
         "height": rec.size[0], "width": rec.size[1],
-        "positive": encode_png(rec.positive), "negative": encode_png(rec.negative),
-        "m_prior": encode_png(rec.m_prior), "regions": [encode_png(r) for r in rec.regions],
-        "references": [encode_png(r) for r in rec.references], "ref_masks": [encode_png(m) for m in rec.ref_masks],
+        "positive": _image(rec.positive), "negative": _image(rec.negative),
+        "m_prior": _image(rec.m_prior), "regions": [_image(r) for r in rec.regions],
+        "references": [_image(r) for r in rec.references], "ref_masks": [_image(m) for m in rec.ref_masks],
         "ref_heights": [int(r.shape[0]) for r in rec.references],
         "ref_widths": [int(r.shape[1]) for r in rec.references],
         "m_d": rec.m_d.astype(np.float32).ravel().tolist(), "m_d_height": int(rec.m_d.shape[0]),

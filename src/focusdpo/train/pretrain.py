@@ -10,16 +10,19 @@ The whole model (transformer and text encoder) trains; an exponential moving ave
 
 Settings reused from the config: ``world.*``, ``model.*`` (architecture), ``data.batch_size``, ``train.max_steps,
 lr, weight_decay, warmup_steps, schedule, max_grad_norm, seed, checkpoint_every, log_every, output_dir``,
-``loss.logit_mean, logit_std, time_shift``. The output folder holds ``model.safetensors`` (EMA weights, the file
-``model.checkpoint`` takes), ``config.yaml``, ``pretrain.log`` and ``state/`` (raw weights, EMA, optimizer, step).
+``loss.logit_mean, logit_std, time_shift``. The learning rate follows the trainer's schedule
+(:func:`focusdpo.train.schedule.make_scheduler`, diffusers' ``get_scheduler``); its state is saved in ``state/``.
+The output folder holds ``model.safetensors`` (EMA weights, the file
+``model.checkpoint`` takes), ``config.yaml``, ``pretrain.log`` and ``state/`` (raw weights, EMA, optimizer,
+LR schedule, step).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +31,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from focusdpo.backbones.flux import FluxInContext, build_tiny, save_tiny
 from focusdpo.config import Config, LossConfig
 from focusdpo.sampling import shift_mu, time_shift
+from focusdpo.train.schedule import make_scheduler
 
 
 @dataclass
@@ -41,7 +46,6 @@ class PretrainOptions:
     subject_counts: tuple[int, ...] = (1, 2, 3)   # K drawn uniformly per batch
     text_dropout: float = 0.1                    # probability of the empty prompt (for guidance)
     ema_decay: float = 0.999                     # EMA of the weights written to model.safetensors
-    min_lr_fraction: float = 0.1                 # floor of the linear / cosine decay
     stop_at: int | None = None                   # stop (and checkpoint) after this step; the schedule still
                                                  # runs to train.max_steps, so a later call continues it
     init: str | None = None                      # warm start: a flux-tiny checkpoint (file, run folder or
@@ -91,20 +95,6 @@ def flow_loss(backbone: FluxInContext, prompts: list[str], images: torch.Tensor,
     return ((pred.float() - target) ** 2).mean()
 
 
-def lr_at(step: int, cfg: Config, opts: PretrainOptions) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then constant, linear or cosine decay."""
-    t = cfg.train
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    frac = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
-    lo = opts.min_lr_fraction
-    if t.schedule == "linear":
-        return t.lr * (1 - (1 - lo) * frac)
-    if t.schedule == "cosine":
-        return t.lr * (lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * frac)))
-    return t.lr
-
-
 def _modules(backbone: FluxInContext) -> nn.ModuleDict:
     return nn.ModuleDict({"transformer": backbone.transformer, "text_encoder": backbone.text_encoder})
 
@@ -126,7 +116,8 @@ class _Ema:
                 self.shadow[k].copy_(v)
 
 
-def _save_state(out: Path, modules: nn.ModuleDict, ema: _Ema, optim: torch.optim.Optimizer, step: int) -> None:
+def _save_state(out: Path, modules: nn.ModuleDict, ema: _Ema, optim: torch.optim.Optimizer,
+                scheduler: LambdaLR, step: int) -> None:
     """Write ``state/`` atomically: a complete temp folder renamed over the previous one."""
     tmp, final, old = out / "state.tmp", out / "state", out / "state.old"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -134,6 +125,7 @@ def _save_state(out: Path, modules: nn.ModuleDict, ema: _Ema, optim: torch.optim
     save_file({k: v.detach().cpu().contiguous() for k, v in modules.state_dict().items()}, str(tmp / "raw.safetensors"))
     save_file({k: v.cpu().contiguous() for k, v in ema.shadow.items()}, str(tmp / "ema.safetensors"))
     torch.save(optim.state_dict(), tmp / "optim.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     (tmp / "step.json").write_text(json.dumps({"step": step}))
     if final.exists():
         final.rename(old)
@@ -141,13 +133,26 @@ def _save_state(out: Path, modules: nn.ModuleDict, ema: _Ema, optim: torch.optim
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_state(out: Path, modules: nn.ModuleDict, ema: _Ema, optim: torch.optim.Optimizer) -> int:
-    """Restore weights, EMA and optimizer from ``state/``; returns the number of steps already done."""
+def _load_state(out: Path, modules: nn.ModuleDict, ema: _Ema, optim: torch.optim.Optimizer,
+                scheduler: LambdaLR) -> int:
+    """Restore weights, EMA, optimizer and LR schedule from ``state/``; returns the number of steps already done.
+
+    A ``state/`` written before the schedule was saved has no ``scheduler.pt``: the schedule is a function of the
+    step count alone, so stepping a fresh one ``step`` times restores it.
+    """
     state = out / "state"
     modules.load_state_dict(load_file(str(state / "raw.safetensors")), strict=True)
     ema.shadow = load_file(str(state / "ema.safetensors"))
     optim.load_state_dict(torch.load(state / "optim.pt", weights_only=True))
-    return int(json.loads((state / "step.json").read_text())["step"])
+    step = int(json.loads((state / "step.json").read_text())["step"])
+    if (state / "scheduler.pt").exists():
+        scheduler.load_state_dict(torch.load(state / "scheduler.pt", weights_only=True))
+    else:
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(step):
+                scheduler.step()
+    return step
 
 
 def _load_init(init: str, backbone: FluxInContext, cfg: Config) -> None:
@@ -178,15 +183,13 @@ def _write_model(out: Path, backbone: FluxInContext, ema: _Ema, cfg: Config) -> 
 
 
 def _train_step(backbone: FluxInContext, world: object, cfg: Config, opts: PretrainOptions,
-                optim: torch.optim.Optimizer, step: int) -> float:
+                optim: torch.optim.Optimizer, scheduler: LambdaLR, step: int) -> float:
     """One optimizer step on the batch of ``step`` (deterministic from ``(train.seed, step)``); returns the loss."""
     rng = np.random.default_rng([cfg.train.seed, step])
     gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
     k = int(rng.choice(opts.subject_counts))
     prompts, images, refs = scene_batch(world, rng, cfg.data.batch_size, k)
     prompts = ["" if rng.random() < opts.text_dropout else p for p in prompts]
-    for group in optim.param_groups:
-        group["lr"] = lr_at(step, cfg, opts)
     loss = flow_loss(backbone, prompts, images.to(backbone.device), [r.to(backbone.device) for r in refs],
                      cfg.loss, gen)
     if not torch.isfinite(loss):
@@ -196,6 +199,7 @@ def _train_step(backbone: FluxInContext, world: object, cfg: Config, opts: Pretr
     if cfg.train.max_grad_norm > 0:
         nn.utils.clip_grad_norm_(_modules(backbone).parameters(), cfg.train.max_grad_norm)
     optim.step()
+    scheduler.step()
     return float(loss.item())
 
 
@@ -219,12 +223,13 @@ def pretrain(cfg: Config, output_dir: str | Path, opts: PretrainOptions | None =
     modules = _modules(backbone)
     modules.train()
     optim = torch.optim.AdamW(modules.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = make_scheduler(optim, cfg.train)
     ema = _Ema(modules, opts.ema_decay)
     resuming = resume and (out / "state").exists()
     if opts.init is not None and not resuming:
         _load_init(opts.init, backbone, cfg)
         ema = _Ema(modules, opts.ema_decay)
-    start = _load_state(out, modules, ema, optim) if resuming else 0
+    start = _load_state(out, modules, ema, optim, scheduler) if resuming else 0
     cfg.save(out / "config.yaml")
     n_params = sum(p.numel() for p in modules.parameters())
     end = min(cfg.train.max_steps, opts.stop_at or cfg.train.max_steps)
@@ -232,16 +237,17 @@ def pretrain(cfg: Config, output_dir: str | Path, opts: PretrainOptions | None =
                    f"{cfg.data.batch_size}, threads {torch.get_num_threads()}")
     t0, window = time.time(), []
     for step in range(start, end):
-        window.append(_train_step(backbone, world, cfg, opts, optim, step))
+        lr = scheduler.get_last_lr()[0]
+        window.append(_train_step(backbone, world, cfg, opts, optim, scheduler, step))
         ema.update(modules, step)
         done = step + 1
         if done % cfg.train.log_every == 0 or done == end:
             rate = (time.time() - t0) / (done - start)
-            _log(out, log, f"step {done} loss {np.mean(window):.4f} lr {lr_at(step, cfg, opts):.2e} "
+            _log(out, log, f"step {done} loss {np.mean(window):.4f} lr {lr:.2e} "
                            f"{rate:.2f} s/step elapsed {time.time() - t0:.0f} s")
             window = []
         if done == end or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
-            _save_state(out, modules, ema, optim, done)
+            _save_state(out, modules, ema, optim, scheduler, done)
             _write_model(out, backbone, ema, cfg)
     if start >= end and not (out / "model.safetensors").exists():
         _write_model(out, backbone, ema, cfg)

@@ -24,7 +24,9 @@ except ImportError:  # Windows: no advisory locks through fcntl
 LOCK_NAME = ".lock"
 # What `focusdpo train` (and `export-lora` into the run folder) writes: what --overwrite may remove.
 RUN_ENTRIES = ("config.yaml", "metrics.csv", "metrics.csv.tmp", "tb", "val", "checkpoints", "lora.safetensors",
-               "lora.safetensors.tmp", "pytorch_lora_weights.safetensors")
+               "lora.safetensors.tmp", "pytorch_lora_weights.safetensors", "trackers.json", "wandb",
+               "README.md", "dip.json", "samples.png", "validation",
+               "validation.png")
 
 
 class RunFolderError(RuntimeError):

@@ -1,7 +1,9 @@
-"""What a run writes while it trains (main process only): ``metrics.csv``, TensorBoard events, progress bar.
+"""What a run writes while it trains (main process only): ``metrics.csv``, the tracker, progress bar.
 
 ``metrics.csv`` has one row per logged optimizer step; the columns are fixed (:data:`COLUMNS`, ``step`` and
 ``loss`` first) so runs of different objectives line up; a metric an objective does not have is empty (NaN).
+It is written whatever ``train.report_to`` says. The tracker (TensorBoard, W&B, MLflow or none: accelerate's
+trackers, :mod:`focusdpo.train.trackers`) gets the scalars every ``train.log_every`` steps and the images.
 On resume the file is cut back to the rows of steps the checkpoint covers and TensorBoard purges later events,
 so a run killed after its last checkpoint logs every step exactly once.
 """
@@ -15,7 +17,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-import torch
+
+from focusdpo.config import Config
+from focusdpo.train import trackers
 
 # DESIGN 2.2's step metrics, then optimisation and timing.
 COLUMNS = (
@@ -26,15 +30,17 @@ COLUMNS = (
 
 
 class RunLog:
-    """Appends step metrics to ``<run>/metrics.csv`` and TensorBoard (``<run>/tb``) and drives a progress bar.
+    """Appends step metrics to ``<run>/metrics.csv`` and the run's tracker and drives a progress bar.
 
     Args:
         run_dir: the run folder. start_step: steps already done (0, or the resumed checkpoint's step).
         max_steps: the last step (progress bar total). enabled: False on non-main processes (writes nothing).
+        cfg: the run's config: its ``train.report_to`` tracker is started here and finished by :meth:`close`
+            (None: ``metrics.csv`` only).
     """
 
     def __init__(self, run_dir: Path, start_step: int, max_steps: int, enabled: bool = True,
-                 progress: bool = True) -> None:
+                 progress: bool = True, cfg: Config | None = None) -> None:
         self.enabled = enabled
         self.csv_path = run_dir / "metrics.csv"
         self._writer = None
@@ -49,9 +55,10 @@ class RunLog:
         if new:
             self._csv.writerow(COLUMNS)
             self._fh.flush()
-        from torch.utils.tensorboard import SummaryWriter
-
-        self._writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        if cfg is not None:
+            self._writer = trackers.make_tracker(cfg, run_dir, start_step)
+            if self._writer is not None:
+                trackers.start_tracker(self._writer, cfg, run_dir)
         if progress:
             from tqdm.auto import tqdm
 
@@ -59,7 +66,7 @@ class RunLog:
 
     def log(self, step: int, metrics: Mapping[str, float], scalars: bool = True) -> None:
         """One optimizer step's metrics (floats; missing columns are written empty) into ``metrics.csv``;
-        into TensorBoard too when ``scalars`` (``train.log_every``)."""
+        into the tracker too (as ``train/<name>``, finite values) when ``scalars`` (``train.log_every``)."""
         if not self.enabled:
             return
         now = time.perf_counter()
@@ -68,18 +75,18 @@ class RunLog:
         row = [step] + [_fmt(metrics.get(c)) for c in COLUMNS[1:]]
         self._csv.writerow(row)
         self._fh.flush()
-        for key, value in metrics.items() if scalars else ():
-            if value is not None and math.isfinite(value):
-                self._writer.add_scalar(f"train/{key}", value, step)
+        if scalars and self._writer is not None:
+            finite = {f"train/{k}": float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+            self._writer.log(finite, step)
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('implicit_acc', math.nan):.2f}",
                                   sps=f"{metrics['steps_per_s']:.2f}")
 
     def image(self, tag: str, image: np.ndarray, step: int) -> None:
-        """A ``uint8 [H, W, 3]`` image into TensorBoard."""
-        if self.enabled:
-            self._writer.add_image(tag, torch.from_numpy(np.array(image)).permute(2, 0, 1), step)
+        """A ``uint8 [H, W, 3]`` image into the tracker."""
+        if self.enabled and self._writer is not None:
+            trackers.log_image(self._writer, tag, image, step)
 
     def message(self, text: str) -> None:
         """A line that does not break the progress bar."""
@@ -94,7 +101,8 @@ class RunLog:
         if not self.enabled:
             return
         self._fh.close()
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.finish()
         if self._bar is not None:
             self._bar.close()
 

@@ -13,7 +13,8 @@ Choices made here:
   noise of a pair is keyed by ``(train.seed, step, micro-batch)`` (:class:`focusdpo.train.step.NoiseKey`).
   A 2-process run therefore reproduces a 1-process run with twice the batch size, and a resumed run the run
   it continues.
-- The LR scheduler is stepped by hand once per optimizer step (accelerate's prepared scheduler steps once per
+- The LR schedule is diffusers' ``get_scheduler`` (:mod:`focusdpo.train.schedule`, shared with pretraining),
+  stepped by hand once per optimizer step (accelerate's prepared scheduler steps once per
   process, which would make the schedule depend on the process count).
 - Gradient accumulation is done by hand (``no_sync`` on all but the last micro-batch).
 - A non-finite loss, prediction or gradient norm raises :class:`TrainingError` naming the step and the
@@ -52,11 +53,15 @@ from focusdpo.train.batches import Position, ShardedBatches
 from focusdpo.train.precision import resolve_mixed_precision
 from focusdpo.train.run_folder import RunFolderError, RunFolderLock, check_fresh
 from focusdpo.train.run_log import RunLog
+from focusdpo.train.schedule import make_scheduler
 from focusdpo.train.step import NoiseKey, NonFiniteError, StepOutput, pair_step
+from focusdpo.train.trackers import check_installed
+from focusdpo.train.user_validation import check_prompts, check_validation
 
 # Config keys that may change when a run is resumed (they do not change what a step computes).
 RESUMABLE_CHANGES = ("train.max_steps", "train.checkpoint_every", "train.log_every", "train.val_every",
-                     "train.val_records", "train.keep_checkpoints", "data.num_workers", "train.output_dir")
+                     "train.val_records", "train.keep_checkpoints", "data.num_workers", "train.output_dir",
+                     "train.report_to", "train.tracker_project", "train.validation")
 
 
 class TrainingError(RuntimeError):
@@ -110,8 +115,11 @@ class _Run:
 def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
     """Post-train the backbone's LoRA with ``cfg.train.objective``; returns the run folder.
 
-    The run folder gets ``config.yaml``, ``metrics.csv``, ``tb/`` (TensorBoard), ``val/`` (sample grids and
-    focus strips), ``checkpoints/step-N/`` and, at the end, ``lora.safetensors``. ``resume=True`` continues
+    The run folder gets ``config.yaml``, ``metrics.csv``, ``tb/`` (TensorBoard; or W&B / MLflow, see
+    ``train.report_to``), ``val/`` (sample grids and
+    focus strips), ``validation/step-N.png`` (``train.validation``: the user's prompts),
+    ``checkpoints/step-N/`` and, at the end, ``lora.safetensors`` and the model card ``README.md``
+    (with the DIP set's card as ``dip.json``). ``resume=True`` continues
     from the newest checkpoint of ``train.output_dir`` exactly (same per-step losses). A new run refuses a
     folder holding an earlier run's files unless ``overwrite=True`` (which removes them first). The folder is
     locked for the whole call (:class:`~focusdpo.train.run_folder.RunFolderError` when another trainer holds it).
@@ -131,6 +139,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
                 stopped = _finish(run, stop)
             if not stopped:  # outside the signal guard: Ctrl-C stops the final grids at once
                 _validate(run)
+                _user_validation(run)
+                _write_card(run)
                 run.log.message(f"done: {run.run_dir / 'lora.safetensors'}")
         finally:
             run.log.close()
@@ -149,6 +159,8 @@ def check_config(cfg: Config, resume: bool) -> None:
                           f"{cfg.model.backbone!r}, whose diffusion convention predicts {expected}: allowed {expected}")
     if resume and cfg.train.output_dir is None:
         raise ConfigError("train.output_dir=None is invalid with --resume: allowed the folder of the run to resume")
+    check_installed(cfg.train.report_to)
+    check_validation(cfg)
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision='fp16' is invalid without a CUDA device: allowed auto, no, bf16")
 
@@ -290,6 +302,8 @@ def _setup(cfg: Config, accelerator: Any, run_dir: Path, resume: bool) -> _Run:
         backbone.tap_layer = cfg.focus.tap_layer
     except ValueError as err:  # the block names depend on the model, so only the backbone can check them
         raise ConfigError(str(err)) from None
+    if cfg.train.validation:
+        check_prompts(backbone, cfg)
     backbone.add_lora(cfg.lora)
     if saved is not None:  # before prepare: FSDP shards the weights it wraps
         backbone.load_lora_state_dict({k: v.to(backbone.device) for k, v in saved["lora"].items()})
@@ -300,7 +314,7 @@ def _setup(cfg: Config, accelerator: Any, run_dir: Path, resume: bool) -> _Run:
     if cfg.train.compile:
         _compile_regions(module.net, cfg.train.compile_backend)
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
+    scheduler = make_scheduler(optimizer, cfg.train)
     module, optimizer = accelerator.prepare(module, optimizer)
     module.train()
     state = ckpt.TrainState(0, 0, 0, accelerator.num_processes)
@@ -314,7 +328,7 @@ def _setup(cfg: Config, accelerator: Any, run_dir: Path, resume: bool) -> _Run:
         ckpt.clean_stale(run_dir)
         cfg.save(run_dir / "config.yaml")
     accelerator.wait_for_everyone()
-    log = RunLog(run_dir, state.step, cfg.train.max_steps, enabled=accelerator.is_main_process)
+    log = RunLog(run_dir, state.step, cfg.train.max_steps, enabled=accelerator.is_main_process, cfg=cfg)
     return _Run(cfg, accelerator, run_dir, backbone, module, optimizer, scheduler, data, dataset, state, log,
                 params, last_saved=state.step if resume else -1, fingerprint=fingerprint)
 
@@ -364,22 +378,6 @@ def _compile_regions(net: nn.Module, backend: str) -> None:
         raise ConfigError(f"train.compile=True is invalid: {type(net).__name__} has no compile_repeated_blocks(); "
                           f"allowed false for this backbone")
     compile_blocks(backend=backend)
-
-
-def lr_factor(cfg: Config) -> Any:
-    """LR multiplier of optimizer step ``i`` (0-based): linear warm-up to 1, then constant, linear or cosine
-    decay to 0 at ``train.max_steps``."""
-    warm, total, kind = cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.schedule
-
-    def factor(i: int) -> float:
-        if i < warm:
-            return (i + 1) / (warm + 1)
-        if kind == "constant":
-            return 1.0
-        frac = min(1.0, (i - warm) / max(1, total - warm))
-        return 1.0 - frac if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
-
-    return factor
 
 
 # ------------------------------------------------------------------------------------------------- resume
@@ -499,6 +497,8 @@ def _loop(run: _Run, stop: threading.Event) -> None:
             raise TrainingInterrupted(run.run_dir, step)
         if cfg.train.val_every and step % cfg.train.val_every == 0 and step < cfg.train.max_steps:
             _validate(run)
+        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.max_steps:
+            _user_validation(run)
 
 
 def _sync_time(device: torch.device) -> float:
@@ -636,6 +636,20 @@ def _finish(run: _Run, stop: threading.Event) -> bool:
     return stopped
 
 
+def _write_card(run: _Run) -> None:
+    """The run's model card (``README.md``) with the DIP set's card kept beside it as ``dip.json`` (main process)."""
+    import shutil
+
+    from focusdpo.train.model_card import DATA_CARD_NAME, write_model_card
+
+    if run.accelerator.is_main_process:
+        data_card = run.dataset.shards[0].parent / "card.json"
+        if data_card.is_file():
+            shutil.copyfile(data_card, run.run_dir / DATA_CARD_NAME)
+        write_model_card(run.run_dir)
+    run.accelerator.wait_for_everyone()
+
+
 # ------------------------------------------------------------------------------------------------ validation
 
 
@@ -658,6 +672,26 @@ def _validate(run: _Run) -> None:
                         "`focusdpo focus-map` on the finished run")
     elif run.accelerator.is_main_process:
         _write_validation(run)
+    run.accelerator.wait_for_everyone()
+
+
+def _user_validation(run: _Run) -> None:
+    """``train.validation``: the user's prompts and references sampled into ``validation/step-N.png`` and the
+    tracker (:mod:`focusdpo.train.user_validation`), at the training records' sizes. Not under FSDP."""
+    cfg, step = run.cfg, run.state.step
+    if not cfg.train.validation:
+        return
+    if _is_fsdp(run.accelerator):
+        run.log.message("train.validation prompts are not sampled under FSDP (sharded weights): run `focusdpo "
+                        "sample --prompt ... --ref ...` on the finished run")
+    elif run.accelerator.is_main_process:
+        from focusdpo.train.user_validation import load_references, write_validation
+
+        item = run.dataset[0]
+        refs = load_references(cfg, tuple(item["references"][0].shape[-2:]))
+        grid = write_validation(run.backbone, cfg, refs, tuple(item["positive"].shape[-2:]),
+                                run.run_dir / "validation" / f"step-{step:08d}.png", run.accelerator.autocast)
+        run.log.image("validation/samples", grid, step)
     run.accelerator.wait_for_everyone()
 
 
