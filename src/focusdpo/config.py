@@ -138,6 +138,9 @@ class ModelConfig:
     latent_cache: str | None = _f(None, "flux: folder caching VAE latents by image content and T5/CLIP features by "
                                         "prompt (e.g. <dataset>/latents; fill it with `focusdpo cache-latents`); "
                                         "null: encode every time.")
+    quantization: str = _f("none", "Frozen base weights of the transformer blocks: none (model.dtype), int8 (torchao "
+                                   "weight-only), fp8 (torchao, CUDA compute capability >= 8.9 or CPU) or nf4 "
+                                   "(bitsandbytes 4-bit); LoRA stays in float32 on top (docs/performance.md).")
 
     def __post_init__(self) -> None:
         from focusdpo.backbones import backbone_names  # the registry: built-ins and registered ones
@@ -149,6 +152,7 @@ class ModelConfig:
         _check(self.num_single_layers >= 0, "model.num_single_layers", self.num_single_layers, ">= 0")
         if self.guidance is not None:
             _check(self.guidance >= 0, "model.guidance", self.guidance, ">= 0 or null")
+        _choice("model.quantization", self.quantization, ("none", "int8", "fp8", "nf4"))
 
 
 @dataclass

@@ -83,6 +83,12 @@ def backbone_names() -> tuple[str, ...]:
 
 def load_backbone(cfg: ModelConfig, device: torch.device | str | None = None) -> Backbone:
     """Build the backbone named by ``cfg.backbone`` with frozen base weights on ``device`` (default CPU)."""
+    from focusdpo.quantization import check_quantization, quantization_of, quantize_frozen
+
     if cfg.backbone not in _LOADERS:
         raise ValueError(f"model.backbone={cfg.backbone!r} is invalid: allowed {', '.join(_LOADERS)}")
-    return _LOADERS[cfg.backbone](cfg, device)
+    check_quantization(cfg.quantization, device)  # before any weight is read
+    backbone = _LOADERS[cfg.backbone](cfg, device)
+    if cfg.quantization != "none" and quantization_of(backbone.trainable()) == "none":
+        quantize_frozen(backbone.trainable(), cfg.quantization)  # a registered loader that does not quantise
+    return backbone

@@ -146,6 +146,9 @@ def check_config(cfg: Config, resume: bool) -> None:
         raise ConfigError("train.output_dir=None is invalid with --resume: allowed the folder of the run to resume")
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision='fp16' is invalid without a CUDA device: allowed auto, no, bf16")
+    from focusdpo.quantization import check_quantization
+
+    check_quantization(cfg.model.quantization, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def make_accelerator(cfg: Config) -> Any:
@@ -311,7 +314,12 @@ def _is_deepspeed(accelerator: Any) -> bool:
 
 def _check_strategy(cfg: Config, accelerator: Any) -> None:
     """DeepSpeed: refuse what it does not support before any work; give it the micro-batch size (our data
-    loader is not passed to ``prepare``)."""
+    loader is not passed to ``prepare``). A quantised base is refused under FSDP and DeepSpeed: they flatten and
+    shard the frozen weights, which torchao/bitsandbytes tensors do not support through accelerate here."""
+    if cfg.model.quantization != "none" and (_is_fsdp(accelerator) or _is_deepspeed(accelerator)):
+        raise ConfigError(f"model.quantization={cfg.model.quantization!r} is invalid under "
+                          f"{accelerator.distributed_type}: a quantised base is not sharded; allowed none, or train "
+                          f"the quantised base with DDP / one process (docs/distributed.md)")
     if not _is_deepspeed(accelerator):
         return
     if cfg.train.grad_accum > 1:
