@@ -272,6 +272,11 @@ class TrainConfig:
     keep_checkpoints: int = _f(0, "Keep only the N newest checkpoints (0: keep all).")
     deterministic: bool = _f(False, "torch.use_deterministic_algorithms: bit-exact resume on GPU at some speed "
                                     "cost (CUDA needs CUBLAS_WORKSPACE_CONFIG=:4096:8); CPU runs are exact anyway.")
+    optimizer: str = _f("adamw", "Optimizer of the LoRA: adamw (torch), adamw8bit (bitsandbytes 8-bit states, where "
+                                 "it runs on the device) or adafactor (factored second moment).")
+    memory: str = _f("fast", "Memory preset: fast (the fields decide), balanced (gradient checkpointing + latent/text "
+                             "cache) or low (also the text encoders and VAE offloaded to the CPU); a preset only turns "
+                             "savings on (`focusdpo config` prints each one; focusdpo.train.presets).")
 
     def __post_init__(self) -> None:
         from focusdpo.objectives import objective_names  # the registry: built-ins and registered ones
@@ -291,6 +296,8 @@ class TrainConfig:
         _check(self.val_every >= 0, "train.val_every", self.val_every, ">= 0")
         _check(self.val_records >= 1, "train.val_records", self.val_records, ">= 1")
         _check(self.keep_checkpoints >= 0, "train.keep_checkpoints", self.keep_checkpoints, ">= 0")
+        _choice("train.optimizer", self.optimizer, ("adamw", "adamw8bit", "adafactor"))
+        _choice("train.memory", self.memory, ("fast", "balanced", "low"))
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 ``metrics.csv`` has one row per logged optimizer step; the columns are fixed (:data:`COLUMNS`, ``step`` and
 ``loss`` first) so runs of different objectives line up; a metric an objective does not have is empty (NaN).
+``peak_mem_mib`` is the peak memory of the step's interval (CUDA allocated, or the CPU process's peak RSS; the
+run's ``memory.json`` says which, with the weight bytes by part: :mod:`focusdpo.train.memory`).
 On resume the file is cut back to the rows of steps the checkpoint covers and TensorBoard purges later events,
 so a run killed after its last checkpoint logs every step exactly once.
 """
@@ -21,7 +23,7 @@ import torch
 COLUMNS = (
     "step", "loss", "implicit_acc", "margin", "err_w", "err_l", "ref_err_w", "ref_err_l",
     "w_in_prior", "w_out_prior", "w_confused", "w_aligned", "a", "gate", "lr", "grad_norm",
-    "time_data", "time_forward", "time_backward", "time_optim", "steps_per_s",
+    "time_data", "time_forward", "time_backward", "time_optim", "steps_per_s", "peak_mem_mib",
 )
 
 

@@ -100,6 +100,7 @@ class _Run:
     params: list[nn.Parameter] = field(default_factory=list)
     last_saved: int = -1
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    peak: Any = None  # focusdpo.train.memory.PeakMemory: the peak of each step (metrics.csv peak_mem_mib)
 
 
 # --------------------------------------------------------------------------------------------- entry point
@@ -149,6 +150,9 @@ def check_config(cfg: Config, resume: bool) -> None:
     from focusdpo.quantization import check_quantization
 
     check_quantization(cfg.model.quantization, "cuda" if torch.cuda.is_available() else "cpu")
+    from focusdpo.train.optimizers import check_optimizer
+
+    check_optimizer(cfg.train.optimizer, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def make_accelerator(cfg: Config) -> Any:
@@ -260,8 +264,11 @@ def _setup(cfg: Config, accelerator: Any, run_dir: Path, resume: bool) -> _Run:
 
     from focusdpo.backbones import load_backbone
     from focusdpo.data.dataset import DipDataset, collate_dip
+    from focusdpo.train.optimizers import make_optimizer
+    from focusdpo.train.presets import effective_config
 
     _check_strategy(cfg, accelerator)
+    eff = effective_config(cfg)  # train.memory applied; config.yaml keeps the fields as given
     saved = _read_resume(cfg, accelerator, run_dir) if resume else None  # fail before any heavy work
     set_seed(cfg.train.seed)  # LoRA init and every global RNG; noise and data order have their own keys
     data_path = _data_path(cfg, accelerator)
@@ -270,7 +277,7 @@ def _setup(cfg: Config, accelerator: Any, run_dir: Path, resume: bool) -> _Run:
     data = ShardedBatches(dataset, collate_dip, dataset.keys, cfg.data.batch_size, accelerator.process_index,
                           accelerator.num_processes, cfg.train.seed, cfg.data.num_workers,
                           pin_memory=accelerator.device.type == "cuda")
-    backbone = load_backbone(cfg.model, device=accelerator.device)
+    backbone = load_backbone(eff.model, device=accelerator.device)
     try:
         backbone.tap_layer = cfg.focus.tap_layer
     except ValueError as err:  # the block names depend on the model, so only the backbone can check them
@@ -280,11 +287,11 @@ def _setup(cfg: Config, accelerator: Any, run_dir: Path, resume: bool) -> _Run:
         backbone.load_lora_state_dict({k: v.to(backbone.device) for k, v in saved["lora"].items()})
     module = PolicyModule(backbone)
     params = _lora_params(module)
-    if cfg.train.gradient_checkpointing:
+    if eff.train.gradient_checkpointing:
         _enable_gradient_checkpointing(module.net)
     if cfg.train.compile:
         _compile_regions(module.net, cfg.train.compile_backend)
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = make_optimizer(cfg.train.optimizer, params, cfg.train.lr, cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
     module, optimizer = accelerator.prepare(module, optimizer)
     module.train()
@@ -300,8 +307,23 @@ def _setup(cfg: Config, accelerator: Any, run_dir: Path, resume: bool) -> _Run:
         cfg.save(run_dir / "config.yaml")
     accelerator.wait_for_everyone()
     log = RunLog(run_dir, state.step, cfg.train.max_steps, enabled=accelerator.is_main_process)
-    return _Run(cfg, accelerator, run_dir, backbone, module, optimizer, scheduler, data, dataset, state, log,
-                params, last_saved=state.step if resume else -1, fingerprint=fingerprint)
+    run = _Run(cfg, accelerator, run_dir, backbone, module, optimizer, scheduler, data, dataset, state, log,
+               params, last_saved=state.step if resume else -1, fingerprint=fingerprint)
+    _report_memory(run)
+    return run
+
+
+def _report_memory(run: _Run) -> None:
+    """``memory.json`` in the run folder: weight bytes by part (at start; the optimizer state again after the first
+    step, when PyTorch optimizers have filled it) and what ``peak_mem_mib`` measures; a line in the log."""
+    from focusdpo.train.memory import PeakMemory, weight_bytes, write_memory_report
+
+    if run.peak is None:
+        run.peak = PeakMemory(run.accelerator.device)
+    parts = weight_bytes(run.backbone, run.optimizer)
+    if run.accelerator.is_main_process:
+        text = write_memory_report(run.run_dir, parts, run.peak.kind, run.state.step, run.cfg)
+        run.log.message(text)
 
 
 def _is_fsdp(accelerator: Any) -> bool:
@@ -482,6 +504,8 @@ def _loop(run: _Run, stop: threading.Event) -> None:
         run.state.step += 1
         step = run.state.step
         run.log.log(step, metrics, scalars=step % cfg.train.log_every == 0)
+        if step == 1:
+            _report_memory(run)  # the optimizer state exists now
         stop_now = _any_process(run.accelerator, stop.is_set())
         if stop_now or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
             _save(run)
@@ -531,7 +555,8 @@ def _optimizer_step(run: _Run, batches: Iterator[tuple[Position, Any]]) -> dict[
     run.optimizer.zero_grad(set_to_none=True)
     run.state.epoch, run.state.batch_in_epoch = position.epoch, position.batch
     times["time_optim"] = _sync_time(acc.device) - t4
-    return {**_reduce_metrics(acc, outs), "lr": lr, "grad_norm": grad_norm, **times}
+    return {**_reduce_metrics(acc, outs), "lr": lr, "grad_norm": grad_norm, **times,
+            "peak_mem_mib": run.peak.read() if run.peak is not None else math.nan}
 
 
 def _forward(run: _Run, batch: Any, noise: NoiseKey, step: int) -> StepOutput:
