@@ -143,11 +143,15 @@ def is_quantized_layer(layer: nn.Module) -> bool:
 
 def tensor_nbytes(t: torch.Tensor) -> int:
     """Bytes ``t`` holds in memory: a quantised weight counts its packed data and its scales (torchao inner
-    tensors; bitsandbytes absmax and code), a plain tensor ``numel * element_size``."""
+    tensors; bitsandbytes absmax and code), a sharded DTensor (FSDP2) its local shard, a plain tensor
+    ``numel * element_size``."""
+    local = getattr(t, "_local_tensor", None)
+    if isinstance(local, torch.Tensor):
+        return tensor_nbytes(local)
     flatten = getattr(t, "__tensor_flatten__", None)
     if flatten is not None and type(t) is not nn.Parameter and type(t) is not torch.Tensor:
         names, _ = flatten()
-        return sum(tensor_nbytes(getattr(t, n)) for n in names)
+        return sum(tensor_nbytes(getattr(t, n)) for n in names if isinstance(getattr(t, n), torch.Tensor))
     state = getattr(t, "quant_state", None)
     extra = 0
     if state is not None:

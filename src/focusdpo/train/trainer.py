@@ -167,6 +167,8 @@ def make_accelerator(cfg: Config) -> Any:
     use_cpu = not torch.cuda.is_available() or _env_flag("ACCELERATE_USE_CPU")
     _forget_single_process_state()
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=mp, gradient_accumulation_steps=1)
+    if use_cpu and accelerator.num_processes > 1 and _env_flag("ACCELERATE_USE_FSDP"):
+        _fsdp_on_cpu_processes(accelerator)
     if use_cpu and accelerator.num_processes == 1 and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
         # `accelerate launch --cpu --num_processes N` without an MPI hostfile starts ONE process (accelerate 1.x)
         warnings.warn("accelerate launch --cpu started a single process: several CPU processes need "
@@ -174,6 +176,21 @@ def make_accelerator(cfg: Config) -> Any:
                       "ACCELERATE_USE_CPU=1 forces the CPU) or --mpirun_hostfile; see docs/distributed.md",
                       stacklevel=2)
     return accelerator
+
+
+def _fsdp_on_cpu_processes(accelerator: Any) -> None:
+    """Run an FSDP launch on CPU processes (gloo) as FSDP: accelerate keeps CPU processes as plain ``MULTI_CPU`` and
+    drops the FSDP plugin of the launch config, so the plugin is put back here (the tests run FSDP2 this way;
+    ``FOCUSDPO_FSDP_ON_CPU=0`` keeps accelerate's choice). See docs/distributed.md."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if os.environ.get("FOCUSDPO_FSDP_ON_CPU", "1").strip() == "0":
+        return
+    state = accelerator.state
+    state.fsdp_plugin = FullyShardedDataParallelPlugin()  # read from the launch's ACCELERATE_FSDP_* variables
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # AcceleratorState() copies it back
 
 
 def _forget_single_process_state() -> None:
