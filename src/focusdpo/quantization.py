@@ -67,7 +67,7 @@ def quantized_linears(module: nn.Module) -> list[tuple[str, nn.Module]]:
     inside: set[str] = set()
     for name, child in module.named_modules():
         if isinstance(child, nn.ModuleList):
-            inside.update(f"{name}.{n}" for n, _ in child.named_modules() if n)
+            inside.update(f"{name}.{n}" if name else n for n, _ in child.named_modules() if n)
     return [(n, m) for n, m in module.named_modules() if n in inside and type(m) is nn.Linear]
 
 
