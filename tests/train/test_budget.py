@@ -155,3 +155,18 @@ def test_peak_memory_sees_a_large_allocation_and_resets() -> None:
     assert during >= before + 60
     if peak.kind == "cpu_rss":  # resettable: the next interval no longer holds the freed block
         assert after < during - 30
+
+
+def test_budget_reads_a_local_flux2_folder(tmp_path) -> None:
+    """FLUX.2's transformer, Qwen3 text encoder and VAE from their config.json: the bytes of the loaded model."""
+    from flux2_tiny import write_tiny_flux2_folder
+
+    folder = write_tiny_flux2_folder(tmp_path / "flux2", seed=0)
+    over = ["model.backbone=flux2", f"model.checkpoint={folder}", "model.patch=16", "model.max_text_tokens=64",
+            "model.quantization=int8", "lora.targets=[to_q,to_k,to_v,to_qkv_mlp_proj]"]
+    budget = estimate_budget(load_config(None, over), size=32)
+    bb = load_backbone(ModelConfig(backbone="flux2", checkpoint=str(folder), patch=16, max_text_tokens=64,
+                                   quantization="int8"))
+    measured = weight_bytes(bb)
+    assert _part(budget, "frozen transformer") == measured["frozen_base"]
+    assert _part(budget, "text encoders + VAE") == measured["encoders"] > 0

@@ -211,3 +211,22 @@ def test_lora_trained_on_an_int8_base_exports_and_loads_in_diffusers(tmp_path) -
 def test_config_default_and_round_trip() -> None:
     cfg = load_config(None, ["model.quantization=int8"])
     assert cfg.model.quantization == "int8" and load_config(None).model.quantization == "none"
+
+
+def test_flux2_loader_quantises_its_blocks_and_lora_wraps_them(tmp_path) -> None:
+    from flux2_tiny import write_tiny_flux2_folder
+
+    folder = str(write_tiny_flux2_folder(tmp_path / "flux2", seed=0))
+    bb = load_backbone(ModelConfig(backbone="flux2", checkpoint=folder, patch=16, max_text_tokens=64,
+                                   quantization="int8"))
+    assert quantization_of(bb.trainable()) == "int8"
+    assert not any(p.requires_grad for p in bb.trainable().parameters())
+    n = bb.add_lora(LoraConfig(rank=4, alpha=4.0, targets=["to_q", "to_k", "to_v", "to_qkv_mlp_proj"]))
+    assert n > 0 and is_quantized_layer(bb.trainable().single_transformer_blocks[0].attn.to_qkv_mlp_proj)
+
+
+def test_pretrain_refuses_a_quantised_base(tmp_path) -> None:
+    from focusdpo.train.pretrain import pretrain
+
+    with pytest.raises(ValueError, match="model.quantization='int8' is invalid for pretrain"):
+        pretrain(load_config(None, ["model.quantization=int8"]), tmp_path / "out")
