@@ -230,3 +230,24 @@ def test_pretrain_refuses_a_quantised_base(tmp_path) -> None:
 
     with pytest.raises(ValueError, match="model.quantization='int8' is invalid for pretrain"):
         pretrain(load_config(None, ["model.quantization=int8"]), tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_int8_base_under_ddp_two_processes_matches_one_process(tiny_env, tmp_path) -> None:
+    """2 CPU processes (gloo, DDP) x 1 pair on an int8 base == 1 process x 2 pairs, within 1e-4 (DDP is told to
+    leave the frozen quantised weights alone: its start-up broadcast does not support torchao tensors)."""
+    from test_runs_slow import _env, _free_port, _run, _train
+    from train_fixtures import tiny_overrides
+
+    env = _env(tmp_path)
+    one, two = tmp_path / "one", tmp_path / "two"
+    same = ("model.quantization=int8", "train.max_steps=3")
+    _run(_train(tiny_env, tmp_path, "data.batch_size=2", f"train.output_dir={one}", *same), env)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(_free_port()), "-m", "focusdpo", "train", *tiny_overrides(*tiny_env),
+              "data.batch_size=1", f"train.output_dir={two}", *same]
+    _run(launch, {**env, "ACCELERATE_USE_CPU": "1"})
+    for ra, rb in zip(read_metrics(one), read_metrics(two), strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4, abs=1e-6)
+        assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-4)

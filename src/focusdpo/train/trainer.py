@@ -309,6 +309,8 @@ def _setup(cfg: Config, accelerator: Any, run_dir: Path, resume: bool) -> _Run:
     if cfg.train.compile:
         _compile_regions(module.net, cfg.train.compile_backend)
     optimizer = make_optimizer(cfg.train.optimizer, params, cfg.train.lr, cfg.train.weight_decay)
+    if cfg.model.quantization != "none":
+        _ddp_skip_frozen(module)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
     module, optimizer = accelerator.prepare(module, optimizer)
     module.train()
@@ -375,6 +377,14 @@ def _lora_params(module: PolicyModule) -> list[nn.Parameter]:
         raise TrainingError(f"the backbone must train LoRA adapters only, found trainable {other[:3] or 'nothing'}: "
                             f"check lora.targets")
     return [p for _, p in named]
+
+
+def _ddp_skip_frozen(module: nn.Module) -> None:
+    """DDP broadcasts every parameter and buffer from rank 0 when it wraps a module, which torchao/bitsandbytes
+    tensors do not support; the frozen base is loaded identically by every process, so DDP is told to leave it
+    alone (only the LoRA adapters are synchronised and all-reduced). No effect without DDP."""
+    frozen = [n for n, p in module.named_parameters() if not p.requires_grad] + [n for n, _ in module.named_buffers()]
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
 
 
 def _enable_gradient_checkpointing(net: nn.Module) -> None:
