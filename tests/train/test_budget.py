@@ -170,3 +170,11 @@ def test_budget_reads_a_local_flux2_folder(tmp_path) -> None:
     measured = weight_bytes(bb)
     assert _part(budget, "frozen transformer") == measured["frozen_base"]
     assert _part(budget, "text encoders + VAE") == measured["encoders"] > 0
+
+
+def test_dry_run_of_the_toy_config_prints_mib_and_trains_nothing(tmp_path) -> None:
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--dry-run", f"train.output_dir={out}"])
+    assert result.exit_code == 0, result.output
+    assert "| part | MiB | MB |" in result.output and "8 pair(s) per step" in result.output
+    assert not out.exists()

@@ -86,15 +86,17 @@ class Budget:
         return self.subtotal * (1 + MARGIN)
 
     def table(self) -> str:
-        """A markdown table (GiB and GB) with the total, the shape it was computed for and the notes."""
+        """A markdown table (GiB and GB; MiB and MB below 1 GiB) with the total, the shape and the notes."""
         s = self.shape
+        big = self.total >= GIB
+        (b2, n2), (b10, n10) = ((GIB, "GiB"), (GB, "GB")) if big else ((2**20, "MiB"), (1e6, "MB"))
         lines = [f"estimated training memory per device: {s['size']} px target, K={s['refs']} reference(s) of "
                  f"{s['ref_size']} px, {s['text_tokens']} text tokens, {s['pairs']} pair(s) per step "
                  f"(L = {s['tokens']} tokens, width {s['width']}, {s['blocks']} blocks)", "",
-                 "| part | GiB | GB |", "|---|---|---|"]
+                 f"| part | {n2} | {n10} |", "|---|---|---|"]
         rows = list(self.parts.items()) + [(f"margin {MARGIN:.0%} (allocator)", self.subtotal * MARGIN),
                                            ("**total**", self.total)]
-        lines += [f"| {k} | {v / GIB:.2f} | {v / GB:.2f} |" for k, v in rows]
+        lines += [f"| {k} | {v / b2:.2f} | {v / b10:.2f} |" for k, v in rows]
         return "\n".join(lines + [""] + [f"- {n}" for n in self.notes])
 
 
