@@ -32,7 +32,7 @@ Presets:
   the Qwen3-4B features (7680 wide, no pooled vector); the FLUX.2 VAE architecture at random weights. LoRA r16
   on the targets of ``configs/flux2-klein.yaml`` (double-stream attention + single-stream ``to_qkv_mlp_proj``).
 
-Both presets put the VAE behind :class:`focusdpo.backbones.vae.LatentCache` (``model.latent_cache``, the
+Both presets put the VAE behind :class:`focusdpo.backbones.vae.LatentCache` (``model.flux.latent_cache``, the
 recommended setting): after warm-up every image is a cache hit, so the step times measure the transformer,
 the focus and the optimizer. ``--no-latent-cache`` times the VAE encode inside every step instead.
 
@@ -144,7 +144,7 @@ def build_backbone(preset: str, tmp: Path, latent_cache: bool, p: Preset, layers
         from flux_tiny import write_tiny_flux_folder
 
         folder = write_tiny_flux_folder(tmp / "flux-tiny", seed=0)
-        cfg = ModelConfig(backbone="flux", checkpoint=str(folder), guidance=4.0, patch=16,
+        cfg = ModelConfig.of(backbone="flux", checkpoint=str(folder), guidance=4.0, patch=16,
                           max_text_tokens=p.text_tokens, latent_cache=str(tmp / "latents") if latent_cache else None)
         bb = load_backbone(cfg, device=p.device)
     else:

@@ -76,3 +76,28 @@ def test_checker_catches_a_planted_import() -> None:
     assert violations("from focusdpo import train\n", "focusdpo.eval.methods")
     assert not violations("from focusdpo.lora import load_lora\n", "focusdpo.backbones.flux")
     assert not violations(source, "focusdpo.cli")
+
+
+# Outside ``backbones/`` no code compares against or picks by a backbone's name (the registry does). Allowed: the
+# config's default value, and pretraining, which builds the tiny base and nothing else.
+BACKBONE_NAMES = {"flux-tiny", "flux", "flux2"}
+NAMES_ALLOWED = {"focusdpo/config.py": {"flux-tiny"}, "focusdpo/train/pretrain.py": {"flux-tiny"}}
+
+
+def named_backbones(source: str) -> list[tuple[int, str]]:
+    """``(line, name)`` of every string constant that is exactly a built-in backbone name (docstrings and messages
+    mention names inside longer text, which is fine)."""
+    return [(node.lineno, node.value) for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in BACKBONE_NAMES]
+
+
+def test_nothing_outside_backbones_names_a_backbone() -> None:
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = str(path.relative_to(SRC.parent))
+        if rel.startswith("focusdpo/backbones/"):
+            continue
+        allowed = NAMES_ALLOWED.get(rel, set())
+        found += [f"{rel}:{line}: {name!r}" for line, name in named_backbones(path.read_text()) if name not in allowed]
+    assert not found, "backbone names outside backbones/ (use the registry):\n" + "\n".join(found)
+    assert named_backbones('if cfg.model.backbone == "flux2":\n    pass\n') == [(1, "flux2")]

@@ -53,7 +53,7 @@ def test_euler_with_the_exact_velocity_lands_on_the_data():
 
 def _backbone():
     torch.manual_seed(0)
-    return build_tiny(ModelConfig(**TINY), VOCAB)
+    return build_tiny(ModelConfig.of(**TINY), VOCAB)
 
 
 def test_generate_is_deterministic_for_a_seed_and_varies_across_seeds():
@@ -99,7 +99,7 @@ def test_cli_sample_writes_a_grid_of_references_samples_and_truth(tmp_path):
     from focusdpo.config import WorldConfig
     from focusdpo.world import World
 
-    cfg = ModelConfig(**{**TINY, "max_text_tokens": 20})
+    cfg = ModelConfig.of(**{**TINY, "max_text_tokens": 20})
     torch.manual_seed(0)
     save_tiny(build_tiny(cfg, World(WorldConfig()).vocabulary()), tmp_path / "model.safetensors", cfg)
     overrides = [f"model.{k}={v}" for k, v in TINY.items() if k != "max_text_tokens"]
@@ -119,7 +119,7 @@ def test_cli_sample_with_own_prompt_and_reference_files(tmp_path):
     from focusdpo.backbones.flux import save_tiny
     from focusdpo.cli import app
 
-    cfg = ModelConfig(**TINY)
+    cfg = ModelConfig.of(**TINY)
     torch.manual_seed(0)
     save_tiny(build_tiny(cfg, VOCAB), tmp_path / "model.safetensors", cfg)
     for name, colour in (("a.png", (255, 0, 0)), ("b.png", (0, 0, 255))):

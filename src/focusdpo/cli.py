@@ -30,12 +30,26 @@ _DEBUG = {"on": False}
 
 @app.callback()
 def _root(ctx: typer.Context,
-          debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error.")) -> None:
+          debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error."),
+          plugin: list[str] | None = typer.Option(
+              None, "--plugin", help="Import MODULE first: a plug-in that registers objectives or backbones "
+                                     "(repeatable; also FOCUSDPO_PLUGINS and the focusdpo.plugins entry points).")
+          ) -> None:
     """FocusDPO: preference post-training for multi-subject personalized image generators."""
     from focusdpo.cli_errors import guard
 
     _DEBUG["on"] = debug
     guard(ctx.command, debug)
+    if plugin:
+        from focusdpo.plugins import PluginError, add_plugins
+
+        try:
+            add_plugins(list(plugin))
+        except PluginError as e:
+            if debug:
+                raise
+            typer.secho(f"--plugin: {e}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from e
 
 
 def _load(config: Path | None, overrides: list[str] | None):
@@ -57,6 +71,28 @@ def config_cmd(config: Path | None = ConfigOpt, overrides: list[str] | None = Ov
 
     cfg = _load(config, overrides)
     typer.echo(cfg.to_yaml() + describe_presets(cfg), nl=False)
+
+
+@app.command("registry")
+def registry_cmd() -> None:
+    """List the registered backbones (with their config section) and objectives, plug-ins included."""
+    import dataclasses
+
+    from focusdpo.backbones import backbone_names, backbone_spec
+    from focusdpo.objectives import get_objective, objective_names
+
+    typer.echo("backbones (model.backbone; its section model.<name>):")
+    for name in backbone_names():
+        spec = backbone_spec(name)
+        fields = ", ".join(f.name for f in dataclasses.fields(spec.options)) or "(no fields)"
+        typer.echo(f"  {name:<10} {spec.summary or spec.loader.__module__}; predicts {spec.prediction}; "
+                   f"model.{name}: {fields}")
+    typer.echo("objectives (train.objective):")
+    for name in objective_names():
+        o = get_objective(name)
+        needs = [w for w, on in (("reference", o.needs_reference), ("negative", o.needs_negative),
+                                 ("focus", o.uses_focus)) if on]
+        typer.echo(f"  {name:<10} {o.summary}" + (f" (uses {', '.join(needs)})" if needs else ""))
 
 
 @app.command("world")
@@ -500,6 +536,8 @@ def cache_latents_cmd(
     overrides: list[str] | None = OverridesArg,
 ) -> None:
     """Encode a DIP set's images (VAE) and prompts (T5 + CLIP) into model.latent_cache, ahead of training."""
+    from focusdpo.train.presets import effective_config
+
     cfg = _load(config, overrides)
     try:
         counts = cache_latents_command(cfg, device, batch_size)
@@ -507,7 +545,7 @@ def cache_latents_cmd(
         _fail("cache-latents", e)
     (img_hits, img_new), (txt_hits, txt_new) = counts["images"], counts["prompts"]
     typer.echo(f"encoded {img_new} image(s) and {txt_new} prompt(s); {img_hits} image(s) and {txt_hits} prompt(s) "
-               f"were already cached in {cfg.model.latent_cache}")
+               f"were already cached in {effective_config(cfg).model.options.latent_cache}")
 
 
 # --- the main job: demo, compare (lead) ----------------------------------------------------------------------

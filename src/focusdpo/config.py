@@ -114,45 +114,119 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The backbone (DESIGN sections 3-5)."""
+    """The backbone (DESIGN sections 3-5): fields every backbone reads, plus the chosen backbone's own section.
 
-    backbone: str = _f("flux-tiny", "Backbone: flux-tiny (built-in, CPU), flux (diffusers FLUX.1, UNO-style) or flux2 "
-                                   "(diffusers FLUX.2 [klein], native multi-reference).")
+    In YAML the section sits under the backbone's name (``model.flux-tiny.num_layers``, ``model.flux.guidance``);
+    in Python it is ``options`` (the dataclass the backbone registered, :mod:`focusdpo.backbones.options`).
+    ``ModelConfig.of(backbone="flux", guidance=4.0, ...)`` sorts keyword fields into the two. A section of
+    another backbone, or a field of one, is refused with the owner named, unless it only repeats that
+    backbone's defaults (as configs written before the split do: their flat fields are moved with a warning).
+    """
+
+    backbone: str = _f("flux-tiny", "Backbone: a registered name (`focusdpo registry`): flux-tiny (built-in, "
+                                   "CPU), flux (diffusers FLUX.1, UNO-style) or flux2 (diffusers FLUX.2 [klein]).")
     checkpoint: str | None = _f(None, "Base weights. flux-tiny: None = the base shipped with the package, or "
-                                      "a folder written by `focusdpo pretrain`. flux: a local diffusers "
+                                      "a folder written by `focusdpo pretrain`. flux, flux2: a local diffusers "
                                       "folder or hub id.")
-    patch: int = _f(4, "flux-tiny: pixels per token side (pixel codec patch size); 4 on 32 px scenes = 64 "
-                       "target tokens + 16 per 16 px reference.")
-    num_layers: int = _f(3, "flux-tiny: double-stream blocks.")
-    num_single_layers: int = _f(4, "flux-tiny: single-stream blocks.")
-    num_heads: int = _f(4, "flux-tiny: attention heads.")
-    head_dim: int = _f(32, "flux-tiny: dimension per head.")
-    text_dim: int = _f(64, "flux-tiny: text-encoder width.")
-    max_text_tokens: int = _f(20, "flux-tiny: words per prompt (padded; a longer prompt is an error).")
+    patch: int = _f(4, "Pixels per token side (DIP builds compute M_d at it): flux-tiny's pixel codec patch (4 on 32 "
+                       "px scenes = 64 target tokens + 16 per 16 px reference); the VAE token size (16) for flux, "
+                       "flux2.")
+    max_text_tokens: int = _f(20, "Text tokens per prompt (padded; a longer prompt is an error): words for flux-tiny, "
+                                  "T5 tokens for flux, Qwen3 tokens for flux2.")
     dtype: str = _f("float32", "Weight dtype of the frozen base: float32, bfloat16 or float16.")
-    lora_import: str | None = _f(None, "flux: a UNO-style LoRA (safetensors) merged into the base on load.")
-    guidance: float | None = _f(None, "flux: guidance-embedding value of guidance-distilled FLUX.1-dev (UNO: 4.0); "
-                                      "null for models without one (FLUX.1-schnell, flux-tiny).")
-    offload_encoders: bool = _f(False, "flux: keep the frozen VAE and T5/CLIP on the CPU, moved to the device only "
-                                       "while they encode (saves accelerator memory, costs transfers).")
-    latent_cache: str | None = _f(None, "flux: folder caching VAE latents by image content and T5/CLIP features by "
-                                        "prompt (e.g. <dataset>/latents; fill it with `focusdpo cache-latents`); "
-                                        "null: encode every time.")
-    quantization: str = _f("none", "Frozen base weights of the transformer blocks: none (model.dtype), int8 (torchao "
-                                   "weight-only), fp8 (torchao, CUDA compute capability >= 8.9 or CPU) or nf4 "
-                                   "(bitsandbytes 4-bit); LoRA stays in float32 on top (docs/performance.md).")
+    options: Any = _f(None, "The chosen backbone's own section, written model.<backbone>.<field> (None: its "
+                            "defaults).")
+    quantization: str = _f("none", "Frozen base weights of the transformer blocks (every backbone): none "
+                                   "(model.dtype), int8 (torchao weight-only), fp8 (torchao; CUDA compute capability "
+                                   ">= 8.9, or the CPU) or nf4 (bitsandbytes 4-bit, CUDA); LoRA stays float32 on top "
+                                   "(docs/performance.md).")
 
     def __post_init__(self) -> None:
-        from focusdpo.backbones import backbone_names  # the registry: built-ins and registered ones
+        from focusdpo.backbones import backbone_names, backbone_spec  # the registry: built-ins and registered ones
 
         _choice("model.backbone", self.backbone, backbone_names())
         _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        for name in ("patch", "num_layers", "num_heads", "head_dim", "text_dim", "max_text_tokens"):
+        for name in ("patch", "max_text_tokens"):
             _check(getattr(self, name) >= 1, f"model.{name}", getattr(self, name), ">= 1")
-        _check(self.num_single_layers >= 0, "model.num_single_layers", self.num_single_layers, ">= 0")
-        if self.guidance is not None:
-            _check(self.guidance >= 0, "model.guidance", self.guidance, ">= 0 or null")
         _choice("model.quantization", self.quantization, ("none", "int8", "fp8", "nf4"))
+        cls = backbone_spec(self.backbone).options
+        if self.options is None:
+            self.options = cls()
+        elif isinstance(self.options, dict):
+            self.options = _build(cls, self.options, f"model.{self.backbone}.")
+        elif type(self.options) is not cls:
+            raise ConfigError(f"model.{self.backbone}={self.options!r} is invalid: expected the section of backbone "
+                              f"{self.backbone} ({cls.__name__})")
+
+    @classmethod
+    def of(cls, **fields: Any) -> ModelConfig:
+        """A ModelConfig from flat keyword fields: the shared ones and the chosen backbone's section fields (a field
+        of another backbone raises :class:`ConfigError` naming its owner)."""
+        return _model_from_dict(fields, "model.", warn_moved=False)
+
+    def section_dict(self) -> dict[str, Any]:
+        """``{field: value}`` of the chosen backbone's section."""
+        return dataclasses.asdict(self.options)
+
+
+def _model_from_dict(data: dict[str, Any], prefix: str, warn_moved: bool = True) -> ModelConfig:
+    """``model:`` mapping -> :class:`ModelConfig`: shared fields, the section named by ``backbone``; flat fields of
+    the chosen backbone (configs written before the per-backbone sections) are moved into it with a warning."""
+    import warnings
+
+    from focusdpo.backbones import backbone_names, backbone_spec
+
+    data = dict(data)
+    backbone = data.get("backbone", ModelConfig.backbone)
+    names = backbone_names()
+    _choice(prefix + "backbone", backbone, names)
+    shared = {f.name for f in dataclasses.fields(ModelConfig)} - {"options"}
+    own = backbone_spec(backbone).options
+    section = data.pop(backbone, None)
+    section = {} if section is None else section
+    if not isinstance(section, dict):
+        raise ConfigError(f"{prefix}{backbone}={section!r} is invalid: expected a mapping (the section of backbone "
+                          f"{backbone})")
+    section = dict(section)
+    sections = {n: backbone_spec(n).options for n in names}
+    for other in [k for k in data if k in sections]:  # another backbone's section: only its defaults may stay
+        value = data.pop(other)
+        defaults = dataclasses.asdict(sections[other]())
+        if not isinstance(value, dict) or any(k not in defaults or defaults[k] != v for k, v in value.items()):
+            raise ConfigError(f"{prefix}{other}={value!r} is the section of backbone {other}, but "
+                              f"{prefix}backbone={backbone!r}: remove it or set {prefix}backbone={other}")
+    own_fields = {f.name for f in dataclasses.fields(own)}
+    moved = []
+    for key in [k for k in data if k not in shared]:
+        if key in own_fields:
+            if key in section:
+                raise ConfigError(f"{prefix}{key} and {prefix}{backbone}.{key} are both set: keep "
+                                  f"{prefix}{backbone}.{key}")
+            section[key] = data.pop(key)
+            moved.append(key)
+            continue
+        owners = [n for n in names if key in {f.name for f in dataclasses.fields(sections[n])}]
+        if owners:
+            if getattr(sections[owners[0]](), key) == data[key]:  # an old flat dump repeats every default
+                data.pop(key)
+                continue
+            raise ConfigError(f"{prefix}{key}={data[key]!r} belongs to backbone {' / '.join(owners)} "
+                              f"({prefix}{owners[0]}.{key}), but {prefix}backbone={backbone!r}: remove it or set "
+                              f"{prefix}backbone={owners[0]}")
+    if moved and warn_moved:
+        new = ", ".join(f"{prefix}{backbone}.{k}" for k in moved)
+        warnings.warn(f"{', '.join(prefix + k for k in moved)}: flat fields of backbone {backbone} (a config written "
+                      f"before the per-backbone sections); read as {new}: move them there", FutureWarning, stacklevel=3)
+    unknown = sorted(set(data) - shared)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}: allowed under "
+                          f"{prefix.rstrip('.')}: {', '.join(sorted(shared))} and the section {backbone}: "
+                          f"{', '.join(sorted(own_fields)) or '(no fields)'}")
+    hints = typing.get_type_hints(ModelConfig)
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _coerce(hints[key], value, prefix + key)
+    return ModelConfig(**kwargs, options=_build(own, section, f"{prefix}{backbone}."))
 
 
 @dataclass
@@ -174,7 +248,6 @@ class FocusConfig:
     log_alignment: bool = _f(False, "Compute and log SPAF's alignment a for objectives that do not use the focus "
                                     "(sft, dpo, patchdpo); off, the policy forward runs without the tap.")
     rho: float = _f(1.0, "Top-k size factor: k_k = ceil(rho * |P_k|).")
-    top_k: int = _f(16, "Top-k size when the subject region P_k is unknown.")
     alpha_s: float = _f(2.0, "Weight added on confused/unmatched subject tokens M_s.")
     alpha_a: float = _f(0.5, "Weight removed on aligned tokens A.")
     alpha_d: float = _f(1.0, "Weight of the detail term M_d.")
@@ -191,7 +264,6 @@ class FocusConfig:
 
     def __post_init__(self) -> None:
         _check(self.rho > 0, "focus.rho", self.rho, "> 0")
-        _check(self.top_k >= 1, "focus.top_k", self.top_k, ">= 1")
         _check(0 <= self.tau <= 1, "focus.tau", self.tau, "in [0, 1]")
         _check(0 <= self.w_min < 1, "focus.w_min", self.w_min, "in [0, 1) (W has mean 1)")
         _check(self.sigma >= 0, "focus.sigma", self.sigma, ">= 0")
@@ -379,7 +451,12 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Nested plain values, the model's backbone section under ``model.<backbone>`` (the YAML layout)."""
+        out = dataclasses.asdict(self)
+        model = {k: v for k, v in out["model"].items() if k != "options"}
+        model[self.model.backbone] = self.model.section_dict()
+        out["model"] = model
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -445,9 +522,28 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
     raise ConfigError(f"{name}={value!r} is invalid: expected {getattr(tp, '__name__', tp)}")
 
 
+# Fields that were removed: dotted name -> (the value every older config carries, why). Configs written before the
+# removal (run folders) still load: the field is dropped, silently at that value, with a warning at another.
+RETIRED = {"focus.top_k": (16, "it was never read (SPAF sizes each subject's top-k from its region P_k)")}
+
+
+def _drop_retired(data: dict[str, Any], prefix: str) -> dict[str, Any]:
+    import warnings
+
+    kept = dict(data)
+    for key in list(kept):
+        if prefix + key in RETIRED:
+            value, why = RETIRED[prefix + key]
+            if kept.pop(key) != value:
+                warnings.warn(f"{prefix}{key} is no longer a config field ({why}): it is ignored; remove it",
+                              FutureWarning, stacklevel=4)
+    return kept
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}={data!r} is invalid: expected a mapping")
+    data = _drop_retired(data, prefix)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -457,7 +553,11 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
+        if tp is ModelConfig:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{key}={value!r} is invalid: expected a mapping")
+            kwargs[key] = _model_from_dict(value, f"{prefix}{key}.")
+        elif dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(tp, value, prefix + key)

@@ -4,7 +4,8 @@ An objective says what the step must compute for it (the reference model's error
 focus weights) and carries its loss. Config validation (``train.objective``), the training step,
 ``focusdpo.losses.objective_loss`` and ``focusdpo compare``'s variants read this registry, so a new objective is
 one module that calls :func:`register_objective` (plus its tests), and nothing else changes. The module must be
-imported before a config naming it is validated (library use; the CLI has no plugin hook yet). The four built-ins
+imported before a config naming it is validated: import it yourself (library use), or list it as a plug-in
+(:mod:`focusdpo.plugins`: an entry point, ``FOCUSDPO_PLUGINS`` or the CLI's ``--plugin MODULE``). The four built-ins
 (``sft``, ``dpo``, ``patchdpo``, ``focusdpo``) are registered by :mod:`focusdpo.losses`, which holds their math.
 
 The loss signature, shared by every objective::
@@ -70,6 +71,9 @@ def register_objective(objective: Objective, replace: bool = False) -> Objective
 
 def _ensure_builtins() -> None:
     import focusdpo.losses  # noqa: F401  (registers sft, dpo, patchdpo, focusdpo)
+    from focusdpo.plugins import load_plugins
+
+    load_plugins()
 
 
 def objective_names() -> tuple[str, ...]:

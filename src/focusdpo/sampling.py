@@ -1,14 +1,15 @@
-"""Flow-matching Euler sampler (FLUX convention) and the batched ``generate`` that eval and the demo call.
+"""The sampler loop and the batched ``generate`` that eval and the demo call.
 
-``sample`` is the pure loop (k-diffusion style): ``model_fn(x, t, **cond) -> velocity`` with
-``x_t = (1 - s) x_0 + s eps`` and velocity ``eps - x_0``, integrated from ``s = 1`` (noise) to ``s = 0``.
-The schedule is FLUX's: uniform in ``s``, then shifted towards noise by ``mu`` that grows linearly with the
-number of image tokens (0.5 at 256 tokens, 1.15 at 4096): ``s' = e^mu / (e^mu + 1/s - 1)``.
+``sample`` is the pure loop (k-diffusion style): ``model_fn(x, t, **cond) -> prediction``, integrated over a
+schedule with the backbone's update (:mod:`focusdpo.backbones.diffusion`). With FLUX's flow matching (every
+built-in backbone): ``x_t = (1 - s) x_0 + s eps`` and velocity ``eps - x_0``, Euler from ``s = 1`` (noise) to
+``s = 0``; the schedule is uniform in ``s``, then shifted towards noise by ``mu`` that grows linearly with the
+number of image tokens (0.5 at 256 tokens, 1.15 at 4096): ``s' = e^mu / (e^mu + 1/s - 1)``. ``shift_mu``,
+``time_shift``, ``draw_noise`` and ``flux_sigmas`` are that convention's functions, kept importable from here.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,54 +17,38 @@ import numpy as np
 import torch
 
 from focusdpo.backbones.base import Backbone, TextCond, Tokens
+from focusdpo.backbones.diffusion import FLOW, Diffusion, diffusion_of, noise_from_seed, shift_mu, time_shift
 from focusdpo.config import LossConfig, SampleConfig
+
+__all__ = ["backbone_model_fn", "doubled_guidance_fn", "draw_noise", "flux_sigmas", "generate", "initial_noise",
+           "sample", "sample_grid", "shift_mu", "time_shift"]
 
 ModelFn = Callable[..., torch.Tensor]
 
 
-def shift_mu(n_tokens: int, base: float = 0.5, top: float = 1.15, lo: int = 256, hi: int = 4096) -> float:
-    """FLUX's resolution-dependent shift ``mu``: linear in the image token count through (lo, base), (hi, top)."""
-    return base + (top - base) * (n_tokens - lo) / (hi - lo)
-
-
-def time_shift(sigma: torch.Tensor, mu: float) -> torch.Tensor:
-    """``e^mu / (e^mu + 1/s - 1)`` elementwise; maps 0 -> 0 and 1 -> 1, pushes mid values towards 1 for mu > 0."""
-    s = sigma.clamp(0.0, 1.0)
-    out = math.exp(mu) / (math.exp(mu) + (1.0 / s.clamp_min(1e-12) - 1.0))
-    return torch.where(s <= 0, torch.zeros_like(s), out)
-
-
 def draw_noise(generator: torch.Generator, n_pairs: int, shape: tuple[int, int], n_tokens: int,
                cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise and timesteps of ``n_pairs`` pairs, drawn on the CPU from ``generator``.
+    """Flow-matching training noise and timesteps of ``n_pairs`` pairs (:meth:`FlowMatching.draw`).
 
     shape: ``(N, C)`` tokens per image. Returns ``eps`` ``[n_pairs, N, C]`` standard normal and ``s``
     ``[n_pairs]`` in ``(0, 1)``: logit-normal(``cfg.logit_mean``, ``cfg.logit_std``), FLUX-shifted when
     ``cfg.time_shift``. One value per pair: the positive and the negative share them.
     """
-    eps = torch.randn((n_pairs, *shape), generator=generator)
-    u = torch.randn((n_pairs,), generator=generator) * cfg.logit_std + cfg.logit_mean
-    s = torch.sigmoid(u).clamp(1e-4, 1 - 1e-4)
-    if cfg.time_shift:
-        s = time_shift(s, shift_mu(n_tokens))
-    return eps, s
+    return FLOW.draw(generator, n_pairs, shape, n_tokens, cfg)
 
 
 def flux_sigmas(steps: int, n_tokens: int, shift: bool = True) -> torch.Tensor:
-    """``float [steps + 1]`` decreasing from 1 to 0 (the last entry is exactly 0)."""
-    if steps < 1:
-        raise ValueError(f"sample.steps={steps} is invalid: allowed >= 1")
-    sigmas = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    if shift:
-        sigmas = time_shift(sigmas, shift_mu(n_tokens))
-    return sigmas.float()
+    """FLUX.1's sampling schedule, ``float [steps + 1]`` decreasing from 1 to 0 (the last entry is exactly 0)."""
+    return FLOW.sampling_sigmas(steps, n_tokens, shift)
 
 
 def sample(model_fn: ModelFn, x: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, Any],
-           callback: Callable[[int, torch.Tensor, torch.Tensor, float], None] | None = None) -> torch.Tensor:
-    """Euler integration of ``dx/ds = v`` from ``sigmas[0]`` to ``sigmas[-1]``.
+           callback: Callable[[int, torch.Tensor, torch.Tensor, float], None] | None = None,
+           diffusion: Diffusion = FLOW) -> torch.Tensor:
+    """Integrate from ``sigmas[0]`` to ``sigmas[-1]`` with ``diffusion.step`` (flow matching: Euler on
+    ``dx/ds = v``).
 
-    x: ``[B, ...]`` noise at ``sigmas[0]``; ``model_fn(x, t [B], **cond)`` returns the velocity, same shape as x.
+    x: ``[B, ...]`` noise at ``sigmas[0]``; ``model_fn(x, t [B], **cond)`` returns the prediction, same shape as x.
     ``callback(i, x, v, sigma)`` sees each step's state before the update. Returns x at ``sigmas[-1]``.
     """
     for i in range(len(sigmas) - 1):
@@ -72,7 +57,7 @@ def sample(model_fn: ModelFn, x: torch.Tensor, sigmas: torch.Tensor, cond: dict[
         v = model_fn(x, t, **cond)
         if callback is not None:
             callback(i, x, v, s)
-        x = x + (s_next - s) * v
+        x = diffusion.step(x, v, s, s_next)
     return x
 
 
@@ -104,8 +89,7 @@ def doubled_guidance_fn(backbone: Backbone, guidance: float) -> ModelFn:
 
 def initial_noise(shape: Sequence[int], seed: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Standard normal noise drawn on the CPU from ``seed`` (the same numbers on every device)."""
-    gen = torch.Generator().manual_seed(int(seed))
-    return torch.randn(tuple(shape), generator=gen).to(device)
+    return noise_from_seed(shape, seed, device)
 
 
 @torch.no_grad()
@@ -116,14 +100,14 @@ def generate(backbone: Backbone, prompts: Sequence[str], references: Sequence[to
 
     references: K tensors ``float [B, 3, h_k, w_k]`` in ``[0, 1]`` (reference order = order of mention; K = 0
     for a backbone with its own sampling convention); size: ``(H, W)`` pixels. ``seed`` (default ``cfg.seed``)
-    fixes the noise: same inputs, same images. A backbone may bring its own convention (optional methods
-    ``initial_noise(B, grid, seed) -> [B, N, C]`` and ``sampling_sigmas(steps, N, shift) -> [steps + 1]``, as
-    FLUX.2 does to match its stock pipeline); else FLUX.1's :func:`flux_sigmas` and :func:`initial_noise`.
-    Returns ``float [B, 3, H, W]`` in ``[0, 1]``.
+    fixes the noise: same inputs, same images. The initial noise, the schedule and the update are the backbone's
+    diffusion convention (``backbone.diffusion``, :mod:`focusdpo.backbones.diffusion`; FLUX.2 brings its
+    pipeline's, so the same seed gives the stock pipeline's image). Returns ``float [B, 3, H, W]`` in ``[0, 1]``.
     """
     b = len(prompts)
-    own_noise = hasattr(backbone, "initial_noise")  # a backbone with its own convention (FLUX.2) may take K = 0
-    if (not references and not own_noise) or any(r.shape[0] != b or r.ndim != 4 for r in references):
+    diffusion = diffusion_of(backbone)
+    text_only = getattr(backbone, "text_to_image", False)  # FLUX.2 may take K = 0, as its stock pipeline does
+    if (not references and not text_only) or any(r.shape[0] != b or r.ndim != 4 for r in references):
         raise ValueError(f"generate: references must be K >= 1 tensors [B={b}, 3, h, w], got "
                          f"{[tuple(r.shape) for r in references]}")
     grid = backbone.token_grid(size)
@@ -131,16 +115,11 @@ def generate(backbone: Backbone, prompts: Sequence[str], references: Sequence[to
     text = backbone.encode_prompts(prompts)
     uncond = backbone.encode_prompts([""] * b) if cfg.guidance != 1.0 else None
     n, seed = grid[0] * grid[1], cfg.seed if seed is None else seed
-    if own_noise:
-        x = backbone.initial_noise(b, grid, seed)
-    else:
-        x = initial_noise((b, n, refs[0].tokens.shape[2]), seed, backbone.device)
-    if hasattr(backbone, "sampling_sigmas"):
-        sigmas = backbone.sampling_sigmas(cfg.steps, n, cfg.time_shift)
-    else:
-        sigmas = flux_sigmas(cfg.steps, n, cfg.time_shift)
+    channels = refs[0].tokens.shape[2] if refs else backbone.codec.channels
+    x = diffusion.initial_noise(b, grid, channels, seed, backbone.device)
+    sigmas = diffusion.sampling_sigmas(cfg.steps, n, cfg.time_shift)
     cond = {"text": text, "refs": refs, "grid": grid, "uncond": uncond}
-    x = sample(backbone_model_fn(backbone, cfg.guidance), x, sigmas, cond, callback)
+    x = sample(backbone_model_fn(backbone, cfg.guidance), x, sigmas, cond, callback, diffusion)
     return backbone.decode_tokens(x, grid)
 
 

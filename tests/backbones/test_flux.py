@@ -20,7 +20,7 @@ TINY = dict(patch=4, num_layers=2, num_single_layers=1, num_heads=2, head_dim=16
 @pytest.fixture()
 def backbone():
     torch.manual_seed(0)
-    return build_tiny(ModelConfig(**TINY), VOCAB)
+    return build_tiny(ModelConfig.of(**TINY), VOCAB)
 
 
 def _inputs(bb, b=2, ref_sizes=((16, 16),), seed=0):
@@ -180,7 +180,7 @@ def test_lora_state_dict_round_trip(backbone, tmp_path):
     assert sd and all(".default." not in k for k in sd)
     save_lora(tmp_path / "lora.safetensors", sd)
     torch.manual_seed(0)
-    other = build_tiny(ModelConfig(**TINY), VOCAB)
+    other = build_tiny(ModelConfig.of(**TINY), VOCAB)
     other.transformer.load_state_dict(backbone.transformer.state_dict(), strict=False)
     other.text_encoder.load_state_dict(backbone.text_encoder.state_dict())
     other.add_lora(LoraConfig(rank=4, alpha=4.0))
@@ -201,23 +201,23 @@ def test_lora_unknown_target_names_the_field(backbone):
 
 
 def test_checkpoint_round_trip_through_load_backbone(backbone, tmp_path):
-    cfg = ModelConfig(**TINY)
+    cfg = ModelConfig.of(**TINY)
     save_tiny(backbone, tmp_path / "model.safetensors", cfg)
-    loaded = load_backbone(ModelConfig(**TINY, checkpoint=str(tmp_path)))
+    loaded = load_backbone(ModelConfig.of(**TINY, checkpoint=str(tmp_path)))
     x_t, t, text, refs, grid = _inputs(backbone)
     with torch.no_grad():
         assert torch.equal(loaded.predict(x_t, t, text, refs, grid)[0], backbone.predict(x_t, t, text, refs, grid)[0])
     assert loaded.text_encoder.vocabulary == VOCAB
     assert not any(p.requires_grad for p in loaded.trainable().parameters())
-    with pytest.raises(ValueError, match="model.num_layers=2"):
-        load_backbone(ModelConfig(**{**TINY, "num_layers": 3}, checkpoint=str(tmp_path)))
+    with pytest.raises(ValueError, match="model.flux-tiny.num_layers=2"):
+        load_backbone(ModelConfig.of(**{**TINY, "num_layers": 3}, checkpoint=str(tmp_path)))
     with pytest.raises(FileNotFoundError, match="model.checkpoint"):
-        load_backbone(ModelConfig(**TINY, checkpoint=str(tmp_path / "nowhere")))
+        load_backbone(ModelConfig.of(**TINY, checkpoint=str(tmp_path / "nowhere")))
 
 
 def test_bf16_base_keeps_float32_adapters_and_trains():
     torch.manual_seed(0)
-    bb = build_tiny(ModelConfig(**TINY, dtype="bfloat16"), VOCAB)
+    bb = build_tiny(ModelConfig.of(**TINY, dtype="bfloat16"), VOCAB)
     assert bb.dtype == torch.bfloat16
     bb.add_lora(LoraConfig(rank=2, alpha=2.0))
     lora = [p for n, p in bb.transformer.named_parameters() if "lora_" in n]

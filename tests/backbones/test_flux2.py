@@ -27,7 +27,7 @@ def pipe(folder: str) -> Flux2KleinPipeline:
 
 @pytest.fixture()
 def backbone(folder: str):
-    return load_backbone(ModelConfig(backbone="flux2", checkpoint=folder, patch=16, max_text_tokens=MAX_TOKENS))
+    return load_backbone(ModelConfig.of(backbone="flux2", checkpoint=folder, patch=16, max_text_tokens=MAX_TOKENS))
 
 
 def test_position_ids_equal_the_pipelines() -> None:
@@ -100,14 +100,14 @@ def test_sampling_convention_is_the_pipelines(backbone, pipe) -> None:
     """Sigmas: the pipeline's timesteps / 1000 then 0; noise: ``randn(B, C, h, w)`` packed as the pipeline packs."""
     from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
 
-    sigmas = backbone.sampling_sigmas(6, 24)
+    sigmas = backbone.diffusion.sampling_sigmas(6, 24)
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     timesteps, _ = retrieve_timesteps(scheduler, 6, "cpu", sigmas=[1 - i / 6 for i in range(6)],
                                       mu=compute_empirical_mu(24, 6))
     assert sigmas.shape == (7,) and sigmas[-1] == 0 and sigmas[0] == 1
     torch.testing.assert_close(sigmas[:-1], timesteps / 1000)
     assert sigmas[1] > 5 / 6  # shifted towards noise
-    noise = backbone.initial_noise(2, (4, 6), seed=3)
+    noise = backbone.diffusion.initial_noise(2, (4, 6), backbone.codec.channels, seed=3)
     latents, _ = pipe.prepare_latents(2, 32, 64, 96, torch.float32, "cpu", torch.Generator().manual_seed(3))
     assert torch.equal(noise, latents)
 
@@ -115,13 +115,13 @@ def test_sampling_convention_is_the_pipelines(backbone, pipe) -> None:
 def test_loader_errors_name_the_field(folder: str) -> None:
     base = dict(backbone="flux2", checkpoint=folder, max_text_tokens=MAX_TOKENS)
     with pytest.raises(ValueError, match="set model.patch=16"):
-        load_backbone(ModelConfig(**base, patch=8))
-    with pytest.raises(ValueError, match="model.lora_import=null"):
-        load_backbone(ModelConfig(**base, patch=16, lora_import="uno.safetensors"))
-    with pytest.raises(ValueError, match="model.guidance=null"):
-        load_backbone(ModelConfig(**base, patch=16, guidance=4.0))
+        load_backbone(ModelConfig.of(**base, patch=8))
+    with pytest.raises(ValueError, match="model.lora_import='uno.safetensors' belongs to backbone flux"):
+        load_backbone(ModelConfig.of(**base, patch=16, lora_import="uno.safetensors"))
+    with pytest.raises(ValueError, match="model.flux2.guidance=null"):
+        load_backbone(ModelConfig.of(**base, patch=16, guidance=4.0))
     with pytest.raises(ValueError, match="model.checkpoint is required"):
-        load_backbone(ModelConfig(backbone="flux2", patch=16))
+        load_backbone(ModelConfig.of(backbone="flux2", patch=16))
 
 
 def test_flux2_klein_yaml_loads_the_stack_with_caches(folder: str, tmp_path) -> None:
@@ -131,8 +131,8 @@ def test_flux2_klein_yaml_loads_the_stack_with_caches(folder: str, tmp_path) -> 
     from focusdpo.config import load_config
 
     cfg = load_config(Path(__file__).parents[2] / "configs" / "flux2-klein.yaml", [
-        f"model.checkpoint={folder}", f"model.latent_cache={tmp_path / 'latents'}", "model.dtype=float32"])
-    assert (cfg.model.backbone, cfg.model.patch, cfg.model.guidance) == ("flux2", 16, None)
+        f"model.checkpoint={folder}", f"model.flux2.latent_cache={tmp_path / 'latents'}", "model.dtype=float32"])
+    assert (cfg.model.backbone, cfg.model.patch, cfg.model.options.guidance) == ("flux2", 16, None)
     bb = load_backbone(cfg.model)
     bb.add_lora(cfg.lora)  # the yaml's targets exist in both block kinds
     assert bb.transformer.single_transformer_blocks[0].attn.to_qkv_mlp_proj.lora_A["default"].weight.shape[0] == 16
@@ -154,7 +154,7 @@ def test_focusdpo_step_at_lora_init_is_log_2(backbone) -> None:
     from focusdpo.config import Config, LoraConfig, TrainConfig
     from focusdpo.train.step import NoiseKey, pair_step
 
-    cfg = Config(model=ModelConfig(backbone="flux2", patch=16), lora=LoraConfig(rank=4, alpha=4.0),
+    cfg = Config(model=ModelConfig.of(backbone="flux2", patch=16), lora=LoraConfig(rank=4, alpha=4.0),
                  train=TrainConfig(objective="focusdpo"))
     backbone.add_lora(cfg.lora)
     batch = dip_batch(size=64, ref=32)

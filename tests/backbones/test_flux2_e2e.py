@@ -74,7 +74,7 @@ def test_toy_dip_cache_train_export_then_stock_pipeline_generation(tmp_path) -> 
     from focusdpo.data import ensure_toy_dip
 
     folder = write_tiny_flux2_folder(tmp_path / "flux2", seed=0)
-    model = MODEL + [f"model.checkpoint={folder}", f"model.latent_cache={tmp_path / 'lat'}"]
+    model = MODEL + [f"model.checkpoint={folder}", f"model.flux2.latent_cache={tmp_path / 'lat'}"]
     cfg = load_config(None, model + TRAIN + [
         "world.scene_size=64", "world.ref_size=64", "world.n_identities=40", "world.max_subjects=2",
         "data.n_records=4", f"data.cache_dir={tmp_path / 'cache'}", f"train.output_dir={tmp_path / 'run'}"])
@@ -99,7 +99,7 @@ def test_dreambench_manifest_dip_build_then_train_export_and_stock_pipeline(tmp_
                       "target_masks": [f"{subject}/mask.png"], "references": [{"image": f"{subject}/01.jpg"}]})
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     folder = write_tiny_flux2_folder(tmp_path / "flux2", seed=0)
-    model = MODEL + [f"model.checkpoint={folder}", f"model.latent_cache={tmp_path / 'lat'}"]
+    model = MODEL + [f"model.checkpoint={folder}", f"model.flux2.latent_cache={tmp_path / 'lat'}"]
     disruptions = "data.disruptions={detail_erase: 1.0, patch_shuffle: 1.0}"
     built = CliRunner().invoke(app, ["dip", "build", "--manifest", str(tmp_path / "m.jsonl"), "--patch", "16",
                                      "--size", "64", "--ref-size", "64", "--out", str(tmp_path / "dip"), *model,

@@ -42,7 +42,7 @@ def folder(tmp_path_factory) -> str:
 def run_dir(folder: str, tmp_path_factory):
     """A finished run as ``focusdpo train`` leaves it: config.yaml + lora.safetensors (rank, alpha metadata)."""
     run = tmp_path_factory.mktemp("run")
-    cfg = Config(model=ModelConfig(backbone="flux2", checkpoint=folder, patch=16, max_text_tokens=64),
+    cfg = Config(model=ModelConfig.of(backbone="flux2", checkpoint=folder, patch=16, max_text_tokens=64),
                  lora=LoraConfig(rank=4, alpha=2.0, targets=TARGETS))
     (run / "config.yaml").write_text(cfg.to_yaml())
     bb = load_method(cfg, None)

@@ -23,7 +23,7 @@ def folder(tmp_path_factory) -> str:
 
 @pytest.fixture()
 def backbone(folder: str):
-    return load_backbone(ModelConfig(backbone="flux2", checkpoint=folder, patch=16, max_text_tokens=64))
+    return load_backbone(ModelConfig.of(backbone="flux2", checkpoint=folder, patch=16, max_text_tokens=64))
 
 
 @torch.no_grad()

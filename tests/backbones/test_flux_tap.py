@@ -18,7 +18,7 @@ TINY = dict(patch=4, num_layers=2, num_single_layers=2, num_heads=2, head_dim=16
 @pytest.fixture()
 def backbone():
     torch.manual_seed(0)
-    return build_tiny(ModelConfig(**TINY), VOCAB)
+    return build_tiny(ModelConfig.of(**TINY), VOCAB)
 
 
 @torch.no_grad()

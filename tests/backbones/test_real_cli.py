@@ -43,7 +43,7 @@ def test_cache_latents_command_fills_the_cache_the_loader_reads(tmp_path) -> Non
     cfg = load_config(None, [
         "world.scene_size=32", "world.ref_size=16", "world.n_identities=40", "world.max_subjects=2",
         "data.n_records=3", f"data.cache_dir={tmp_path / 'cache'}", "model.backbone=flux", f"model.checkpoint={folder}",
-        "model.patch=16", "model.guidance=4.0", "model.max_text_tokens=32", f"model.latent_cache={tmp_path / 'lat'}"])
+        "model.patch=16", "model.flux.guidance=4.0", "model.max_text_tokens=32", f"model.flux.latent_cache={tmp_path / 'lat'}"])
     cfg.data.path = str(ensure_toy_dip(cfg))
     counts = cache_latents_command(cfg, batch_size=4)
     hits, misses = counts["images"]
@@ -58,7 +58,7 @@ def test_cache_latents_command_fills_the_cache_the_loader_reads(tmp_path) -> Non
     assert (bb.text_encoder.hits, bb.text_encoder.misses) == (1, 0)
     result = CliRunner().invoke(app, ["cache-latents", f"data.path={cfg.data.path}", "model.backbone=flux",
                                       f"model.checkpoint={folder}", "model.patch=16", "model.max_text_tokens=32",
-                                      f"model.latent_cache={tmp_path / 'lat'}"])
+                                      f"model.flux.latent_cache={tmp_path / 'lat'}"])
     assert result.exit_code == 0, result.output
     assert f"encoded 0 image(s) and 0 prompt(s); {misses} image(s) and {n_prompts} prompt(s)" in result.output
 
@@ -66,7 +66,7 @@ def test_cache_latents_command_fills_the_cache_the_loader_reads(tmp_path) -> Non
 def test_export_lora_command(tmp_path) -> None:
     folder = write_tiny_flux_folder(tmp_path / "flux", seed=0)
     cfg = load_config(None, ["model.backbone=flux", f"model.checkpoint={folder}", "model.patch=16",
-                             "model.guidance=4.0"])
+                             "model.flux.guidance=4.0"])
     bb = load_backbone(cfg.model)
     bb.add_lora(LoraConfig(rank=2, alpha=4.0))
     (tmp_path / "run").mkdir()
@@ -92,8 +92,8 @@ def test_train_on_the_real_stack_then_load_the_export_in_flux_pipeline(tmp_path)
     cfg = load_config(None, [
         "world.scene_size=32", "world.ref_size=16", "world.n_identities=40", "world.max_subjects=2",
         "data.n_records=6", f"data.cache_dir={tmp_path / 'cache'}", "data.batch_size=2", "model.backbone=flux",
-        f"model.checkpoint={folder}", "model.patch=16", "model.guidance=4.0", "model.max_text_tokens=32",
-        f"model.latent_cache={tmp_path / 'lat'}", "train.max_steps=2", "train.warmup_steps=0", "train.lr=0.01",
+        f"model.checkpoint={folder}", "model.patch=16", "model.flux.guidance=4.0", "model.max_text_tokens=32",
+        f"model.flux.latent_cache={tmp_path / 'lat'}", "train.max_steps=2", "train.warmup_steps=0", "train.lr=0.01",
         "train.checkpoint_every=0", "train.val_records=2", "sample.steps=2", f"train.output_dir={tmp_path / 'run'}",
         "train.mixed_precision='no'", "lora.alpha=16"])
     run = train(cfg)

@@ -29,7 +29,7 @@ def folder(tmp_path_factory) -> str:
 
 
 def _trained_backbone(folder: str, rank: int = 4, alpha: float = 8.0):
-    bb = load_backbone(ModelConfig(backbone="flux", checkpoint=folder, guidance=4.0, max_text_tokens=16,
+    bb = load_backbone(ModelConfig.of(backbone="flux", checkpoint=folder, guidance=4.0, max_text_tokens=16,
                                    patch=16))
     bb.add_lora(LoraConfig(rank=rank, alpha=alpha, targets=TARGETS))
     g = torch.Generator().manual_seed(0)
@@ -91,7 +91,7 @@ def test_file_uses_diffusers_names_and_folds_the_scale(folder: str, tmp_path) ->
 
 
 def test_export_without_lora_raises(folder: str) -> None:
-    bb = load_backbone(ModelConfig(backbone="flux", checkpoint=folder, guidance=4.0, max_text_tokens=16,
+    bb = load_backbone(ModelConfig.of(backbone="flux", checkpoint=folder, guidance=4.0, max_text_tokens=16,
                                    patch=16))
     with pytest.raises(ValueError, match="attach LoRA"):
         diffusers_lora_state_dict(bb.trainable())

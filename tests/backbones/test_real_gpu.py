@@ -19,7 +19,7 @@ def test_bf16_focusdpo_step_on_cuda(tmp_path) -> None:
     from test_real_step import dip_batch
 
     folder = write_tiny_flux_folder(tmp_path, seed=0)
-    cfg = Config(model=ModelConfig(backbone="flux", checkpoint=str(folder), guidance=4.0, max_text_tokens=16,
+    cfg = Config(model=ModelConfig.of(backbone="flux", checkpoint=str(folder), guidance=4.0, max_text_tokens=16,
                                    patch=16, dtype="bfloat16", offload_encoders=True),
                  lora=LoraConfig(rank=4, alpha=4.0), train=TrainConfig(objective="focusdpo"))
     bb = load_backbone(cfg.model, device="cuda")
@@ -38,7 +38,7 @@ def test_bf16_flux2_focusdpo_step_on_cuda(tmp_path) -> None:
     from flux2_tiny import write_tiny_flux2_folder
 
     folder = write_tiny_flux2_folder(tmp_path, seed=0)
-    cfg = Config(model=ModelConfig(backbone="flux2", checkpoint=str(folder), max_text_tokens=64, patch=16,
+    cfg = Config(model=ModelConfig.of(backbone="flux2", checkpoint=str(folder), max_text_tokens=64, patch=16,
                                    dtype="bfloat16", offload_encoders=True),
                  lora=LoraConfig(rank=4, alpha=4.0), train=TrainConfig(objective="focusdpo"))
     bb = load_backbone(cfg.model, device="cuda")

@@ -25,7 +25,7 @@ def folder(tmp_path_factory) -> str:
 
 def _cfg(folder: str, **kw) -> ModelConfig:
     base = {"backbone": "flux", "checkpoint": folder, "guidance": 4.0, "max_text_tokens": 16, "patch": 16}
-    return ModelConfig(**{**base, **kw})
+    return ModelConfig.of(**{**base, **kw})
 
 
 def test_load_backbone_gives_the_saved_frozen_models(folder: str) -> None:
@@ -54,17 +54,17 @@ def test_encode_predict_decode_shapes(folder: str) -> None:
 
 
 def test_guidance_must_match_the_model(folder: str, tmp_path) -> None:
-    with pytest.raises(ValueError, match="set model.guidance"):
+    with pytest.raises(ValueError, match="set model.flux.guidance"):
         load_backbone(_cfg(folder, guidance=None))
     plain = write_tiny_flux_folder(tmp_path, seed=0, guidance_embeds=False)
-    with pytest.raises(ValueError, match="model.guidance=null"):
+    with pytest.raises(ValueError, match="model.flux.guidance=null"):
         load_backbone(_cfg(str(plain)))
     assert load_backbone(_cfg(str(plain), guidance=None)).guidance is None
 
 
 def test_checkpoint_is_required_and_patch_must_be_the_vae_token_size(folder: str) -> None:
     with pytest.raises(ValueError, match="model.checkpoint is required"):
-        load_backbone(ModelConfig(backbone="flux", guidance=4.0))
+        load_backbone(ModelConfig.of(backbone="flux", guidance=4.0))
     with pytest.raises(ValueError, match="set model.patch=16"):
         load_backbone(_cfg(folder, patch=4))
 
@@ -74,9 +74,9 @@ def test_flux_uno_yaml_loads_the_stack(folder: str, tmp_path) -> None:
     base = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer")
     save_file(synthetic_uno_state_dict(base, seed=2), tmp_path / "dit_lora.safetensors")
     cfg = load_config(Path(__file__).parents[2] / "configs" / "flux-uno.yaml", [
-        f"model.checkpoint={folder}", f"model.lora_import={tmp_path / 'dit_lora.safetensors'}",
-        f"model.latent_cache={tmp_path / 'latents'}"])
-    assert (cfg.model.backbone, cfg.model.patch, cfg.model.guidance, cfg.model.dtype) == ("flux", 16, 4.0, "bfloat16")
+        f"model.checkpoint={folder}", f"model.flux.lora_import={tmp_path / 'dit_lora.safetensors'}",
+        f"model.flux.latent_cache={tmp_path / 'latents'}"])
+    assert (cfg.model.backbone, cfg.model.patch, cfg.model.options.guidance, cfg.model.dtype) == ("flux", 16, 4.0, "bfloat16")
     bb = load_backbone(cfg.model)
     assert isinstance(bb.codec, LatentCache) and bb.text_encoder.encoder.max_tokens == 512
     assert not torch.equal(bb.transformer.transformer_blocks[0].attn.to_q.weight,

@@ -44,7 +44,7 @@ def dip_batch(b: int = 2, size: int = 64, ref: int = 32, patch: int = 16, seed: 
 @pytest.fixture(scope="module")
 def stack(folder: str):
     """``(cfg, backbone)`` with LoRA at its initialisation (``B = 0``); the last test trains it."""
-    cfg = Config(model=ModelConfig(backbone="flux", checkpoint=folder, guidance=4.0, max_text_tokens=16,
+    cfg = Config(model=ModelConfig.of(backbone="flux", checkpoint=folder, guidance=4.0, max_text_tokens=16,
                                    patch=16),
                  lora=LoraConfig(rank=4, alpha=4.0), train=TrainConfig(objective="focusdpo"))
     bb = load_backbone(cfg.model)

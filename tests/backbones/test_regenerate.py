@@ -28,7 +28,7 @@ def scene(world):
 @pytest.fixture(scope="module")
 def backbone(world):
     torch.manual_seed(0)
-    return build_tiny(ModelConfig(**TINY), world.vocabulary())
+    return build_tiny(ModelConfig.of(**TINY), world.vocabulary())
 
 
 class _Oracle:

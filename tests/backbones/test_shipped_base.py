@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from focusdpo.backbones import load_backbone, shipped_base_path
-from focusdpo.backbones.flux import ARCH_FIELDS, read_tiny_metadata
+from focusdpo.backbones.flux import read_tiny_metadata, tiny_arch
 from focusdpo.config import ModelConfig, SampleConfig, WorldConfig, load_config
 from focusdpo.sampling import generate, world_inputs
 from focusdpo.world import World
@@ -16,10 +16,10 @@ def test_shipped_base_matches_the_default_config_and_world():
     path = shipped_base_path()
     assert path.is_file() and path.stat().st_size <= 20 * 2**20
     arch, vocabulary = read_tiny_metadata(path)
-    assert arch == {f: getattr(ModelConfig(), f) for f in ARCH_FIELDS}
+    assert arch == tiny_arch(ModelConfig())
     assert vocabulary == World(WorldConfig()).vocabulary()
     run_cfg = load_config(path.parent / "config.yaml")
-    assert all(getattr(run_cfg.model, f) == arch[f] for f in ARCH_FIELDS)
+    assert tiny_arch(run_cfg.model) == arch
     assert (path.parent / "README.md").read_text().count("focusdpo pretrain") >= 1
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from focusdpo.data import BucketBatchSampler, DipDataset, collate_dip, make_dataloader, read_records
+from focusdpo.data import DipDataset, collate_dip, read_records
 
 
 def test_items_and_batch_layout(toy_set):
@@ -35,7 +35,7 @@ def test_items_and_batch_layout(toy_set):
 def test_collate_refuses_mixed_k(toy_set):
     ds = DipDataset(toy_set)
     ks = [key[0] for key in ds.keys]
-    with pytest.raises(ValueError, match="BucketBatchSampler"):
+    with pytest.raises(ValueError, match="DipDataset.keys"):
         collate_dip([ds[ks.index(2)], ds[ks.index(3)]])
 
 
@@ -46,62 +46,3 @@ def test_streaming_cache_is_bounded(toy_set):
         ds[i]
         assert 1 <= len(ds._cache) <= 3 and ds._cached_bytes == sum(t.nbytes for t in ds._cache.values())
         assert ds._cached_bytes <= 2 * one or len(ds._cache) == 1
-
-
-def test_bucket_sampler_covers_each_record_once_with_one_key_per_batch():
-    keys = [(2, 32, 32)] * 23 + [(3, 32, 32)] * 17 + [(1, 64, 64)] * 5
-    s = BucketBatchSampler(keys, 4, seed=0)
-    batches = list(s)
-    assert sorted(i for b in batches for i in b) == list(range(45))
-    assert all(len({keys[i] for i in b}) == 1 for b in batches)
-    assert len(batches) == 6 + 5 + 2 == len(BucketBatchSampler(keys, 4))
-    assert batches == list(BucketBatchSampler(keys, 4, seed=0))
-    s.set_epoch(1)
-    assert list(s) != batches
-    dl = BucketBatchSampler(keys, 4, drop_last=True)
-    assert all(len(b) == 4 for b in dl) and len(list(dl)) == 5 + 4 + 1
-
-
-def test_rank_split_is_disjoint_and_even():
-    keys = [(2, 32, 32)] * 30 + [(3, 32, 32)] * 11
-    parts = [list(BucketBatchSampler(keys, 4, seed=5, rank=r, world_size=3)) for r in range(3)]
-    assert len({len(p) for p in parts}) == 1
-    flat = [i for p in parts for b in p for i in b]
-    assert len(flat) == len(set(flat))
-    full = list(BucketBatchSampler(keys, 4, seed=5))
-    assert [b for p in zip(*parts, strict=True) for b in p] == full[: 3 * len(parts[0])]
-    with pytest.raises(ValueError, match="rank"):
-        BucketBatchSampler(keys, 4, rank=3, world_size=3)
-
-
-def _ids(batches):
-    return [tuple(b["id"]) for b in batches]
-
-
-def test_loader_resumes_exactly(toy_set, toy_cfg):
-    ref = make_dataloader(toy_set, toy_cfg, seed=7, batch_size=4)
-    epoch0 = _ids(ref)
-    epoch1 = _ids(ref)
-    assert ref.state_dict() == {"epoch": 2, "batches": 0} and epoch0 != epoch1
-    run = make_dataloader(toy_set, toy_cfg, seed=7, batch_size=4)
-    it = iter(run)
-    head = [next(it) for _ in range(3)]
-    state = run.state_dict()
-    assert state == {"epoch": 0, "batches": 3}
-    resumed = make_dataloader(toy_set, toy_cfg, seed=7, batch_size=4)
-    resumed.load_state_dict(state)
-    assert _ids(head) + _ids(resumed) == epoch0
-    assert _ids(resumed) == epoch1
-    again = make_dataloader(toy_set, toy_cfg, seed=7, batch_size=4)
-    b0 = next(iter(again))
-    assert torch.equal(b0["negative"], head[0]["negative"]) and torch.equal(b0["m_d"], head[0]["m_d"])
-
-
-def test_workers_give_the_same_batches(toy_set, toy_cfg):
-    from focusdpo.config import load_config
-
-    cfg = load_config(None, ["data.num_workers=2"])
-    a = [b["positive"] for b in make_dataloader(toy_set, toy_cfg, seed=1, batch_size=8)]
-    b = [b["positive"] for b in make_dataloader(toy_set, cfg, seed=1, batch_size=8)]
-    assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-    assert sum(x.shape[0] for x in a) == 40

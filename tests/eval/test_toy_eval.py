@@ -142,7 +142,7 @@ def test_fast_path_draws_the_legacy_noise_and_scores_the_same(tmp_path):
                              "eval.chunk=4", "eval.subject_counts=[2,3]", "sample.steps=4"])
     world = World(cfg.world)
     scenes = toy.heldout_scenes(world, 3, [2, 3])
-    noise = toy.unit_noise(scenes[3], cfg, [(1, 0), (1, 1)], (64, 48))
+    noise = toy.unit_noise(scenes[3], cfg, [(1, 0), (1, 1)], (8, 8), 48)
     legacy = [initial_noise((n, 64, 48), toy.batch_seed(1, 3, j, b)) for j in (0, 1) for b, n in ((0, 2), (1, 1))]
     assert torch.equal(noise, torch.cat(legacy))
     run = _run_folder(tmp_path, cfg, "dpo", 2.0)

@@ -62,7 +62,7 @@ def test_budget_adamw8bit_state_equals_bitsandbytes(tiny_env) -> None:
     """The 8-bit state with LoRA matrices over bitsandbytes' 4096-element threshold (rank 64 x width 64)."""
     pytest.importorskip("bitsandbytes")
     cfg = tiny_config(*tiny_env, train__optimizer="adamw8bit", lora__rank=64, lora__alpha=64.0,
-                      model__head_dim=32, model__num_heads=2)
+                      **{"model__flux-tiny__head_dim": 32, "model__flux-tiny__num_heads": 2})
     budget = estimate_budget(cfg)
     from focusdpo.backbones.flux import build_tiny
 
@@ -84,10 +84,10 @@ def test_budget_reads_a_local_diffusers_folder(tmp_path) -> None:
     from flux_tiny import write_tiny_flux_folder
 
     folder = write_tiny_flux_folder(tmp_path / "flux", seed=0)
-    cfg = load_config(None, ["model.backbone=flux", f"model.checkpoint={folder}", "model.guidance=4.0",
+    cfg = load_config(None, ["model.backbone=flux", f"model.checkpoint={folder}", "model.flux.guidance=4.0",
                              "model.patch=16", "model.max_text_tokens=16", "model.quantization=int8"])
     budget = estimate_budget(cfg, size=64)
-    bb = load_backbone(ModelConfig(backbone="flux", checkpoint=str(folder), guidance=4.0, patch=16,
+    bb = load_backbone(ModelConfig.of(backbone="flux", checkpoint=str(folder), guidance=4.0, patch=16,
                                    max_text_tokens=16, quantization="int8"))
     assert _part(budget, "frozen transformer") == weight_bytes(bb)["frozen_base"]
     assert _part(budget, "text encoders + VAE") == weight_bytes(bb)["encoders"] > 0
@@ -97,7 +97,7 @@ def test_budget_reads_a_local_diffusers_folder(tmp_path) -> None:
 def test_activation_model_fits_one_anchor_and_predicts_the_other() -> None:
     """FLUX.1-dev, bf16, dpo (no tap), 512 px + one 512 px reference + 512 text tokens, AdamW, encoders off the GPU:
     44 GiB measured without checkpointing (the fit), 24.8 GiB with it (the prediction)."""
-    over = ["model.quantization=none", "train.objective=dpo", "model.offload_encoders=true", "data.batch_size=1",
+    over = ["model.quantization=none", "train.objective=dpo", "model.flux.offload_encoders=true", "data.batch_size=1",
             "model.max_text_tokens=512"]
     no_ckpt = estimate_budget(load_config(FLUX_UNO, over + ["train.gradient_checkpointing=false"]))
     ckpt = estimate_budget(load_config(FLUX_UNO, over + ["train.gradient_checkpointing=true"]))
@@ -165,7 +165,7 @@ def test_budget_reads_a_local_flux2_folder(tmp_path) -> None:
     over = ["model.backbone=flux2", f"model.checkpoint={folder}", "model.patch=16", "model.max_text_tokens=64",
             "model.quantization=int8", "lora.targets=[to_q,to_k,to_v,to_qkv_mlp_proj]"]
     budget = estimate_budget(load_config(None, over), size=32)
-    bb = load_backbone(ModelConfig(backbone="flux2", checkpoint=str(folder), patch=16, max_text_tokens=64,
+    bb = load_backbone(ModelConfig.of(backbone="flux2", checkpoint=str(folder), patch=16, max_text_tokens=64,
                                    quantization="int8"))
     measured = weight_bytes(bb)
     assert _part(budget, "frozen transformer") == measured["frozen_base"]

@@ -68,23 +68,24 @@ def test_adamw8bit_refused_with_the_reason_where_bitsandbytes_cannot_run(monkeyp
 def test_presets_only_turn_savings_on(tmp_path) -> None:
     flux = ["model.backbone=flux", "model.checkpoint=x", f"data.path={tmp_path / 'dip'}"]
     fast = effective_config(load_config(None, flux))
-    assert (fast.train.gradient_checkpointing, fast.model.offload_encoders, fast.model.latent_cache) == (
-        False, False, None)
+    assert (fast.train.gradient_checkpointing, fast.model.options.offload_encoders,
+            fast.model.options.latent_cache) == (False, False, None)
     low = effective_config(load_config(None, flux + ["train.memory=low"]))
-    assert (low.train.gradient_checkpointing, low.model.offload_encoders, low.model.latent_cache) == (
-        True, True, str(tmp_path / "dip" / "latents"))
+    assert (low.train.gradient_checkpointing, low.model.options.offload_encoders,
+            low.model.options.latent_cache) == (True, True, str(tmp_path / "dip" / "latents"))
     balanced = effective_config(load_config(None, flux + ["train.memory=balanced"]))
-    assert (balanced.train.gradient_checkpointing, balanced.model.offload_encoders) == (True, False)
-    assert balanced.model.latent_cache == str(tmp_path / "dip" / "latents")
+    assert (balanced.train.gradient_checkpointing, balanced.model.options.offload_encoders) == (True, False)
+    assert balanced.model.options.latent_cache == str(tmp_path / "dip" / "latents")
     # explicit fields: true always holds, an explicit cache folder is the one used
     mine = effective_config(load_config(None, flux + ["train.memory=fast", "train.gradient_checkpointing=true",
-                                                      "model.offload_encoders=true", "model.latent_cache=/c"]))
-    assert (mine.train.gradient_checkpointing, mine.model.offload_encoders, mine.model.latent_cache) == (
-        True, True, "/c")
-    explicit = effective_config(load_config(None, flux + ["train.memory=low", "model.latent_cache=/c"]))
-    assert explicit.model.latent_cache == "/c"
+                                                      "model.flux.offload_encoders=true",
+                                                      "model.flux.latent_cache=/c"]))
+    assert (mine.train.gradient_checkpointing, mine.model.options.offload_encoders,
+            mine.model.options.latent_cache) == (True, True, "/c")
+    explicit = effective_config(load_config(None, flux + ["train.memory=low", "model.flux.latent_cache=/c"]))
+    assert explicit.model.options.latent_cache == "/c"
     tiny = effective_config(load_config(None, ["train.memory=low"]))  # no encoders: checkpointing only
-    assert tiny.train.gradient_checkpointing and not tiny.model.offload_encoders and tiny.model.latent_cache is None
+    assert tiny.train.gradient_checkpointing and not hasattr(tiny.model.options, "offload_encoders")
     raw = load_config(None, flux + ["train.memory=low"])
     assert dataclasses.replace(effective_config(raw)) != raw and raw.train.gradient_checkpointing is False
     with pytest.raises(ConfigError, match="train.memory='tiny' is invalid: allowed one of fast, balanced, low"):

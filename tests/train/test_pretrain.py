@@ -12,8 +12,8 @@ from focusdpo.cli import app
 from focusdpo.config import load_config
 from focusdpo.train.pretrain import PretrainOptions, lr_at, pretrain
 
-SMALL = ["model.num_layers=1", "model.num_single_layers=1", "model.num_heads=2", "model.head_dim=16",
-         "model.text_dim=16", "data.batch_size=2", "world.n_identities=40", "train.log_every=1",
+SMALL = ["model.flux-tiny.num_layers=1", "model.flux-tiny.num_single_layers=1", "model.flux-tiny.num_heads=2", "model.flux-tiny.head_dim=16",
+         "model.flux-tiny.text_dim=16", "data.batch_size=2", "world.n_identities=40", "train.log_every=1",
          "train.checkpoint_every=2", "train.seed=3"]
 
 
@@ -88,7 +88,7 @@ def test_init_rejects_a_missing_or_mismatched_checkpoint(tmp_path):
         pretrain(_cfg(1), tmp_path / "x", PretrainOptions(init=str(tmp_path / "nothing")), log=lambda _: None)
     pretrain(_cfg(1), tmp_path / "a", log=lambda _: None)
     with pytest.raises(ValueError, match="architecture"):
-        pretrain(_cfg(1, ("model.num_layers=2",)), tmp_path / "y", PretrainOptions(init=str(tmp_path / "a")),
+        pretrain(_cfg(1, ("model.flux-tiny.num_layers=2",)), tmp_path / "y", PretrainOptions(init=str(tmp_path / "a")),
                  log=lambda _: None)
 
 

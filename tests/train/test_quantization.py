@@ -181,7 +181,7 @@ def test_lora_trained_on_an_int8_base_exports_and_loads_in_diffusers(tmp_path) -
     from focusdpo.backbones.lora_export import export_diffusers_lora
 
     folder = str(write_tiny_flux_folder(tmp_path / "flux", seed=0))
-    cfgs = {m: ModelConfig(backbone="flux", checkpoint=folder, guidance=4.0, max_text_tokens=16, patch=16,
+    cfgs = {m: ModelConfig.of(backbone="flux", checkpoint=folder, guidance=4.0, max_text_tokens=16, patch=16,
                            quantization=m) for m in ("none", "int8")}
     bbs = {m: load_backbone(c) for m, c in cfgs.items()}
     assert quantization_of(bbs["int8"].trainable()) == "int8"
@@ -217,7 +217,7 @@ def test_flux2_loader_quantises_its_blocks_and_lora_wraps_them(tmp_path) -> None
     from flux2_tiny import write_tiny_flux2_folder
 
     folder = str(write_tiny_flux2_folder(tmp_path / "flux2", seed=0))
-    bb = load_backbone(ModelConfig(backbone="flux2", checkpoint=folder, patch=16, max_text_tokens=64,
+    bb = load_backbone(ModelConfig.of(backbone="flux2", checkpoint=folder, patch=16, max_text_tokens=64,
                                    quantization="int8"))
     assert quantization_of(bb.trainable()) == "int8"
     assert not any(p.requires_grad for p in bb.trainable().parameters())

@@ -13,7 +13,8 @@ from focusdpo.backbones import load_backbone
 from focusdpo.config import Config, LossConfig
 from focusdpo.data import ensure_toy_dip
 from focusdpo.data.dataset import DipDataset
-from focusdpo.train.step import NoiseKey, draw_noise, pair_step
+from focusdpo.sampling import draw_noise
+from focusdpo.train.step import NoiseKey, pair_step
 from focusdpo.train.trainer import PolicyModule, validation_batch
 
 

@@ -10,8 +10,8 @@ import torch
 
 from focusdpo.config import Config, load_config
 
-TINY_MODEL = ["model.num_layers=2", "model.num_single_layers=1", "model.num_heads=2", "model.head_dim=16",
-              "model.text_dim=32", "model.max_text_tokens=24"]
+TINY_MODEL = ["model.flux-tiny.num_layers=2", "model.flux-tiny.num_single_layers=1", "model.flux-tiny.num_heads=2", "model.flux-tiny.head_dim=16",
+              "model.flux-tiny.text_dim=32", "model.max_text_tokens=24"]
 TINY_WORLD = ["world.scene_size=16", "world.ref_size=8", "world.n_identities=40", "world.max_subjects=2"]
 
 

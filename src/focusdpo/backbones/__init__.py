@@ -8,19 +8,23 @@ through ``focusdpo.backbones.flux2`` (FLUX.2 VAE, Qwen3 text encoder, native mul
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import torch
 
 from focusdpo.backbones.base import Backbone, Codec, FocusTap, TextCond, TextEncoder, Tokens
+from focusdpo.backbones.options import Flux2Options, FluxOptions, FluxTinyOptions, NoOptions
 from focusdpo.config import ModelConfig
+from focusdpo.plugins import load_plugins
 
-__all__ = ["Backbone", "Codec", "FocusTap", "TextCond", "TextEncoder", "Tokens", "backbone_names", "load_backbone",
-           "register_backbone", "shipped_base_path", "tiny_checkpoint_file"]
+__all__ = ["Backbone", "BackboneSpec", "Codec", "FocusTap", "TextCond", "TextEncoder", "Tokens", "backbone_names",
+           "backbone_spec", "load_backbone", "register_backbone", "shipped_base_path", "tiny_checkpoint_file"]
 
 CHECKPOINT_FILE = "model.safetensors"
 
@@ -45,6 +49,27 @@ def tiny_checkpoint_file(checkpoint: str | None) -> Path:
 Loader = Callable[[ModelConfig, "torch.device | str | None"], Backbone]
 
 
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One registered backbone.
+
+    Args:
+        name: the ``model.backbone`` value (also the name of its config section, ``model.<name>``).
+        loader: ``loader(cfg.model, device) -> Backbone``; its module is imported only when it is chosen.
+        options: the dataclass of its config section (``cfg.model.options``); a dataclass without fields when it
+            has none.
+        prediction: what its diffusion convention regresses (``backbone.diffusion.prediction``); the trainer
+            checks ``loss.prediction`` against it before loading anything.
+        summary: one line for ``focusdpo config --backbones``.
+    """
+
+    name: str
+    loader: Loader
+    options: type = NoOptions
+    prediction: str = "flow"
+    summary: str = ""
+
+
 def _load_flux_tiny(cfg: ModelConfig, device: torch.device | str | None) -> Backbone:
     from focusdpo.backbones.flux import load_tiny
 
@@ -65,30 +90,50 @@ def _load_flux2(cfg: ModelConfig, device: torch.device | str | None) -> Backbone
     return load_flux2(cfg, device)
 
 
-# name -> loader: the one line a new backbone adds (its module is imported only when it is chosen)
-_LOADERS: dict[str, Loader] = {"flux-tiny": _load_flux_tiny, "flux": _load_flux, "flux2": _load_flux2}
+# name -> spec: the one line a new backbone adds (its module is imported only when it is chosen)
+_BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in (
+    BackboneSpec("flux-tiny", _load_flux_tiny, FluxTinyOptions, summary="the built-in tiny FLUX (CPU, no download)"),
+    BackboneSpec("flux", _load_flux, FluxOptions, summary="FLUX.1 from a diffusers folder or hub id, UNO-style "
+                                                          "reference tokens"),
+    BackboneSpec("flux2", _load_flux2, Flux2Options, summary="FLUX.2 [klein] from a diffusers folder or hub id, "
+                                                             "native multi-reference"),
+)}
 
 
-def register_backbone(name: str, loader: Loader, replace: bool = False) -> None:
-    """Make ``model.backbone=name`` load with ``loader(cfg.model, device) -> Backbone``."""
-    if name in _LOADERS and not replace:
+def register_backbone(name: str, loader: Loader, options: type | None = None, prediction: str = "flow",
+                      summary: str = "", replace: bool = False) -> BackboneSpec:
+    """Make ``model.backbone=name`` load with ``loader(cfg.model, device) -> Backbone``; ``options`` is the
+    dataclass of its section ``model.<name>`` (None: no fields)."""
+    if name in _BACKBONES and not replace:
         raise ValueError(f"backbone {name!r} is already registered; pass replace=True to override it")
-    _LOADERS[name] = loader
+    if options is not None and not dataclasses.is_dataclass(options):
+        raise TypeError(f"register_backbone({name!r}): options must be a dataclass type, got {options!r}")
+    spec = BackboneSpec(name, loader, options or NoOptions, prediction, summary)
+    _BACKBONES[name] = spec
+    return spec
 
 
 def backbone_names() -> tuple[str, ...]:
-    """The names ``model.backbone`` accepts."""
-    return tuple(_LOADERS)
+    """The names ``model.backbone`` accepts (built-ins first, then plug-ins: :mod:`focusdpo.plugins`)."""
+    load_plugins()
+    return tuple(_BACKBONES)
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    """The registered :class:`BackboneSpec` of ``name`` (ValueError listing the names when there is none)."""
+    load_plugins()
+    if name not in _BACKBONES:
+        raise ValueError(f"model.backbone={name!r} is invalid: allowed {', '.join(_BACKBONES)}")
+    return _BACKBONES[name]
 
 
 def load_backbone(cfg: ModelConfig, device: torch.device | str | None = None) -> Backbone:
     """Build the backbone named by ``cfg.backbone`` with frozen base weights on ``device`` (default CPU)."""
     from focusdpo.quantization import check_quantization, quantization_of, quantize_frozen
 
-    if cfg.backbone not in _LOADERS:
-        raise ValueError(f"model.backbone={cfg.backbone!r} is invalid: allowed {', '.join(_LOADERS)}")
+    spec = backbone_spec(cfg.backbone)
     check_quantization(cfg.quantization, device)  # before any weight is read
-    backbone = _LOADERS[cfg.backbone](cfg, device)
+    backbone = spec.loader(cfg, device)
     if cfg.quantization != "none" and quantization_of(backbone.trainable()) == "none":
         quantize_frozen(backbone.trainable(), cfg.quantization)  # a registered loader that does not quantise
     return backbone

@@ -33,6 +33,7 @@ from focusdpo import lora as lora_utils
 from focusdpo.backbones import flux_tap
 from focusdpo.backbones.base import Codec, FocusTap, TextCond, TextEncoder, Tokens
 from focusdpo.backbones.codecs import PixelCodec
+from focusdpo.backbones.diffusion import FLOW, Diffusion
 from focusdpo.backbones.text import TinyTextEncoder
 from focusdpo.config import ModelConfig
 from focusdpo.quantization import quantize_frozen
@@ -56,7 +57,7 @@ def position_ids(grid: tuple[int, int], ref_grids: Sequence[tuple[int, int]], de
 def rope_axes(head_dim: int) -> tuple[int, int, int]:
     """RoPE axis split of ``head_dim`` in FLUX's proportions (16, 56, 56 for 128); every part even."""
     if head_dim < 8 or head_dim % 2:
-        raise ValueError(f"model.head_dim={head_dim} is invalid for RoPE: allowed an even number >= 8")
+        raise ValueError(f"model.flux-tiny.head_dim={head_dim} is invalid for RoPE: allowed an even number >= 8")
     a = (head_dim * 7 // 16) // 2 * 2
     return head_dim - 2 * a, a, a
 
@@ -89,6 +90,7 @@ class FluxInContext:
         self.text_encoder = text_encoder
         self.guidance = guidance
         self.patch = codec.patch
+        self.diffusion: Diffusion = FLOW  # FLUX's flow matching (focusdpo.backbones.diffusion)
         self._store = flux_tap.TapStore()
         self.block_names = flux_tap.install(transformer, self._store)
         self._tap_blocks: list[str] = []
@@ -198,19 +200,31 @@ class FluxInContext:
 
 TINY_FORMAT = "focusdpo-flux-tiny-v1"
 ARCH_FIELDS = ("patch", "num_layers", "num_single_layers", "num_heads", "head_dim", "text_dim", "max_text_tokens")
+_SHARED = ("patch", "max_text_tokens")  # model.*; the others are model.flux-tiny.*
+
+
+def tiny_arch(cfg: ModelConfig) -> dict[str, int]:
+    """The architecture fields of a flux-tiny config (``model.patch``, ``model.max_text_tokens`` and the section
+    ``model.flux-tiny``), by name."""
+    return {f: getattr(cfg if f in _SHARED else cfg.options, f) for f in ARCH_FIELDS}
+
+
+def _arch_key(field: str) -> str:
+    return f"model.{field}" if field in _SHARED else f"model.flux-tiny.{field}"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_tiny(cfg: ModelConfig, vocabulary: Sequence[str], device: torch.device | str | None = None
                ) -> FluxInContext:
     """A freshly initialised tiny backbone: pixel codec, :class:`TinyTextEncoder` over ``vocabulary``."""
+    a = cfg.options  # model.flux-tiny (FluxTinyOptions)
     codec = PixelCodec(cfg.patch)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=codec.channels, num_layers=cfg.num_layers,
-        num_single_layers=cfg.num_single_layers, attention_head_dim=cfg.head_dim,
-        num_attention_heads=cfg.num_heads, joint_attention_dim=cfg.text_dim, pooled_projection_dim=cfg.text_dim,
-        guidance_embeds=False, axes_dims_rope=rope_axes(cfg.head_dim))
-    text = TinyTextEncoder(vocabulary, dim=cfg.text_dim, max_tokens=cfg.max_text_tokens)
+        patch_size=1, in_channels=codec.channels, num_layers=a.num_layers,
+        num_single_layers=a.num_single_layers, attention_head_dim=a.head_dim,
+        num_attention_heads=a.num_heads, joint_attention_dim=a.text_dim, pooled_projection_dim=a.text_dim,
+        guidance_embeds=False, axes_dims_rope=rope_axes(a.head_dim))
+    text = TinyTextEncoder(vocabulary, dim=a.text_dim, max_tokens=cfg.max_text_tokens)
     dtype = _DTYPES[cfg.dtype]
     if dtype != torch.float32:
         transformer.to(dtype=dtype)
@@ -228,7 +242,7 @@ def save_tiny(backbone: FluxInContext, path: str | Path, cfg: ModelConfig) -> No
         raise ValueError("save_tiny: the transformer carries LoRA adapters; save them with lora_state_dict")
     tensors = {f"transformer.{k}": v for k, v in backbone.transformer.state_dict().items()}
     tensors.update({f"text_encoder.{k}": v for k, v in backbone.text_encoder.state_dict().items()})
-    meta = {"format": TINY_FORMAT, "arch": json.dumps({f: getattr(cfg, f) for f in ARCH_FIELDS}),
+    meta = {"format": TINY_FORMAT, "arch": json.dumps(tiny_arch(cfg)),
             "vocabulary": json.dumps(backbone.text_encoder.vocabulary)}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -249,9 +263,10 @@ def read_tiny_metadata(path: str | Path) -> tuple[dict[str, int], list[str]]:
 def load_tiny(path: str | Path, cfg: ModelConfig, device: torch.device | str | None = None) -> FluxInContext:
     """Load a tiny checkpoint; its architecture must equal ``cfg``'s (else the error names the fields to set)."""
     arch, vocabulary = read_tiny_metadata(path)
-    diff = {f: (arch[f], getattr(cfg, f)) for f in ARCH_FIELDS if arch[f] != getattr(cfg, f)}
+    mine = tiny_arch(cfg)
+    diff = {f: (arch[f], mine[f]) for f in ARCH_FIELDS if arch[f] != mine[f]}
     if diff:
-        fix = " ".join(f"model.{f}={ck}" for f, (ck, _) in diff.items())
+        fix = " ".join(f"{_arch_key(f)}={ck}" for f, (ck, _) in diff.items())
         raise ValueError(f"checkpoint {path} was built with a different architecture {diff} "
                          f"(checkpoint, config): set {fix} or use a matching checkpoint")
     backbone = build_tiny(cfg, vocabulary)

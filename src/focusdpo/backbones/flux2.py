@@ -11,9 +11,10 @@ its own time coordinate. We build the very same sequence and RoPE ids (4 axes ``
 tested equal to the pipeline's helpers, so a LoRA trained here runs in the stock pipeline with ``image=[refs]``
 (``focusdpo export-lora``). K may be 0 (text-to-image), as in the pipeline; the focus tap needs K >= 1.
 
-Sampling follows the pipeline too (:meth:`Flux2InContext.sampling_sigmas`, :meth:`Flux2InContext.initial_noise`):
-sigmas ``linspace(1, 1/n, n)`` shifted by the model's own scheduler with ``mu = compute_empirical_mu(N, n)``, and
-the initial noise drawn as ``randn(B, C, h, w)`` then packed, so the same seed gives the same image in both.
+Sampling follows the pipeline too (the backbone's diffusion convention, :class:`Flux2FlowMatching`): FLUX's flow
+matching for training and the Euler update, with sigmas ``linspace(1, 1/n, n)`` shifted by the model's own
+scheduler with ``mu = compute_empirical_mu(N, n)``, and the initial noise drawn as ``randn(B, C, h, w)`` then
+packed, so the same seed gives the same image in both.
 
 The codec is :class:`~focusdpo.backbones.flux2_vae.Flux2VAECodec`, the text encoder
 :class:`~focusdpo.backbones.flux2_text.Flux2TextEncoder` (Qwen3, no pooled vector), the focus tap
@@ -31,6 +32,7 @@ from torch import nn
 
 from focusdpo.backbones import flux2_tap
 from focusdpo.backbones.base import Codec, FocusTap, TextCond, TextEncoder, Tokens
+from focusdpo.backbones.diffusion import FlowMatching
 from focusdpo.backbones.flux import FluxInContext
 from focusdpo.backbones.flux_tap import TapStore
 from focusdpo.config import ModelConfig
@@ -62,8 +64,47 @@ def text_ids(length: int, device: torch.device | None = None) -> torch.Tensor:
     return ids.to(device)
 
 
+class Flux2FlowMatching(FlowMatching):
+    """FLUX's flow matching with ``Flux2KleinPipeline``'s sampling schedule and initial noise (module doc).
+
+    Args:
+        scheduler: the model's ``FlowMatchEulerDiscreteScheduler`` (its shift settings make the sigmas).
+    """
+
+    def __init__(self, scheduler: object) -> None:
+        self.scheduler = scheduler
+
+    def sampling_sigmas(self, steps: int, n_tokens: int, shift: bool = True) -> torch.Tensor:
+        """``float [steps + 1]`` from 1 to 0: ``Flux2KleinPipeline``'s schedule for ``n_tokens`` target tokens
+        (``shift=False``: the unshifted ``linspace(1, 1/steps, steps)`` and a final 0)."""
+        import numpy as np
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
+
+        if steps < 1:
+            raise ValueError(f"sample.steps={steps} is invalid: allowed >= 1")
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+        if not shift:
+            return torch.cat([torch.from_numpy(sigmas).float(), torch.zeros(1)])
+        scheduler = type(self.scheduler).from_config(self.scheduler.config)  # set_timesteps mutates its state
+        if getattr(scheduler.config, "use_flow_sigmas", False):
+            sigmas = None
+        retrieve_timesteps(scheduler, steps, "cpu", sigmas=sigmas, mu=compute_empirical_mu(n_tokens, steps))
+        return scheduler.sigmas.float().cpu()
+
+    def initial_noise(self, batch: int, grid: tuple[int, int], channels: int, seed: int,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+        """``float [B, h*w, C]``: ``randn(B, C, h, w)`` from a CPU generator seeded with ``seed``, packed row-major,
+        the numbers ``Flux2KleinPipeline(generator=torch.Generator().manual_seed(seed))`` draws."""
+        gen = torch.Generator().manual_seed(int(seed))
+        noise = torch.randn((batch, channels, *grid), generator=gen)
+        return noise.flatten(2).transpose(1, 2).contiguous().to(device)
+
+    def __repr__(self) -> str:
+        return f"Flux2FlowMatching({type(self.scheduler).__name__})"
+
+
 class Flux2InContext(FluxInContext):
-    """The :class:`~focusdpo.backbones.base.Backbone` over a ``Flux2Transformer2DModel``.
+    """The :class:`~focusdpo.backbones.base.Backbone` over a ``Flux2Transformer2DModel``; K = 0 references allowed.
 
     Args:
         transformer: the FLUX.2 transformer (``in_channels`` must equal ``codec.channels``, 128).
@@ -73,6 +114,8 @@ class Flux2InContext(FluxInContext):
         tap_layer: as :class:`~focusdpo.backbones.flux.FluxInContext`.
         guidance: guidance-embedding value for guidance-distilled transformers (FLUX.2 [dev]); None for [klein].
     """
+
+    text_to_image = True  # K = 0 references is allowed (text-to-image), as in the stock pipeline
 
     def __init__(self, transformer: nn.Module, codec: Codec, text_encoder: TextEncoder, scheduler: object,
                  tap_layer: str | int | None = None, guidance: float | None = None) -> None:
@@ -84,12 +127,14 @@ class Flux2InContext(FluxInContext):
             raise ValueError(f"text encoder width {text_encoder.dim} != transformer joint_attention_dim "
                              f"{cfg.joint_attention_dim}: the text encoder belongs to another model")
         if cfg.guidance_embeds and guidance is None:
-            raise ValueError("the transformer has guidance embeddings (FLUX.2 [dev]): set model.guidance, e.g. 4.0")
+            raise ValueError("the transformer has guidance embeddings (FLUX.2 [dev]): set model.flux2.guidance, "
+                             "e.g. 4.0")
         if not cfg.guidance_embeds and guidance is not None:
-            raise ValueError(f"model.guidance={guidance} but the transformer has no guidance embedding "
-                             f"(FLUX.2 [klein]): set model.guidance=null")
+            raise ValueError(f"model.flux2.guidance={guidance} but the transformer has no guidance embedding "
+                             f"(FLUX.2 [klein]): set model.flux2.guidance=null")
         self.transformer, self.codec, self.text_encoder = transformer, codec, text_encoder
         self.scheduler, self.guidance, self.patch = scheduler, guidance, codec.patch
+        self.diffusion = Flux2FlowMatching(scheduler)
         self._store = TapStore()
         self.block_names = flux2_tap.install(transformer, self._store)
         self._tap_blocks: list[str] = []
@@ -130,39 +175,13 @@ class Flux2InContext(FluxInContext):
             raise ValueError(f"predict: t {tuple(t.shape)} and text batch {len(text)} must match batch "
                              f"{x_t.shape[0]}")
 
-    # --- the pipeline's sampling convention ------------------------------------------------------------------
-
-    def sampling_sigmas(self, steps: int, n_tokens: int, shift: bool = True) -> torch.Tensor:
-        """``float [steps + 1]`` from 1 to 0: ``Flux2KleinPipeline``'s schedule for ``n_tokens`` target tokens
-        (``shift=False``: the unshifted ``linspace(1, 1/steps, steps)`` and a final 0)."""
-        import numpy as np
-        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
-
-        if steps < 1:
-            raise ValueError(f"sample.steps={steps} is invalid: allowed >= 1")
-        sigmas = np.linspace(1.0, 1 / steps, steps)
-        if not shift:
-            return torch.cat([torch.from_numpy(sigmas).float(), torch.zeros(1)])
-        scheduler = type(self.scheduler).from_config(self.scheduler.config)  # set_timesteps mutates its state
-        if getattr(scheduler.config, "use_flow_sigmas", False):
-            sigmas = None
-        retrieve_timesteps(scheduler, steps, "cpu", sigmas=sigmas, mu=compute_empirical_mu(n_tokens, steps))
-        return scheduler.sigmas.float().cpu()
-
-    def initial_noise(self, batch: int, grid: tuple[int, int], seed: int) -> torch.Tensor:
-        """``float [B, h*w, C]`` on the device: ``randn(B, C, h, w)`` from a CPU generator seeded with ``seed``,
-        packed row-major, the numbers ``Flux2KleinPipeline(generator=torch.Generator().manual_seed(seed))`` draws."""
-        gen = torch.Generator().manual_seed(int(seed))
-        noise = torch.randn((batch, self.codec.channels, *grid), generator=gen)
-        return noise.flatten(2).transpose(1, 2).contiguous().to(self.device)
-
 
 def load_flux2(cfg: ModelConfig, device: torch.device | str | None = None) -> Flux2InContext:
     """Load FLUX.2 from ``cfg.checkpoint`` (diffusers folder or hub id with ``transformer/``, ``vae/``,
     ``text_encoder/``, ``tokenizer/``, ``scheduler/``) onto ``device`` (default CPU), frozen.
 
-    Uses ``cfg.dtype``, ``cfg.patch`` (must be the VAE token size, 16), ``cfg.max_text_tokens``, ``cfg.guidance``,
-    ``cfg.offload_encoders`` and ``cfg.latent_cache`` as the FLUX.1 loader does; ``cfg.lora_import`` is refused.
+    Uses ``cfg.dtype``, ``cfg.patch`` (must be the VAE token size, 16), ``cfg.max_text_tokens`` and the section
+    ``model.flux2`` (``guidance``, ``offload_encoders``, ``latent_cache``) as the FLUX.1 loader does.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 
@@ -175,22 +194,20 @@ def load_flux2(cfg: ModelConfig, device: torch.device | str | None = None) -> Fl
         raise ValueError("model.checkpoint is required for model.backbone=flux2: a local diffusers FLUX.2 folder "
                          "(transformer/, vae/, text_encoder/, tokenizer/, scheduler/) or a hub id, e.g. "
                          "black-forest-labs/FLUX.2-klein-base-4B")
-    if cfg.lora_import:
-        raise ValueError(f"model.lora_import={cfg.lora_import!r} is a FLUX.1 (UNO) option: FLUX.2 takes references "
-                         f"natively; set model.lora_import=null")
+    opts = cfg.options  # model.flux2 (Flux2Options)
     device, dtype = torch.device(device or "cpu"), DTYPES[cfg.dtype]
     transformer = Flux2Transformer2DModel.from_pretrained(cfg.checkpoint, subfolder="transformer", torch_dtype=dtype,
                                                           use_safetensors=True)
     transformer.requires_grad_(False).eval()
     quantize_frozen(transformer, cfg.quantization)  # on the CPU, before the move: the device never holds bf16
     transformer.to(device)
-    codec = Flux2VAECodec.from_pretrained(cfg.checkpoint, dtype=dtype, device=device, offload=cfg.offload_encoders)
+    codec = Flux2VAECodec.from_pretrained(cfg.checkpoint, dtype=dtype, device=device, offload=opts.offload_encoders)
     if cfg.patch != codec.patch:
         raise ValueError(f"model.patch={cfg.patch} but the VAE of {cfg.checkpoint} makes {codec.patch}-pixel tokens: "
                          f"set model.patch={codec.patch}")
     text = Flux2TextEncoder.from_pretrained(cfg.checkpoint, max_tokens=cfg.max_text_tokens, dtype=dtype,
-                                            device=device, offload=cfg.offload_encoders)
-    if cfg.latent_cache:
-        codec, text = LatentCache(codec, cfg.latent_cache), TextCache(text, cfg.latent_cache)
+                                            device=device, offload=opts.offload_encoders)
+    if opts.latent_cache:
+        codec, text = LatentCache(codec, opts.latent_cache), TextCache(text, opts.latent_cache)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(cfg.checkpoint, subfolder="scheduler")
-    return Flux2InContext(transformer, codec, text, scheduler, guidance=cfg.guidance)
+    return Flux2InContext(transformer, codec, text, scheduler, guidance=opts.guidance)

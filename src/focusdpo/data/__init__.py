@@ -4,7 +4,7 @@ Heavy parts (the world, torch loaders) are imported by the functions that need t
 """
 
 from focusdpo.data.builder import BuildSummary
-from focusdpo.data.dataset import BucketBatchSampler, DipDataLoader, DipDataset, collate_dip, make_dataloader
+from focusdpo.data.dataset import DipDataset, collate_dip
 from focusdpo.data.disruptions import (
     DisruptionContext,
     DisruptionError,
@@ -19,9 +19,7 @@ from focusdpo.data.sources import build_manifest_dip, build_toy_dip, ensure_toy_
 
 __all__ = [
     "BadRecord",
-    "BucketBatchSampler",
     "BuildSummary",
-    "DipDataLoader",
     "DipDataset",
     "DipRecord",
     "DisruptionContext",
@@ -32,7 +30,6 @@ __all__ = [
     "build_toy_dip",
     "collate_dip",
     "ensure_toy_dip",
-    "make_dataloader",
     "read_records",
     "register_disruption",
     "registered_disruptions",

@@ -1,21 +1,13 @@
-"""Loading DIP shards for training: a streaming Dataset, a bucketing batch sampler, the collate.
+"""Loading DIP shards for training: a streaming Dataset and the collate (batch order: ``focusdpo.train.batches``).
 
 :class:`DipDataset` keeps only a small index in memory (shard, row group, row, K, sizes: read from the
 metadata columns alone) and reads rows on demand, one Parquet row group at a time, into an LRU cache of row
 groups per process bounded in bytes (``cache_bytes``); PNGs are decoded per item. Every DataLoader worker
 opens its own file handles.
 
-:class:`BucketBatchSampler` makes every batch hold one ``K`` and one set of sizes (target ``H, W`` and each
-reference's ``h_k, w_k``), so the collate can stack. For an epoch ``e`` and seed ``s`` it shuffles the records
-inside each bucket, cuts them into batches, shuffles the batch order (all with ``numpy`` seeded by
-``(s, e)``), then gives rank ``r`` of ``world_size`` the batches ``r, r + world_size, ...``, truncated to the
-same count on every rank (so DDP never waits on a rank with fewer batches). The order is a pure function of
-``(seed, epoch, rank, world_size)``.
-
-:class:`DipDataLoader` (what :func:`make_dataloader` returns) is a ``torch.utils.data.DataLoader`` that counts
-the batches handed to the caller, so its ``state_dict() -> {"epoch", "batches"}`` is exact even with
-prefetching workers; ``load_state_dict`` makes the next pass start at that epoch, skipping that many batches.
-A full pass advances the epoch by one. Do not pass it to ``accelerator.prepare`` (it shards by rank itself).
+The trainer groups records by ``K`` and sizes (target ``H, W`` and each reference's ``h_k, w_k``) so that the
+collate can stack, and orders and shards the batches itself (:mod:`focusdpo.train.batches`: the same global batch
+for any number of processes, exact resume).
 
 Batch layout (:func:`collate_dip`), one ``K`` per batch::
 
@@ -33,7 +25,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 
 from focusdpo.data.parquet import INDEX_COLUMNS, decode_row, open_shard, read_row_group, shard_paths
 
@@ -132,7 +124,8 @@ class DipDataset(Dataset):
 def collate_dip(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stack items of one bucket into the batch layout of the module docstring.
 
-    Raises ValueError naming the records when K, sizes or ``m_d_patch`` differ (use :class:`BucketBatchSampler`).
+    Raises ValueError naming the records when K, sizes or ``m_d_patch`` differ (group records by
+    :attr:`DipDataset.keys`, as ``focusdpo.train.batches`` does).
     """
     if not items:
         raise ValueError("collate_dip got an empty batch")
@@ -144,7 +137,8 @@ def collate_dip(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 and all(a.shape == b.shape for a, b in zip(it["references"], first["references"], strict=True)))
         if not same:
             raise ValueError(f"records {first['id']!r} and {it['id']!r} differ in K, image/reference sizes or "
-                             "m_d_patch; batch them with BucketBatchSampler (one bucket per batch)")
+                             "m_d_patch; group them by DipDataset.keys (one group per batch, as "
+                             "focusdpo.train.batches does)")
     return {
         "id": [it["id"] for it in items], "prompt": [it["prompt"] for it in items],
         "disruption": [it["disruption"] for it in items],
@@ -157,114 +151,3 @@ def collate_dip(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "m_d": torch.stack([it["m_d"] for it in items]),
         "m_d_patch": int(first["m_d_patch"]),
     }
-
-
-class BucketBatchSampler(Sampler[list[int]]):
-    """Batches of indices whose ``keys`` are equal (one K and one set of sizes per batch); see module docstring.
-
-    Args:
-        keys: one hashable bucket key per record (``DipDataset.keys``).
-        batch_size: records per batch (the last batch of a bucket may be smaller unless ``drop_last``).
-        shuffle: shuffle inside buckets and the batch order (False: buckets in key order, records in order).
-        seed: base seed of the order.
-        rank, world_size: this process's share of the batches.
-        drop_last: drop each bucket's incomplete last batch.
-    """
-
-    def __init__(self, keys: Sequence[Hashable], batch_size: int, shuffle: bool = True, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, drop_last: bool = False) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-        self.keys, self.batch_size, self.shuffle, self.seed = list(keys), batch_size, shuffle, seed
-        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
-        self.epoch, self.start = 0, 0
-        if len(self._rank_batches()) == 0:
-            raise ValueError(f"{len(self.keys)} records give no batch of {batch_size} for rank {rank} of "
-                             f"{world_size} (drop_last={drop_last}); lower batch_size or build more records")
-
-    def set_epoch(self, epoch: int) -> None:
-        """Use the order of ``epoch`` from the next pass on."""
-        self.epoch = int(epoch)
-
-    def skip(self, n: int) -> None:
-        """Start the next pass at batch ``n`` of this rank's order (resume); later passes start at 0."""
-        if not 0 <= n <= len(self._rank_batches()):
-            raise ValueError(f"cannot skip {n} batches: an epoch has {len(self._rank_batches())} on this rank")
-        self.start = int(n)
-
-    def _all_batches(self) -> list[list[int]]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        buckets: dict[Hashable, list[int]] = {}
-        for i, key in enumerate(self.keys):
-            buckets.setdefault(key, []).append(i)
-        batches = []
-        for key in sorted(buckets, key=repr):
-            idx = np.asarray(buckets[key])
-            if self.shuffle:
-                idx = idx[rng.permutation(len(idx))]
-            for s in range(0, len(idx), self.batch_size):
-                chunk = idx[s:s + self.batch_size].tolist()
-                if len(chunk) == self.batch_size or not self.drop_last:
-                    batches.append(chunk)
-        if self.shuffle:
-            batches = [batches[i] for i in rng.permutation(len(batches))]
-        return batches
-
-    def _rank_batches(self) -> list[list[int]]:
-        batches = self._all_batches()
-        per_rank = len(batches) // self.world_size if self.world_size > 1 else len(batches)
-        return batches[self.rank::self.world_size][:per_rank]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        batches, start = self._rank_batches(), self.start
-        self.start = 0
-        yield from batches[start:]
-
-    def __len__(self) -> int:
-        return len(self._rank_batches()) - self.start
-
-
-class DipDataLoader(DataLoader):
-    """A DataLoader over :class:`DipDataset` + :class:`BucketBatchSampler` with an exact data position."""
-
-    def __init__(self, dataset: DipDataset, batch_sampler: BucketBatchSampler, num_workers: int = 0) -> None:
-        super().__init__(dataset, batch_sampler=batch_sampler, collate_fn=collate_dip, num_workers=num_workers)
-        self.epoch, self.batches = 0, 0
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
-        sampler: BucketBatchSampler = self.batch_sampler  # type: ignore[assignment]
-        sampler.set_epoch(self.epoch)
-        sampler.skip(self.batches)
-        for batch in super().__iter__():
-            self.batches += 1
-            yield batch
-        self.epoch, self.batches = self.epoch + 1, 0
-
-    def state_dict(self) -> dict[str, int]:
-        """``{"epoch", "batches"}``: the batches of that epoch already handed out."""
-        return {"epoch": self.epoch, "batches": self.batches}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Resume: the next pass is epoch ``state["epoch"]`` starting after ``state["batches"]`` batches."""
-        self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
-
-
-def make_dataloader(path: str | Path, cfg, shuffle: bool = True, seed: int | None = None, rank: int = 0,
-                    world_size: int = 1, batch_size: int | None = None, drop_last: bool = False) -> DipDataLoader:
-    """The training loader of a built DIP set.
-
-    Args:
-        path: the set's folder.
-        cfg: :class:`~focusdpo.config.Config` (``data.batch_size``, ``data.num_workers``, ``train.seed``).
-        shuffle, drop_last: see :class:`BucketBatchSampler`.
-        seed: order seed (None: ``cfg.train.seed``).
-        rank, world_size: this process's share.
-        batch_size: records per batch per process (None: ``cfg.data.batch_size``).
-    """
-    ds = DipDataset(path)
-    sampler = BucketBatchSampler(ds.keys, batch_size or cfg.data.batch_size, shuffle=shuffle,
-                                 seed=cfg.train.seed if seed is None else seed, rank=rank,
-                                 world_size=world_size, drop_last=drop_last)
-    return DipDataLoader(ds, sampler, num_workers=cfg.data.num_workers)

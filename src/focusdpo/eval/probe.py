@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from focusdpo.backbones.base import Backbone
+from focusdpo.backbones.diffusion import FLOW, Diffusion, diffusion_of
 from focusdpo.config import Config
 from focusdpo.focus import READOUTS, claim_tokens, focus_sets, pool_to_tokens, readout_scores, subject_top_k
 
@@ -139,7 +140,7 @@ def probe_batch(backbone: Backbone, batch: dict[str, Any], blocks: Sequence[str]
             add("chance", s, *_rule_stats(chance, regions, cfg.focus.rho))
             add("ceiling", s, *_rule_stats(regions, regions, cfg.focus.rho))
             t = torch.full((x0.tokens.shape[0],), float(s), device=x0.tokens.device)
-            x_t = (1 - s) * x0.tokens + s * eps
+            x_t, _ = diffusion_of(backbone).noisy(x0.tokens, eps, t)
             for block in blocks:
                 backbone.tap_layer = block
                 with torch.no_grad():
@@ -150,11 +151,9 @@ def probe_batch(backbone: Backbone, batch: dict[str, Any], blocks: Sequence[str]
     return out
 
 
-def train_sigmas(cfg: Config, n_tokens: int, n: int = 100_000) -> np.ndarray:
-    """``n`` timesteps ``s`` drawn as the trainer draws them (:func:`focusdpo.sampling.draw_noise`)."""
-    from focusdpo.sampling import draw_noise
-
-    _, s = draw_noise(torch.Generator().manual_seed(0), n, (1, 1), n_tokens, cfg.loss)
+def train_sigmas(cfg: Config, n_tokens: int, n: int = 100_000, diffusion: Diffusion = FLOW) -> np.ndarray:
+    """``n`` timesteps ``s`` drawn as the trainer draws them (``diffusion.draw``, flow matching by default)."""
+    _, s = diffusion.draw(torch.Generator().manual_seed(0), n, (1, 1), n_tokens, cfg.loss)
     return s.numpy()
 
 
@@ -203,7 +202,7 @@ def run_probe(cfg: Config, backbone: Backbone, batches: Iterator[dict[str, Any]]
     if not n_pos:
         raise ValueError("focus-probe: no positives to probe (empty DIP set or --n 0)")
     backbone.tap_layer = cfg.focus.tap_layer
-    summary = summarise_probe(raw, train_sigmas(cfg, n_tokens[0] * n_tokens[1]))
+    summary = summarise_probe(raw, train_sigmas(cfg, n_tokens[0] * n_tokens[1], diffusion=diffusion_of(backbone)))
     result = {"readouts": {k: v for k, v in summary.items() if k not in ("chance", "ceiling")},
               "chance": summary["chance"], "ceiling": summary["ceiling"], "default": default,
               "sigmas": list(SIGMAS), "n_positives": n_pos, "draws": draws, "source": source}

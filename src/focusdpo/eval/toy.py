@@ -56,6 +56,7 @@ import torch
 
 from focusdpo.backbones import Backbone
 from focusdpo.backbones.base import TextCond, Tokens
+from focusdpo.backbones.diffusion import FLOW, Diffusion, diffusion_of
 from focusdpo.config import Config
 from focusdpo.eval.methods import load_method, resolve_methods
 from focusdpo.eval.report import comparison_grid, difference_lines, to_uint8, toy_markdown
@@ -105,15 +106,14 @@ def sample_scenes(backbone: Backbone, scenes: Sequence[Scene], cfg: Config, seed
     return out
 
 
-def unit_noise(scenes: Sequence[Scene], cfg: Config, pairs: Sequence[tuple[int, int]], shape: tuple[int, int],
-               device: torch.device | str | None = None) -> torch.Tensor:
+def unit_noise(scenes: Sequence[Scene], cfg: Config, pairs: Sequence[tuple[int, int]], grid: tuple[int, int],
+               channels: int, device: torch.device | str | None = None, diffusion: Diffusion = FLOW) -> torch.Tensor:
     """The initial noise of every (sampling seed, sample) in ``pairs`` for ``scenes``, concatenated in that order:
     ``float [len(pairs) * n_scenes, N, C]``, exactly the per-batch tensors :func:`sample_scenes` draws (seeded by
     :func:`batch_seed` per ``eval.batch_size`` batch), so both paths start every scene from the same noise."""
-    from focusdpo.sampling import initial_noise
-
     k, bs = len(scenes[0].identities), cfg.eval.batch_size
-    return torch.cat([initial_noise((len(scenes[start:start + bs]), *shape), batch_seed(seed, k, sample, b), device)
+    return torch.cat([diffusion.initial_noise(len(scenes[start:start + bs]), grid, channels,
+                                              batch_seed(seed, k, sample, b), device)
                       for seed, sample in pairs for b, start in enumerate(range(0, len(scenes), bs))])
 
 
@@ -126,21 +126,22 @@ def sample_units(backbone: Backbone, scenes: Sequence[Scene], cfg: Config) -> di
     images, and each chunk's guidance branch runs in the same forward with its doubled conditioning built once
     (``sampling.doubled_guidance_fn``). Images equal the per-batch path's up to float rounding.
     """
-    from focusdpo.sampling import flux_sigmas, sample
+    from focusdpo.sampling import sample
 
     size = (cfg.world.scene_size, cfg.world.scene_size)
     grid, device, n = backbone.token_grid(size), backbone.device, len(scenes)
     pairs = [(seed, j) for seed in cfg.eval.seeds for j in range(cfg.eval.samples_per_prompt)]
     refs = [backbone.encode_images(r) for r in references_of(scenes, device)]
     text = backbone.encode_prompts([s.prompt for s in scenes])
-    noise = unit_noise(scenes, cfg, pairs, (grid[0] * grid[1], refs[0].tokens.shape[2]), device)
+    diffusion = diffusion_of(backbone)
+    noise = unit_noise(scenes, cfg, pairs, grid, refs[0].tokens.shape[2], device, diffusion)
     scene_of = torch.arange(n, device=device).repeat(len(pairs))
-    sigmas = flux_sigmas(cfg.sample.steps, grid[0] * grid[1], cfg.sample.time_shift)
+    sigmas = diffusion.sampling_sigmas(cfg.sample.steps, grid[0] * grid[1], cfg.sample.time_shift)
     model_fn, conditioning = _chunk_conditioning(backbone, text, refs, cfg.sample.guidance)
     images: list[np.ndarray] = []
     for start in range(0, len(noise), cfg.eval.chunk):
         cond = conditioning(scene_of[start:start + cfg.eval.chunk])
-        x = sample(model_fn, noise[start:start + cfg.eval.chunk], sigmas, {**cond, "grid": grid})
+        x = sample(model_fn, noise[start:start + cfg.eval.chunk], sigmas, {**cond, "grid": grid}, None, diffusion)
         images.extend(to_uint8(backbone.decode_tokens(x, grid)))
     return {pair: images[i * n:(i + 1) * n] for i, pair in enumerate(pairs)}
 

@@ -13,7 +13,8 @@ architecture. Each parameter is then priced at what it will hold on the device:
 - optimizer state: AdamW two float32 moments; ``adamw8bit`` two uint8 moments + a float32 absmax per 256-block
   and two 256-entry maps per tensor (bitsandbytes' blockwise 8-bit state; 32-bit for tensors under 4096
   elements); ``adafactor`` a float32 row and column second moment per matrix;
-- the text encoders and VAE: on the device unless offloaded (``model.offload_encoders`` or ``train.memory=low``);
+- the text encoders and VAE: on the device unless offloaded (``model.<backbone>.offload_encoders`` or
+  ``train.memory=low``);
   offloaded with the latent/text cache filled they never come back, without the cache each encode moves them over
   for the call (reported as the peak of a cache miss).
 
@@ -37,37 +38,19 @@ against the 24.8 GiB measured there. A 10 % margin is added for the CUDA caching
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
+from focusdpo.backbones.architecture import DTYPE_BYTES, meta_architecture
 from focusdpo.config import Config, ConfigError
 from focusdpo.quantization import quantized_linears
 
 ACTIVATION_C = 12.75  # values kept per token, per width unit, per block and image without checkpointing (fitted)
 MARGIN = 0.10  # allocator fragmentation
 GB, GIB = 1e9, 2**30
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-# FLUX.1-dev's published architecture (black-forest-labs/FLUX.1-dev, the diffusers folder's config.json files), used
-# when model.checkpoint is a hub id and not a local folder.
-FLUX1_DEV = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
-             "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
-             "guidance_embeds": True, "axes_dims_rope": (16, 56, 56)}
-FLUX1_VAE = {"in_channels": 3, "out_channels": 3, "down_block_types": ("DownEncoderBlock2D",) * 4,
-             "up_block_types": ("UpDecoderBlock2D",) * 4, "block_out_channels": (128, 256, 512, 512),
-             "layers_per_block": 2, "latent_channels": 16, "norm_num_groups": 32, "use_quant_conv": False,
-             "use_post_quant_conv": False}
-T5_XXL = {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24, "vocab_size": 32128,
-          "feed_forward_proj": "gated-gelu", "is_encoder_decoder": False}
-CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
-          "projection_dim": 768, "vocab_size": 49408}
-
 
 @dataclass
 class Budget:
@@ -104,23 +87,24 @@ def estimate_budget(cfg: Config, size: int | None = None, refs: int = 1, ref_siz
     """The :class:`Budget` of ``cfg`` for ``size`` px targets with ``refs`` references of ``ref_size`` px (defaults:
     the world's sizes for flux-tiny, 512 px for the real backbones) and ``model.max_text_tokens`` text tokens."""
     m = cfg.model
-    tiny = m.backbone == "flux-tiny"
-    size = size or (cfg.world.scene_size if tiny else 512)
-    ref_size = ref_size or (cfg.world.ref_size if tiny else size)
-    transformer, encoders, notes = _architecture(cfg)
-    base, lora = _transformer_bytes(transformer, m.quantization, _DTYPE_BYTES[m.dtype], cfg.lora)
+    arch = meta_architecture(m)  # focusdpo.backbones.architecture: the transformer on meta, the encoders' bytes
+    transformer, encoders, notes = arch.transformer, arch.encoders, arch.notes
+    size = size or arch.native_size or cfg.world.scene_size
+    ref_size = ref_size or (size if arch.native_size else cfg.world.ref_size)
+    base, lora = _transformer_bytes(transformer, m.quantization, DTYPE_BYTES[m.dtype], cfg.lora)
     eff = effective(cfg)
     parts = {f"frozen transformer ({m.quantization if m.quantization != 'none' else m.dtype})": base,
              "LoRA adapters (float32)": lora["weights"], "LoRA gradients (float32)": lora["weights"],
              f"optimizer state ({eff.train.optimizer})": _optimizer_bytes(eff.train.optimizer, lora["tensors"])}
     enc_bytes = sum(encoders.values())
-    offload = eff.model.offload_encoders
+    opts = eff.model.options
+    offload = bool(getattr(opts, "offload_encoders", False))
     parts["text encoders + VAE" + (" (offloaded to the CPU)" if offload else "")] = 0.0 if offload else enc_bytes
-    if offload and not eff.model.latent_cache and enc_bytes:
-        notes.append(f"without model.latent_cache every encode moves the encoders over: the peak of a step then "
-                     f"grows by up to {max(encoders.values()) / GIB:.2f} GiB (the largest encoder)")
+    if offload and not getattr(opts, "latent_cache", None) and enc_bytes:
+        notes.append(f"without model.{m.backbone}.latent_cache every encode moves the encoders over: the peak of a "
+                     f"step then grows by up to {max(encoders.values()) / GIB:.2f} GiB (the largest encoder)")
     shape = _shape(transformer, m.patch, size, refs, ref_size, m.max_text_tokens, cfg.data.batch_size)
-    parts.update(_activation_bytes(shape, eff, _act_bytes(cfg)))
+    parts.update(_activation_bytes(shape, eff, _act_bytes(cfg, arch.gpu)))
     return Budget(parts, shape, notes)
 
 
@@ -131,11 +115,11 @@ def effective(cfg: Config) -> Config:
     return presets.effective_config(cfg)
 
 
-def _act_bytes(cfg: Config) -> int:
+def _act_bytes(cfg: Config, gpu: bool) -> int:
     mp = cfg.train.mixed_precision
-    if mp in ("bf16", "fp16") or (mp == "auto" and cfg.model.backbone != "flux-tiny"):
+    if mp in ("bf16", "fp16") or (mp == "auto" and gpu):
         return 2  # auto is bf16 on the GPUs the real backbones train on
-    return _DTYPE_BYTES[cfg.model.dtype]
+    return DTYPE_BYTES[cfg.model.dtype]
 
 
 def _shape(transformer: nn.Module, patch: int, size: int, refs: int, ref_size: int, text: int, pairs: int
@@ -202,104 +186,3 @@ def _optimizer_bytes(optimizer: str, shapes: list[tuple[int, int]]) -> float:
         return sum(2 * r * c + 2 * 4 * math.ceil(r * c / 256) + 2 * 256 * 4 if r * c >= 4096 else 8 * r * c
                    for r, c in shapes)
     return sum(8 * r * c + 4 for r, c in shapes)
-
-
-# ------------------------------------------------------------------------------------ architectures on meta
-
-
-def _architecture(cfg: Config) -> tuple[nn.Module, dict[str, float], list[str]]:
-    """``(transformer on meta, {encoder: device bytes at model.dtype}, notes)`` of the configured backbone."""
-    m = cfg.model
-    if m.backbone == "flux-tiny":
-        return _tiny_architecture(cfg), {}, ["flux-tiny: pixel codec (no VAE); the tiny text encoder is not counted"]
-    if m.backbone not in ("flux", "flux2"):
-        raise ConfigError(f"model.backbone={m.backbone!r}: the dry-run budget knows flux-tiny, flux and flux2")
-    folder = Path(m.checkpoint).expanduser() if m.checkpoint else None
-    local = folder is not None and (folder / "transformer" / "config.json").is_file()
-    if m.backbone == "flux2" and not local:
-        raise ConfigError(f"model.checkpoint={m.checkpoint!r}: the flux2 dry-run reads the architecture from a local "
-                          f"diffusers folder (transformer/config.json); download it first")
-    dtype_bytes = _DTYPE_BYTES[m.dtype]
-    if not local:
-        notes = [f"architecture: FLUX.1-dev's published configs ({m.checkpoint or 'no checkpoint'} is not a local "
-                 f"folder)"]
-        encoders = {"T5-XXL": _t5(T5_XXL, dtype_bytes), "CLIP-L": _clip(CLIP_L, dtype_bytes),
-                    "VAE": _vae(FLUX1_VAE, dtype_bytes)}
-        return _meta(_flux_cls(), FLUX1_DEV), encoders, notes
-    return _local_architecture(folder, m.backbone, dtype_bytes)
-
-
-def _meta(cls: type, config: dict[str, Any]) -> nn.Module:
-    with torch.device("meta"):
-        return cls(**config)
-
-
-def _flux_cls() -> type:
-    from diffusers import FluxTransformer2DModel
-
-    return FluxTransformer2DModel
-
-
-def _count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def _device_bytes(module: nn.Module, dtype_bytes: int) -> int:
-    """Parameters and floating buffers at ``dtype_bytes``, other buffers (ids) at their own size."""
-    buffers = sum(b.numel() * (dtype_bytes if b.is_floating_point() else b.element_size()) for b in module.buffers())
-    return _count(module) * dtype_bytes + buffers
-
-
-def _t5(config: dict[str, Any], dtype_bytes: int) -> int:
-    from transformers import T5Config, T5EncoderModel
-
-    return _device_bytes(_meta(T5EncoderModel, {"config": T5Config(**config)}), dtype_bytes)
-
-
-def _clip(config: dict[str, Any], dtype_bytes: int) -> int:
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    return _device_bytes(_meta(CLIPTextModel, {"config": CLIPTextConfig(**config)}), dtype_bytes)
-
-
-def _vae(config: dict[str, Any], dtype_bytes: int) -> int:
-    from diffusers import AutoencoderKL
-
-    return _device_bytes(_meta(AutoencoderKL, config), dtype_bytes)
-
-
-def _tiny_architecture(cfg: Config) -> nn.Module:
-    from focusdpo.backbones.flux import rope_axes
-
-    m = cfg.model
-    return _meta(_flux_cls(), dict(patch_size=1, in_channels=3 * m.patch * m.patch, num_layers=m.num_layers,
-                                   num_single_layers=m.num_single_layers, attention_head_dim=m.head_dim,
-                                   num_attention_heads=m.num_heads, joint_attention_dim=m.text_dim,
-                                   pooled_projection_dim=m.text_dim, guidance_embeds=False,
-                                   axes_dims_rope=rope_axes(m.head_dim)))
-
-
-def _local_architecture(folder: Path, backbone: str, dtype_bytes: int) -> tuple[nn.Module, dict[str, float], list]:
-    """The transformer, text encoders and VAE of a local diffusers folder, from their ``config.json`` on meta."""
-    import diffusers
-    import transformers
-
-    def config(sub: str) -> dict[str, Any]:
-        return json.loads((folder / sub / "config.json").read_text())
-
-    def build(lib: Any, sub: str) -> nn.Module:
-        data = config(sub)
-        if lib is diffusers:
-            cls = getattr(diffusers, data["_class_name"])
-            with torch.device("meta"):
-                return cls.from_config(data)
-        cls = getattr(transformers, data["architectures"][0])
-        with torch.device("meta"):
-            return cls(cls.config_class.from_dict(data))
-
-    transformer = build(diffusers, "transformer")
-    encoders = {"VAE": _device_bytes(build(diffusers, "vae"), dtype_bytes)}
-    for sub in ("text_encoder", "text_encoder_2"):
-        if (folder / sub / "config.json").is_file():
-            encoders[sub] = _device_bytes(build(transformers, sub), dtype_bytes)
-    return transformer, encoders, [f"architecture: the config.json files of {folder}"]

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from focusdpo.backbones.base import Backbone
+from focusdpo.backbones.diffusion import diffusion_of
 from focusdpo.config import Config
-from focusdpo.train.step import compute_focus, encode_batch, noisy, reference_complexity, token_masks
+from focusdpo.train.step import compute_focus, encode_batch, reference_complexity, token_masks
 
 DEFAULT_SIGMAS = (0.9, 0.7, 0.5, 0.3, 0.1)
 _ROWS = ("M' (claimed)", "M_s (red) / A (green)", "M_d in P", "gate g", "W")
@@ -53,7 +54,7 @@ def focus_maps(backbone: Backbone, batch: Mapping[str, Any], cfg: Config, sigmas
         if not 0.0 < float(sigma) <= 1.0:
             raise ValueError(f"sigma={sigma!r} is invalid: timesteps must be in (0, 1]")
         s = torch.full((1,), float(sigma), device=x0.device)
-        x_t, _ = noisy(x0, eps, s)
+        x_t, _ = diffusion_of(backbone).noisy(x0, eps, s)
         with torch.no_grad():
             _, tap = backbone.predict(x_t, s, inputs.text, inputs.refs, inputs.grid, tap=True, ref_masks=masks[2])
         ref_c = None

@@ -7,12 +7,12 @@
 | ``low`` | on | offloaded to the CPU between calls | on |
 
 Precedence: a preset only turns savings on. ``train.gradient_checkpointing: true`` and
-``model.offload_encoders: true`` hold under every preset (the effective value is the field OR the preset), and an
-explicit ``model.latent_cache`` folder is always the one used; where the preset asks for the cache and the field
-is null, the cache is ``<data.path>/latents`` (fill it with ``focusdpo cache-latents`` first: with offloaded
-encoders a cache miss moves them to the device for that call). ``fast`` adds nothing, so the fields alone decide.
-Offloading and caching concern the backbones with a VAE and text encoders (``flux``, ``flux2``); ``flux-tiny`` has
-neither and takes the checkpointing part only.
+``model.<backbone>.offload_encoders: true`` hold under every preset (the effective value is the field OR the
+preset), and an explicit ``model.<backbone>.latent_cache`` folder is always the one used; where the preset asks for
+the cache and the field is null, the cache is ``<data.path>/latents`` (fill it with ``focusdpo cache-latents``
+first: with offloaded encoders a cache miss moves them to the device for that call). ``fast`` adds nothing, so the
+fields alone decide. Offloading and caching concern the backbones whose section has those fields (``flux``,
+``flux2``: a VAE and text encoders); ``flux-tiny`` has neither and takes the checkpointing part only.
 
 The saved ``config.yaml`` keeps the fields as given; :func:`effective_config` is applied where the run is built,
 so ``--resume`` compares the same config.
@@ -30,7 +30,6 @@ MEMORY_PRESETS: dict[str, dict[str, bool]] = {
     "balanced": {"gradient_checkpointing": True, "offload_encoders": False, "latent_cache": True},
     "low": {"gradient_checkpointing": True, "offload_encoders": True, "latent_cache": True},
 }
-ENCODER_BACKBONES = ("flux", "flux2")
 
 
 def effective_config(cfg: Config) -> Config:
@@ -38,13 +37,14 @@ def effective_config(cfg: Config) -> Config:
     preset = MEMORY_PRESETS[cfg.train.memory]
     train = dataclasses.replace(cfg.train, gradient_checkpointing=cfg.train.gradient_checkpointing
                                 or preset["gradient_checkpointing"])
-    model = cfg.model
-    if model.backbone in ENCODER_BACKBONES:
-        cache = model.latent_cache
+    model, opts = cfg.model, cfg.model.options
+    if hasattr(opts, "offload_encoders") and hasattr(opts, "latent_cache"):  # a backbone with a VAE and encoders
+        cache = opts.latent_cache
         if cache is None and preset["latent_cache"] and cfg.data.path:
             cache = str(Path(cfg.data.path) / "latents")
-        model = dataclasses.replace(model, offload_encoders=model.offload_encoders or preset["offload_encoders"],
-                                    latent_cache=cache)
+        opts = dataclasses.replace(opts, offload_encoders=opts.offload_encoders or preset["offload_encoders"],
+                                   latent_cache=cache)
+        model = dataclasses.replace(model, options=opts)
     return dataclasses.replace(cfg, train=train, model=model)
 
 
@@ -56,7 +56,8 @@ def describe_presets(cfg: Config) -> str:
                      f"offload_encoders={'on' if p['offload_encoders'] else 'field'}, "
                      f"latent_cache={'<data.path>/latents unless set' if p['latent_cache'] else 'field'}")
     eff = effective_config(cfg)
+    opts = eff.model.options
     lines.append(f"# effective now (train.memory={cfg.train.memory}): gradient_checkpointing="
-                 f"{eff.train.gradient_checkpointing}, offload_encoders={eff.model.offload_encoders}, latent_cache="
-                 f"{eff.model.latent_cache}")
+                 f"{eff.train.gradient_checkpointing}, offload_encoders={getattr(opts, 'offload_encoders', None)}, "
+                 f"latent_cache={getattr(opts, 'latent_cache', None)}")
     return "\n".join(lines) + "\n"

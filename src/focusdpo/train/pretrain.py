@@ -86,9 +86,9 @@ def flow_loss(backbone: FluxInContext, prompts: list[str], images: torch.Tensor,
     ref_tokens = [backbone.encode_images(r) for r in refs]
     eps = torch.randn(x0.tokens.shape, generator=generator).to(x0.tokens.device)
     s = sample_sigmas(len(prompts), x0.tokens.shape[1], cfg, generator).to(x0.tokens.device)
-    x_t = (1 - s[:, None, None]) * x0.tokens + s[:, None, None] * eps
+    x_t, target = backbone.diffusion.noisy(x0.tokens, eps, s)
     pred, _ = backbone.predict(x_t, s, backbone.encode_prompts(prompts), ref_tokens, x0.grid)
-    return ((pred.float() - (eps - x0.tokens)) ** 2).mean()
+    return ((pred.float() - target) ** 2).mean()
 
 
 def lr_at(step: int, cfg: Config, opts: PretrainOptions) -> float:

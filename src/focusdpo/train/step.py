@@ -9,12 +9,14 @@ accelerate wrapped (DDP/FSDP/DeepSpeed); the reference forward is the same call 
 (adapters off) and ``no_grad``.
 
 Both sides of a pair go through one forward of batch ``2B`` (positives first, then negatives): same text,
-same references, same ``eps`` and the same ``s`` (DESIGN 2.2). Noise and timesteps are drawn by the caller
-(:func:`~focusdpo.sampling.draw_noise`), which makes the step a pure function of its inputs (exact resume,
-equal results for any number of processes).
+same references, same ``eps`` and the same ``s`` (DESIGN 2.2). Noise and timesteps are drawn from a key the
+caller gives (:class:`NoiseKey`), which makes the step a pure function of its inputs (exact resume, equal results
+for any number of processes).
 
-Flow matching (FLUX convention): ``x_t = (1 - s) x_0 + s eps``, target ``v = eps - x_0``; ``s`` drawn
-logit-normal then shifted as FLUX does for the token count.
+How the tokens are noised and what the model regresses are the backbone's diffusion convention
+(``backbone.diffusion``, :mod:`focusdpo.backbones.diffusion`): for every built-in backbone FLUX's flow matching,
+``x_t = (1 - s) x_0 + s eps``, target ``v = eps - x_0``, ``s`` drawn logit-normal then shifted as FLUX does for the
+token count.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 
 from focusdpo.backbones.base import Backbone, FocusTap, TextCond, Tokens
+from focusdpo.backbones.diffusion import FLOW, Diffusion, diffusion_of
 from focusdpo.config import Config, FocusConfig, LossConfig
 from focusdpo.focus import (
     claim_tokens,
@@ -39,7 +42,6 @@ from focusdpo.focus import (
 )
 from focusdpo.losses import needs_negative, needs_reference, objective_loss, token_errors
 from focusdpo.objectives import get_objective
-from focusdpo.sampling import draw_noise
 
 Policy = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 
@@ -101,19 +103,20 @@ class NoiseKey:
     rank: int = 0
     world: int = 1
 
-    def draw(self, b: int, n_tokens: int, channels: int, cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        """``eps [b, N, C]`` and ``s [b]`` of this process's ``b`` pairs (CPU)."""
+    def draw(self, b: int, n_tokens: int, channels: int, cfg: LossConfig, diffusion: Diffusion = FLOW
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``eps [b, N, C]`` and ``s [b]`` of this process's ``b`` pairs (CPU), drawn by ``diffusion.draw``."""
         state = np.random.SeedSequence([self.seed, self.step, self.micro]).generate_state(2, dtype=np.uint64)
         gen = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
-        eps, s = draw_noise(gen, b * self.world, (n_tokens, channels), n_tokens, cfg)
+        eps, s = diffusion.draw(gen, b * self.world, (n_tokens, channels), n_tokens, cfg)
         part = slice(self.rank * b, (self.rank + 1) * b)
         return eps[part], s[part]
 
 
 def noisy(x0: torch.Tensor, eps: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x_t = (1 - s) x_0 + s eps`` and the velocity target ``v = eps - x_0`` (all ``[B, N, C]``, s ``[B]``)."""
-    s = s.to(x0.dtype)[:, None, None]
-    return (1 - s) * x0 + s * eps, eps - x0
+    """Flow matching's ``x_t = (1 - s) x_0 + s eps`` and velocity target ``v = eps - x_0`` (``[B, N, C]``, s ``[B]``);
+    the step itself uses ``backbone.diffusion.noisy``."""
+    return FLOW.noisy(x0, eps, s)
 
 
 # ------------------------------------------------------------------------------------------------ encoding
@@ -235,11 +238,12 @@ def pair_step(policy: Policy, backbone: Backbone, batch: Mapping[str, Any], nois
     device = inputs.x0_w.device
     b, n = inputs.x0_w.shape[:2]
     sides = 2 if needs_negative(objective) else 1
-    eps, s = noise.draw(b, n, inputs.x0_w.shape[2], cfg.loss)
+    diffusion = diffusion_of(backbone)
+    eps, s = noise.draw(b, n, inputs.x0_w.shape[2], cfg.loss, diffusion)
     eps, s = eps.to(device, inputs.x0_w.dtype).repeat(sides, 1, 1), s.to(device).repeat(sides)
     # one batch of [positives; negatives] with the same eps and s on both sides (DESIGN 2.2)
     x0 = torch.cat([inputs.x0_w, inputs.x0_l][:sides])
-    x_t, target = noisy(x0, eps, s)
+    x_t, target = diffusion.noisy(x0, eps, s)
     text, refs = _double(inputs) if sides == 2 else (inputs.text, inputs.refs)
     ref_err = None
     if needs_reference(objective):

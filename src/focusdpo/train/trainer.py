@@ -8,7 +8,7 @@ Choices made here:
 - The trainable module is ``backbone.trainable()`` inside a thin ``nn.Module`` whose ``forward`` is
   ``backbone.predict``; accelerate wraps that module (DDP/FSDP/DeepSpeed), so the policy forward goes through
   the wrapper while the frozen reference calls ``backbone.predict`` directly (adapters off, no grad).
-- Data order: :mod:`focusdpo.train.batches` rather than ``make_dataloader``'s round-robin sharding, so a step
+- Data order: :mod:`focusdpo.train.batches` (global batches sliced per process, not round-robin sharding), so a step
   sees the same *global* batch (``data.batch_size * num_processes`` pairs) for any number of processes and the
   noise of a pair is keyed by ``(train.seed, step, micro-batch)`` (:class:`focusdpo.train.step.NoiseKey`).
   A 2-process run therefore reproduces a 1-process run with twice the batch size, and a resumed run the run
@@ -140,9 +140,12 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
 
 def check_config(cfg: Config, resume: bool) -> None:
     """Reject what cannot train before any work starts (:class:`ConfigError` naming the field and the fix)."""
-    if cfg.loss.prediction != "flow":
+    from focusdpo.backbones import backbone_spec
+
+    expected = backbone_spec(cfg.model.backbone).prediction  # what the registry declares, before loading anything
+    if cfg.loss.prediction != expected:
         raise ConfigError(f"loss.prediction={cfg.loss.prediction!r} is invalid for model.backbone="
-                          f"{cfg.model.backbone!r}, a flow-matching model: allowed flow")
+                          f"{cfg.model.backbone!r}, whose diffusion convention predicts {expected}: allowed {expected}")
     if resume and cfg.train.output_dir is None:
         raise ConfigError("train.output_dir=None is invalid with --resume: allowed the folder of the run to resume")
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -153,6 +156,17 @@ def check_config(cfg: Config, resume: bool) -> None:
     from focusdpo.train.optimizers import check_optimizer
 
     check_optimizer(cfg.train.optimizer, "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_prediction(cfg: Config, backbone: Any) -> None:
+    """``loss.prediction`` must be what the loaded backbone's diffusion convention regresses (a registered loader
+    may return a backbone whose convention differs from what it declared)."""
+    from focusdpo.backbones.diffusion import diffusion_of
+
+    expected = diffusion_of(backbone).prediction
+    if cfg.loss.prediction != expected:
+        raise ConfigError(f"loss.prediction={cfg.loss.prediction!r} is invalid for model.backbone="
+                          f"{cfg.model.backbone!r}, whose diffusion convention predicts {expected}: allowed {expected}")
 
 
 def make_accelerator(cfg: Config) -> Any:
@@ -295,6 +309,7 @@ def _setup(cfg: Config, accelerator: Any, run_dir: Path, resume: bool) -> _Run:
                           accelerator.num_processes, cfg.train.seed, cfg.data.num_workers,
                           pin_memory=accelerator.device.type == "cuda")
     backbone = load_backbone(eff.model, device=accelerator.device)
+    check_prediction(cfg, backbone)
     try:
         backbone.tap_layer = cfg.focus.tap_layer
     except ValueError as err:  # the block names depend on the model, so only the backbone can check them
