@@ -2,7 +2,7 @@
 
 | preset | gradient checkpointing | text encoders + VAE | latent / text cache |
 |---|---|---|---|
-| ``fast`` (default) | as ``train.gradient_checkpointing`` | as ``model.offload_encoders`` | as ``model.latent_cache`` |
+| ``fast`` (default) | the field | the field (``offload_encoders``) | the field (``latent_cache``) |
 | ``balanced`` | on | on the device | on |
 | ``low`` | on | offloaded to the CPU between calls | on |
 
