@@ -24,7 +24,7 @@ except ImportError:  # Windows: no advisory locks through fcntl
 LOCK_NAME = ".lock"
 # What `focusdpo train` (and `export-lora` into the run folder) writes: what --overwrite may remove.
 RUN_ENTRIES = ("config.yaml", "metrics.csv", "metrics.csv.tmp", "tb", "val", "checkpoints", "lora.safetensors",
-               "lora.safetensors.tmp", "pytorch_lora_weights.safetensors")
+               "lora.safetensors.tmp", "pytorch_lora_weights.safetensors", "memory.json", "memory.json.tmp")
 
 
 class RunFolderError(RuntimeError):
