@@ -2,7 +2,8 @@
 
 - :func:`weight_bytes`: bytes of the frozen base, the LoRA adapters, the optimizer state and (where the
   backbone's encoders are ``nn.Module`` s) the text encoders and codec. Quantised weights count their packed data
-  and scales (:func:`focusdpo.quantization.tensor_nbytes`), so an int8 base weighs about a quarter of fp32.
+  and scales (:func:`focusdpo.quantization.tensor_nbytes`), so an int8 base weighs about a quarter of fp32. Under
+  FSDP the parameters are sharded DTensors and the bytes are the main process's own shards.
 - :class:`PeakMemory`: the peak since the last reading. CUDA: ``torch.cuda.max_memory_allocated`` (tensors, not
   the allocator's reserve), reset after each reading. CPU: the process's peak resident set (``VmHWM`` of
   ``/proc/self/status``), reset after each reading by writing ``5`` to ``/proc/self/clear_refs`` (Linux >= 4.0);
