@@ -19,6 +19,13 @@ Presets:
   target and references (1024 tokens each), 512 text tokens; the FLUX VAE architecture at random weights;
   text features from a fixed random stand-in for T5-XXL + CLIP-L (a per-prompt cost, the same for every
   objective). Needs about 45 GiB without checkpointing.
+- ``flux-dev-24gb``: the ``flux-dev`` stack as a 24 GB card trains it (issue 17): the frozen transformer blocks
+  quantised (``--quantization``, default nf4 on CUDA; int8 on a CPU, where bitsandbytes' 4-bit path is refused),
+  built block by block on the device at random weights so the bf16 model never exists there, gradient
+  checkpointing on, 8-bit AdamW (``--optimizer``), the VAE behind the latent cache; K = 1 and 2, 512 and 1024 px
+  targets (``--sizes``). FLOPs are not counted (the count runs a step without checkpointing, which does not fit).
+  A CPU smoke run at a tiny size (``tests/test_bench_step.py``): ``--device cpu --dtype float32 --layers 1 1
+  --heads 1 --sizes 32 --text-tokens 8``.
 - ``flux2-klein-4b``: the FLUX.2 [klein] 4B transformer architecture (5 double + 20 single blocks, 3072 wide,
   128-channel tokens) at random weights in bf16 on CUDA behind the ``flux2`` backbone (native multi-reference
   sequence, FLUX.2 focus tap), 512x512 target and references, 512 text tokens from a fixed random stand-in for
@@ -50,6 +57,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import itertools
+import math
 import resource
 import statistics
 import tempfile
@@ -93,6 +101,7 @@ class Preset:
 
 PRESETS = {"cpu-tiny": Preset(64, 64, 32, torch.float32, "cpu"),
            "flux-dev": Preset(512, 512, 512, torch.bfloat16, "cuda"),
+           "flux-dev-24gb": Preset(512, 512, 512, torch.bfloat16, "cuda"),
            "flux2-klein-4b": Preset(512, 512, 512, torch.bfloat16, "cuda")}
 
 
@@ -118,7 +127,8 @@ class RandomText:
                         torch.randn(len(prompts), self._pooled, generator=g, device=self.device, dtype=self.dtype))
 
 
-def build_backbone(preset: str, tmp: Path, latent_cache: bool, p: Preset, layers: Sequence[int] | None = None):
+def build_backbone(preset: str, tmp: Path, latent_cache: bool, p: Preset, layers: Sequence[int] | None = None,
+                   quantization: str = "none"):
     """The backbone of ``preset`` (sizes and device from ``p``) with LoRA (r16) attached, frozen base.
 
     ``layers``: ``(double, single)`` block counts replacing FLUX.1-dev's (19, 38), for a quick run of the
@@ -138,19 +148,66 @@ def build_backbone(preset: str, tmp: Path, latent_cache: bool, p: Preset, layers
                           max_text_tokens=p.text_tokens, latent_cache=str(tmp / "latents") if latent_cache else None)
         bb = load_backbone(cfg, device=p.device)
     else:
-        bb = _random_stack(preset, tmp, latent_cache, p, layers)
+        bb = _random_stack(preset, tmp, latent_cache, p, layers, quantization)
     bb.add_lora(LORA_FLUX2 if preset.startswith("flux2") else LORA)
     return bb
+
+
+HEADS: list[int] = []  # --heads: attention heads instead of the architecture's (a narrow smoke run)
 
 
 def _arch(preset: str, layers: Sequence[int] | None) -> dict:
     """The transformer config of ``preset`` with ``layers = (double, single)`` block counts when given."""
     arch = FLUX2_KLEIN_4B if preset.startswith("flux2") else FLUX_DEV
+    arch = {**arch, **({"num_attention_heads": HEADS[0]} if HEADS else {})}
     return {**arch, **(dict(zip(("num_layers", "num_single_layers"), layers, strict=True)) if layers else {})}
 
 
-def _random_stack(preset: str, tmp: Path, latent_cache: bool, p: Preset, layers: Sequence[int] | None):
-    """The full-size architecture of ``preset`` at random weights in ``p.dtype`` on ``p.device``, no LoRA."""
+def _quantized_transformer(arch: dict, quantization: str, device: torch.device, dtype: torch.dtype):
+    """FLUX.1 transformer of ``arch`` at random weights, its blocks quantised one at a time on ``device``: the device
+    never holds more than the quantised model plus one block in ``dtype``."""
+    from diffusers import FluxTransformer2DModel
+    from torch import nn
+
+    from focusdpo.quantization import quantize_frozen
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            transformer = FluxTransformer2DModel(**arch)
+    finally:
+        torch.set_default_dtype(default)
+    transformer.requires_grad_(False)
+    g = torch.Generator(device).manual_seed(0)
+
+    def materialise(module: nn.Module) -> None:
+        module.to_empty(device=device, recurse=False)
+        for name, param in module.named_parameters(recurse=False):
+            with torch.no_grad():
+                if name == "bias":
+                    param.zero_()
+                elif param.ndim == 1:
+                    param.fill_(1.0)  # norm scales
+                else:
+                    param.normal_(0.0, 0.02, generator=g)
+
+    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+    inside = {id(m) for b in blocks for m in b.modules()}
+    for module in transformer.modules():
+        if id(module) not in inside:
+            materialise(module)
+    for block in blocks:
+        for module in block.modules():
+            materialise(module)
+        quantize_frozen(nn.ModuleList([block]), quantization)
+    return transformer
+
+
+def _random_stack(preset: str, tmp: Path, latent_cache: bool, p: Preset, layers: Sequence[int] | None,
+                  quantization: str = "none"):
+    """The full-size architecture of ``preset`` at random weights in ``p.dtype`` on ``p.device``, no LoRA;
+    with ``quantization`` (flux-dev-24gb) the transformer blocks are quantised as they are built."""
     from diffusers import (
         AutoencoderKL,
         AutoencoderKLFlux2,
@@ -170,7 +227,10 @@ def _random_stack(preset: str, tmp: Path, latent_cache: bool, p: Preset, layers:
     torch.set_default_dtype(p.dtype)  # build in bf16 directly: no fp32 detour of the full model
     try:
         with device:
-            transformer = (Flux2Transformer2DModel if flux2 else FluxTransformer2DModel)(**_arch(preset, layers))
+            if quantization != "none":
+                transformer = _quantized_transformer(_arch(preset, layers), quantization, device, p.dtype)
+            else:
+                transformer = (Flux2Transformer2DModel if flux2 else FluxTransformer2DModel)(**_arch(preset, layers))
             transformer.requires_grad_(False)
             vae = AutoencoderKLFlux2() if flux2 else AutoencoderKL(**FLUX_VAE)  # AutoencoderKLFlux2(): FLUX.2's VAE
     finally:
@@ -206,14 +266,17 @@ class StepRunner:
     ``focusdpo-cosine`` is ``focusdpo`` with ``focus.readout=cosine`` on the middle double-stream block.
     """
 
-    def __init__(self, bb, batch: dict, objective: str, autocast: torch.dtype | None) -> None:
+    def __init__(self, bb, batch: dict, objective: str, autocast: torch.dtype | None, optimizer: str = "adamw"
+                 ) -> None:
         self.bb, self.batch, self.autocast, self.objective = bb, batch, autocast, objective
         cfg = Config(lora=LORA, train=TrainConfig(objective=objective.removesuffix("-cosine")))
         if objective == "focusdpo-cosine":
             cfg = cfg.with_overrides(["focus.readout=cosine", "focus.tap_layer=null"])
         self.cfg = cfg
         params = [p for p in bb.transformer.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=1e-6)
+        from focusdpo.train.optimizers import make_optimizer
+
+        self.opt = make_optimizer(optimizer, params, 1e-6, 0.0)
 
     def __call__(self, i: int, optimize: bool = True) -> None:
         self.bb.tap_layer = self.cfg.focus.tap_layer
@@ -387,7 +450,7 @@ def run_case(bb, k: int, checkpointing: bool, args: argparse.Namespace, flops: d
     else:
         bb.transformer.disable_gradient_checkpointing()
     autocast = p.dtype if bb.device.type == "cuda" and p.dtype != torch.float32 else None
-    runs = {o: StepRunner(bb, batch, o, autocast) for o in OBJECTIVES}
+    runs = {o: StepRunner(bb, batch, o, autocast, args.optimizer) for o in OBJECTIVES}
     results = measure(runs, args.warmup, args.iters)
     name = f"K={k}, ckpt {'on' if checkpointing else 'off'}, {'compiled' if args.compiled else 'eager'}"
     rows = []
@@ -397,6 +460,9 @@ def run_case(bb, k: int, checkpointing: bool, args: argparse.Namespace, flops: d
         if objective.startswith("focusdpo"):
             ratio = f"{t / results['dpo'][0]:.3f}"
         f = flops[(k, objective)]
+        if math.isnan(f):
+            rows.append(f"| {name}, {p.size} px | {objective} | {t:.3f} | {mem:.2f} | {ratio} |")
+            continue
         rows.append(f"| {name} | {objective} | {t * 1e3:.1f} | {mem:.2f} | {ratio} | {f / 1e9:.3f} | "
                     f"{100 * f / t / peak:.1f}% |")
     return rows
@@ -475,6 +541,14 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--flops-only", action="store_true",
                     help="flux-dev, flux2-klein-4b: count the transformer FLOPs of one DPO pair on the meta device "
                          "and exit (no GPU).")
+    ap.add_argument("--quantization", choices=["none", "int8", "fp8", "nf4"], default=None,
+                    help="flux-dev-24gb: the frozen blocks' quantisation (default nf4 on CUDA, int8 on a CPU).")
+    ap.add_argument("--optimizer", choices=["adamw", "adamw8bit", "adafactor"], default=None,
+                    help="LoRA optimizer (default adamw; flux-dev-24gb: adamw8bit).")
+    ap.add_argument("--sizes", dest="target_sizes", type=int, nargs="+", default=None,
+                    help="flux-dev-24gb: target sides to run, references of the same side (default 512 1024).")
+    ap.add_argument("--heads", type=int, default=None,
+                    help="Attention heads instead of the architecture's 24 (width 128 each): a narrow smoke run.")
     ap.add_argument("--layers", type=int, nargs=2, default=None, metavar=("DOUBLE", "SINGLE"),
                     help="flux-dev, flux2-klein-4b: block counts instead of 19 38 / 5 20 (a quick run of the code "
                          "path).")
@@ -483,6 +557,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.heads:
+        HEADS[:] = [args.heads]
     if args.threads:
         torch.set_num_threads(args.threads)
     base = PRESETS[args.preset]
@@ -496,6 +572,10 @@ def main() -> None:
         return
     if p.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--preset {args.preset} needs a CUDA GPU; use --preset cpu-tiny on a CPU")
+    if args.preset == "flux-dev-24gb":
+        main_24gb(args, p)
+        return
+    args.optimizer = args.optimizer or "adamw"
     cuda = p.device.startswith("cuda")
     compile_modes = args.compile or (["off", "on"] if cuda else ["off"])
     peak = args.peak_tflops * 1e12 if args.peak_tflops else (989e12 if cuda else cpu_peak_flops())
@@ -518,6 +598,37 @@ def main() -> None:
             for k, ckpt in itertools.product(args.refs, args.checkpointing):
                 for row in run_case(bb, k, ckpt == "on", args, flops, peak):
                     print(row, flush=True)
+
+
+def main_24gb(args: argparse.Namespace, base: Preset) -> None:
+    """The flux-dev-24gb preset: quantised blocks, checkpointing, 8-bit AdamW; one table row per (size, K,
+    objective) with seconds per pair, peak GiB and FocusDPO/DPO; the stack is rebuilt per size (the latent cache
+    and peak are per size)."""
+    cuda = base.device.startswith("cuda")
+    args.quantization = args.quantization or ("nf4" if cuda else "int8")
+    args.optimizer = args.optimizer or "adamw8bit"
+    from focusdpo.quantization import check_quantization
+
+    check_quantization(args.quantization, base.device)
+    device_name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# bench_step: preset flux-dev-24gb, {device_name}, torch {torch.__version__}, base {args.quantization}, "
+          f"optimizer {args.optimizer}, LoRA r{LORA.rank}, checkpointing on, warm-up {args.warmup}, median of "
+          f"{args.iters}, layers {args.layers or (19, 38)}")
+    print("| case | objective | s/pair | peak GiB | FocusDPO/DPO |")
+    print("|---|---|---|---|---|")
+    nan = {(k, o): math.nan for k in args.refs for o in OBJECTIVES}
+    for size in args.target_sizes or [512, 1024]:
+        p = Preset(size, size, base.text_tokens, base.dtype, base.device)
+        args.sizes, args.compiled = p, False
+        with tempfile.TemporaryDirectory() as tmp:
+            bb = build_backbone("flux-dev-24gb", Path(tmp), not args.no_latent_cache, p, args.layers,
+                                args.quantization)
+            for k in args.refs:
+                for row in run_case(bb, k, True, args, nan, 1.0):
+                    print(row, flush=True)
+            del bb
+        if cuda:
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -70,14 +70,18 @@ def _load(config: Path | None, overrides: list[str] | None):
 def config_cmd(config: Path | None = ConfigOpt, overrides: list[str] | None = OverridesArg,
                list_: bool = typer.Option(False, "--list", help="List the packaged configs (--config NAME)."),
                ) -> None:
-    """Print the resolved config (YAML) after overrides, or list the packaged configs."""
+    """Print the resolved config (YAML) after overrides, then each train.memory preset's settings (YAML comments);
+    or list the packaged configs."""
     if list_:
         from focusdpo.config import packaged_config_names, packaged_config_summary
 
         for name in packaged_config_names():
             typer.echo(f"{name:<14} {packaged_config_summary(name)}")
         return
-    typer.echo(_load(config, overrides).to_yaml(), nl=False)
+    from focusdpo.train.presets import describe_presets
+
+    cfg = _load(config, overrides)
+    typer.echo(cfg.to_yaml() + describe_presets(cfg), nl=False)
 
 
 @app.command("registry")
@@ -466,6 +470,12 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue train.output_dir from its newest checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run in train.output_dir (its "
                                                               "checkpoints, metrics, LoRA) by a new one."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the estimated memory budget of a step and exit "
+                                                          "(no training, no weights loaded; docs/performance.md)."),
+    size: int | None = typer.Option(None, "--size", help="--dry-run: target side in pixels (default: 512, "
+                                                         "flux-tiny: world.scene_size)."),
+    refs: int = typer.Option(1, "--refs", min=1, help="--dry-run: references per pair."),
+    ref_size: int | None = typer.Option(None, "--ref-size", help="--dry-run: reference side (default: --size)."),
     config: Path | None = ConfigOpt,
     overrides: list[str] | None = OverridesArg,
 ) -> None:
@@ -477,6 +487,14 @@ def train_cmd(
     from focusdpo.train.trainer import TrainingError, TrainingInterrupted, train
 
     cfg = _load(config, overrides)
+    if dry_run:
+        from focusdpo.train.budget import estimate_budget
+
+        try:
+            typer.echo(estimate_budget(cfg, size, refs, ref_size).table())
+        except (ConfigError, ValueError, OSError) as e:
+            _fail("train --dry-run", e)
+        return
     try:
         run_dir = train(cfg, resume=resume, overwrite=overwrite)
     except TrainingInterrupted as e:
@@ -591,8 +609,9 @@ def cache_latents_command(cfg, device: str = "cpu", batch_size: int = 8, progres
     :func:`focusdpo.backbones.flux_pretrained.cache_latents` (returns its cache hit/miss counts)."""
     from focusdpo.backbones.flux_pretrained import cache_latents
     from focusdpo.data.dataset import DipDataset
+    from focusdpo.train.presets import effective_config
 
-    return cache_latents(cfg, DipDataset, device, batch_size, progress)
+    return cache_latents(effective_config(cfg), DipDataset, device, batch_size, progress)  # train.memory's cache too
 
 
 @app.command("cache-latents")
@@ -603,6 +622,8 @@ def cache_latents_cmd(
     overrides: list[str] | None = OverridesArg,
 ) -> None:
     """Encode a DIP set's images (VAE) and prompts (T5 + CLIP) into model.<backbone>.latent_cache, ahead of training."""
+    from focusdpo.train.presets import effective_config
+
     cfg = _load(config, overrides)
     try:
         counts = cache_latents_command(cfg, device, batch_size)
@@ -610,7 +631,7 @@ def cache_latents_cmd(
         _fail("cache-latents", e)
     (img_hits, img_new), (txt_hits, txt_new) = counts["images"], counts["prompts"]
     typer.echo(f"encoded {img_new} image(s) and {txt_new} prompt(s); {img_hits} image(s) and {txt_hits} prompt(s) "
-               f"were already cached in {cfg.model.options.latent_cache}")
+               f"were already cached in {effective_config(cfg).model.options.latent_cache}")
 
 
 # --- the main job: demo, compare (lead) ----------------------------------------------------------------------

@@ -153,6 +153,10 @@ class ModelConfig:
     dtype: str = _f("float32", "Weight dtype of the frozen base: float32, bfloat16 or float16.")
     options: Any = _f(None, "The chosen backbone's own section, written model.<backbone>.<field> (None: its "
                             "defaults).")
+    quantization: str = _f("none", "Frozen base weights of the transformer blocks (every backbone): none "
+                                   "(model.dtype), int8 (torchao weight-only), fp8 (torchao; CUDA compute capability "
+                                   ">= 8.9, or the CPU) or nf4 (bitsandbytes 4-bit, CUDA); LoRA stays float32 on top "
+                                   "(docs/performance.md).")
 
     def __post_init__(self) -> None:
         from focusdpo.backbones import backbone_names, backbone_spec  # the registry: built-ins and registered ones
@@ -161,6 +165,7 @@ class ModelConfig:
         _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         for name in ("patch", "max_text_tokens"):
             _check(getattr(self, name) >= 1, f"model.{name}", getattr(self, name), ">= 1")
+        _choice("model.quantization", self.quantization, ("none", "int8", "fp8", "nf4"))
         cls = backbone_spec(self.backbone).options
         if self.options is None:
             self.options = cls()
@@ -386,6 +391,11 @@ class TrainConfig:
                                                 "files], seed (optional)}: sampled with the LoRA every "
                                                 "checkpoint_every steps and at the end into <run>/validation/"
                                                 "step-N.png and the tracker (the files are checked before training).")
+    optimizer: str = _f("adamw", "Optimizer of the LoRA: adamw (torch), adamw8bit (bitsandbytes 8-bit states, where "
+                                 "it runs on the device) or adafactor (factored second moment).")
+    memory: str = _f("fast", "Memory preset: fast (the fields decide), balanced (gradient checkpointing + latent/text "
+                             "cache) or low (also the text encoders and VAE offloaded to the CPU); a preset only turns "
+                             "savings on (`focusdpo config` prints each one; focusdpo.train.presets).")
 
     def __post_init__(self) -> None:
         from focusdpo.objectives import objective_names  # the registry: built-ins and registered ones
@@ -407,6 +417,8 @@ class TrainConfig:
         _check(self.keep_checkpoints >= 0, "train.keep_checkpoints", self.keep_checkpoints, ">= 0")
         _choice("train.report_to", self.report_to, ("tensorboard", "wandb", "mlflow", "none"))
         _check(bool(self.tracker_project.strip()), "train.tracker_project", self.tracker_project, "a non-empty name")
+        _choice("train.optimizer", self.optimizer, ("adamw", "adamw8bit", "adafactor"))
+        _choice("train.memory", self.memory, ("fast", "balanced", "low"))
 
 
 @dataclass

@@ -100,8 +100,12 @@ def adapters_disabled(module: nn.Module) -> Iterator[None]:
 def adapters_merged(module: nn.Module) -> Iterator[None]:
     """Adapters folded into the base weights inside the block (``W + scale * B A``: the same function with
     float rounding, one matmul per layer instead of three) and unfolded in ``finally``. For inference only:
-    no gradient reaches the adapters while merged. A module without adapters runs unchanged."""
-    layers = [layer for layer in _tuner_layers(module) if not layer.disable_adapters]
+    no gradient reaches the adapters while merged. A module without adapters runs unchanged. Layers over a
+    quantised base (``model.quantization``) stay unmerged: merging would re-quantise ``W + BA``, and unmerging
+    could not give the original quantised weights back."""
+    from focusdpo.quantization import is_quantized_layer
+
+    layers = [layer for layer in _tuner_layers(module) if not layer.disable_adapters and not is_quantized_layer(layer)]
     for layer in layers:
         layer.merge()
     try:

@@ -103,7 +103,7 @@ def test_new_run_refuses_a_finished_run_without_its_checkpoints(finished, tiny_e
     before = _snapshot(out)
     other = tiny_config(*tiny_env, train__max_steps=1, train__lr=0.01, train__output_dir=out)
     with pytest.raises(RunFolderError, match=r"already holds files of an earlier run \(README.md, config.yaml, "
-                                             r"dip.json, lora.safetensors, metrics.csv.*--overwrite"):
+                                             r"dip.json, lora.safetensors, memory.json, metrics.csv.*--overwrite"):
         train(other)
     assert _snapshot(out) == before
 

@@ -21,7 +21,7 @@ def test_config_loads(name: str, kind: str, machines: int) -> None:
     assert str(cfg.distributed_type).endswith(kind)
     assert cfg.num_machines == machines and cfg.mixed_precision == "bf16"
     if kind == "FSDP":
-        assert cfg.fsdp_config["fsdp_use_orig_params"] is True  # frozen base + LoRA in one flat parameter
+        assert cfg.fsdp_config["fsdp_version"] == 2  # FSDP2: per-parameter sharding, frozen base and LoRA side by side
     if kind == "DEEPSPEED":
         assert cfg.deepspeed_config["zero_stage"] == 2
         assert cfg.deepspeed_config["gradient_accumulation_steps"] == 1

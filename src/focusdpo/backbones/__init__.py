@@ -129,4 +129,11 @@ def backbone_spec(name: str) -> BackboneSpec:
 
 def load_backbone(cfg: ModelConfig, device: torch.device | str | None = None) -> Backbone:
     """Build the backbone named by ``cfg.backbone`` with frozen base weights on ``device`` (default CPU)."""
-    return backbone_spec(cfg.backbone).loader(cfg, device)
+    from focusdpo.quantization import check_quantization, quantization_of, quantize_frozen
+
+    spec = backbone_spec(cfg.backbone)
+    check_quantization(cfg.quantization, device)  # before any weight is read
+    backbone = spec.loader(cfg, device)
+    if cfg.quantization != "none" and quantization_of(backbone.trainable()) == "none":
+        quantize_frozen(backbone.trainable(), cfg.quantization)  # a registered loader that does not quantise
+    return backbone

@@ -36,6 +36,7 @@ from focusdpo.backbones.codecs import PixelCodec
 from focusdpo.backbones.diffusion import FLOW, Diffusion
 from focusdpo.backbones.text import TinyTextEncoder
 from focusdpo.config import ModelConfig
+from focusdpo.quantization import quantize_frozen
 
 
 def position_ids(grid: tuple[int, int], ref_grids: Sequence[tuple[int, int]], device: torch.device | None = None
@@ -277,4 +278,5 @@ def load_tiny(path: str | Path, cfg: ModelConfig, device: torch.device | str | N
         module.to(device=device)
     backbone.transformer.requires_grad_(False)
     backbone.text_encoder.requires_grad_(False)
+    quantize_frozen(backbone.transformer, cfg.quantization)
     return backbone

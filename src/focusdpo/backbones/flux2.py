@@ -36,6 +36,7 @@ from focusdpo.backbones.diffusion import FlowMatching
 from focusdpo.backbones.flux import FluxInContext
 from focusdpo.backbones.flux_tap import TapStore
 from focusdpo.config import ModelConfig
+from focusdpo.quantization import quantize_frozen
 
 log = logging.getLogger(__name__)
 REF_TIME_SCALE = 10  # Flux2KleinPipeline._prepare_image_ids(scale=10): reference k sits at T = 10 + 10 k
@@ -197,7 +198,9 @@ def load_flux2(cfg: ModelConfig, device: torch.device | str | None = None) -> Fl
     device, dtype = torch.device(device or "cpu"), DTYPES[cfg.dtype]
     transformer = Flux2Transformer2DModel.from_pretrained(cfg.checkpoint, subfolder="transformer", torch_dtype=dtype,
                                                           use_safetensors=True)
-    transformer.requires_grad_(False).eval().to(device)
+    transformer.requires_grad_(False).eval()
+    quantize_frozen(transformer, cfg.quantization)  # on the CPU, before the move: the device never holds bf16
+    transformer.to(device)
     codec = Flux2VAECodec.from_pretrained(cfg.checkpoint, dtype=dtype, device=device, offload=opts.offload_encoders)
     if cfg.patch != codec.patch:
         raise ValueError(f"model.patch={cfg.patch} but the VAE of {cfg.checkpoint} makes {codec.patch}-pixel tokens: "

@@ -23,6 +23,7 @@ from focusdpo.backbones.flux_text import FluxTextEncoder, TextCache
 from focusdpo.backbones.uno import load_uno_lora_file, merge_uno_lora
 from focusdpo.backbones.vae import FluxVAECodec, LatentCache, cache_dataset_latents
 from focusdpo.config import ModelConfig
+from focusdpo.quantization import quantize_frozen
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -50,7 +51,9 @@ def load_flux_pretrained(cfg: ModelConfig, device: torch.device | str | None = N
     if opts.lora_import:
         n = merge_uno_lora(transformer, load_uno_lora_file(opts.lora_import))
         log.info("merged the UNO LoRA %s into %d layers", opts.lora_import, n)
-    transformer.requires_grad_(False).eval().to(device)
+    transformer.requires_grad_(False).eval()
+    quantize_frozen(transformer, cfg.quantization)  # on the CPU, before the move: the device never holds bf16
+    transformer.to(device)
     codec = FluxVAECodec.from_pretrained(cfg.checkpoint, dtype=dtype, device=device, offload=opts.offload_encoders)
     if cfg.patch != codec.patch:  # DIP builds compute M_d at model.patch: it must be the VAE token size
         raise ValueError(f"model.patch={cfg.patch} but the VAE of {cfg.checkpoint} makes {codec.patch}-pixel tokens "

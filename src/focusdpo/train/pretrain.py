@@ -215,6 +215,9 @@ def pretrain(cfg: Config, output_dir: str | Path, opts: PretrainOptions | None =
     opts = opts or PretrainOptions()
     if cfg.model.backbone != "flux-tiny":
         raise ValueError(f"model.backbone={cfg.model.backbone!r}: pretrain builds the flux-tiny base only")
+    if cfg.model.quantization != "none":
+        raise ValueError(f"model.quantization={cfg.model.quantization!r} is invalid for pretrain, which trains every "
+                         f"base weight: allowed none (quantise the base when post-training it)")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     world = World(cfg.world)

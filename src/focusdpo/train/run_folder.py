@@ -26,7 +26,7 @@ LOCK_NAME = ".lock"
 RUN_ENTRIES = ("config.yaml", "metrics.csv", "metrics.csv.tmp", "tb", "val", "checkpoints", "lora.safetensors",
                "lora.safetensors.tmp", "pytorch_lora_weights.safetensors", "trackers.json", "wandb",
                "README.md", "dip.json", "samples.png", "validation",
-               "validation.png")
+               "validation.png", "memory.json", "memory.json.tmp")
 
 
 class RunFolderError(RuntimeError):

@@ -4,6 +4,8 @@
 ``loss`` first) so runs of different objectives line up; a metric an objective does not have is empty (NaN).
 It is written whatever ``train.report_to`` says. The tracker (TensorBoard, W&B, MLflow or none: accelerate's
 trackers, :mod:`focusdpo.train.trackers`) gets the scalars every ``train.log_every`` steps and the images.
+``peak_mem_mib`` is the peak memory of the step's interval (CUDA allocated, or the CPU process's peak RSS; the
+run's ``memory.json`` says which, with the weight bytes by part: :mod:`focusdpo.train.memory`).
 On resume the file is cut back to the rows of steps the checkpoint covers and TensorBoard purges later events,
 so a run killed after its last checkpoint logs every step exactly once.
 """
@@ -25,7 +27,7 @@ from focusdpo.train import trackers
 COLUMNS = (
     "step", "loss", "implicit_acc", "margin", "err_w", "err_l", "ref_err_w", "ref_err_l",
     "w_in_prior", "w_out_prior", "w_confused", "w_aligned", "a", "gate", "lr", "grad_norm",
-    "time_data", "time_forward", "time_backward", "time_optim", "steps_per_s",
+    "time_data", "time_forward", "time_backward", "time_optim", "steps_per_s", "peak_mem_mib",
 )
 
 

@@ -107,6 +107,7 @@ class _Run:
     params: list[nn.Parameter] = field(default_factory=list)
     last_saved: int = -1
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    peak: Any = None  # focusdpo.train.memory.PeakMemory: the peak of each step (metrics.csv peak_mem_mib)
 
 
 # --------------------------------------------------------------------------------------------- entry point
@@ -163,6 +164,12 @@ def check_config(cfg: Config, resume: bool) -> None:
     check_validation(cfg)
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision='fp16' is invalid without a CUDA device: allowed auto, no, bf16")
+    from focusdpo.quantization import check_quantization
+
+    check_quantization(cfg.model.quantization, "cuda" if torch.cuda.is_available() else "cpu")
+    from focusdpo.train.optimizers import check_optimizer
+
+    check_optimizer(cfg.train.optimizer, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def check_prediction(cfg: Config, backbone: Any) -> None:
@@ -189,6 +196,8 @@ def make_accelerator(cfg: Config) -> Any:
     accelerator = Accelerator(cpu=use_cpu, mixed_precision=mp, gradient_accumulation_steps=1)
     accelerator.print(f"mixed precision {mp}: {precision.reason}")
     logging.getLogger(__name__).info("mixed precision %s: %s", mp, precision.reason)
+    if use_cpu and accelerator.num_processes > 1 and _env_flag("ACCELERATE_USE_FSDP"):
+        _fsdp_on_cpu_processes(accelerator)
     if use_cpu and accelerator.num_processes == 1 and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
         # `accelerate launch --cpu --num_processes N` without an MPI hostfile starts ONE process (accelerate 1.x)
         warnings.warn("accelerate launch --cpu started a single process: several CPU processes need "
@@ -196,6 +205,21 @@ def make_accelerator(cfg: Config) -> Any:
                       "ACCELERATE_USE_CPU=1 forces the CPU) or --mpirun_hostfile; see docs/distributed.md",
                       stacklevel=2)
     return accelerator
+
+
+def _fsdp_on_cpu_processes(accelerator: Any) -> None:
+    """Run an FSDP launch on CPU processes (gloo) as FSDP: accelerate keeps CPU processes as plain ``MULTI_CPU`` and
+    drops the FSDP plugin of the launch config, so the plugin is put back here (the tests run FSDP2 this way;
+    ``FOCUSDPO_FSDP_ON_CPU=0`` keeps accelerate's choice). See docs/distributed.md."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if os.environ.get("FOCUSDPO_FSDP_ON_CPU", "1").strip() == "0":
+        return
+    state = accelerator.state
+    state.fsdp_plugin = FullyShardedDataParallelPlugin()  # read from the launch's ACCELERATE_FSDP_* variables
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # AcceleratorState() copies it back
 
 
 def _forget_single_process_state() -> None:
@@ -286,8 +310,11 @@ def _setup(cfg: Config, accelerator: Any, run_dir: Path, resume: bool) -> _Run:
 
     from focusdpo.backbones import load_backbone
     from focusdpo.data.dataset import DipDataset, collate_dip
+    from focusdpo.train.optimizers import make_optimizer
+    from focusdpo.train.presets import effective_config
 
     _check_strategy(cfg, accelerator)
+    eff = effective_config(cfg)  # train.memory applied; config.yaml keeps the fields as given
     saved = _read_resume(cfg, accelerator, run_dir) if resume else None  # fail before any heavy work
     set_seed(cfg.train.seed)  # LoRA init and every global RNG; noise and data order have their own keys
     data_path = _data_path(cfg, accelerator)
@@ -296,7 +323,7 @@ def _setup(cfg: Config, accelerator: Any, run_dir: Path, resume: bool) -> _Run:
     data = ShardedBatches(dataset, collate_dip, dataset.keys, cfg.data.batch_size, accelerator.process_index,
                           accelerator.num_processes, cfg.train.seed, cfg.data.num_workers,
                           pin_memory=accelerator.device.type == "cuda")
-    backbone = load_backbone(cfg.model, device=accelerator.device)
+    backbone = load_backbone(eff.model, device=accelerator.device)
     check_prediction(cfg, backbone)
     try:
         backbone.tap_layer = cfg.focus.tap_layer
@@ -309,11 +336,13 @@ def _setup(cfg: Config, accelerator: Any, run_dir: Path, resume: bool) -> _Run:
         backbone.load_lora_state_dict({k: v.to(backbone.device) for k, v in saved["lora"].items()})
     module = PolicyModule(backbone)
     params = _lora_params(module)
-    if cfg.train.gradient_checkpointing:
+    if eff.train.gradient_checkpointing:
         _enable_gradient_checkpointing(module.net)
     if cfg.train.compile:
         _compile_regions(module.net, cfg.train.compile_backend)
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = make_optimizer(cfg.train.optimizer, params, cfg.train.lr, cfg.train.weight_decay)
+    if cfg.model.quantization != "none":
+        _ddp_skip_frozen(module)
     scheduler = make_scheduler(optimizer, cfg.train)
     module, optimizer = accelerator.prepare(module, optimizer)
     module.train()
@@ -329,8 +358,23 @@ def _setup(cfg: Config, accelerator: Any, run_dir: Path, resume: bool) -> _Run:
         cfg.save(run_dir / "config.yaml")
     accelerator.wait_for_everyone()
     log = RunLog(run_dir, state.step, cfg.train.max_steps, enabled=accelerator.is_main_process, cfg=cfg)
-    return _Run(cfg, accelerator, run_dir, backbone, module, optimizer, scheduler, data, dataset, state, log,
-                params, last_saved=state.step if resume else -1, fingerprint=fingerprint)
+    run = _Run(cfg, accelerator, run_dir, backbone, module, optimizer, scheduler, data, dataset, state, log,
+               params, last_saved=state.step if resume else -1, fingerprint=fingerprint)
+    _report_memory(run)
+    return run
+
+
+def _report_memory(run: _Run) -> None:
+    """``memory.json`` in the run folder: weight bytes by part (at start; the optimizer state again after the first
+    step, when PyTorch optimizers have filled it) and what ``peak_mem_mib`` measures; a line in the log."""
+    from focusdpo.train.memory import PeakMemory, weight_bytes, write_memory_report
+
+    if run.peak is None:
+        run.peak = PeakMemory(run.accelerator.device)
+    parts = weight_bytes(run.backbone, run.optimizer)
+    if run.accelerator.is_main_process:
+        text = write_memory_report(run.run_dir, parts, run.peak.kind, run.state.step, run.cfg)
+        run.log.message(text)
 
 
 def _is_fsdp(accelerator: Any) -> bool:
@@ -343,7 +387,12 @@ def _is_deepspeed(accelerator: Any) -> bool:
 
 def _check_strategy(cfg: Config, accelerator: Any) -> None:
     """DeepSpeed: refuse what it does not support before any work; give it the micro-batch size (our data
-    loader is not passed to ``prepare``)."""
+    loader is not passed to ``prepare``). A quantised base is refused under FSDP and DeepSpeed: they flatten and
+    shard the frozen weights, which torchao/bitsandbytes tensors do not support through accelerate here."""
+    if cfg.model.quantization != "none" and (_is_fsdp(accelerator) or _is_deepspeed(accelerator)):
+        raise ConfigError(f"model.quantization={cfg.model.quantization!r} is invalid under "
+                          f"{accelerator.distributed_type}: a quantised base is not sharded; allowed none, or train "
+                          f"the quantised base with DDP / one process (docs/distributed.md)")
     if not _is_deepspeed(accelerator):
         return
     if cfg.train.grad_accum > 1:
@@ -360,6 +409,14 @@ def _lora_params(module: PolicyModule) -> list[nn.Parameter]:
         raise TrainingError(f"the backbone must train LoRA adapters only, found trainable {other[:3] or 'nothing'}: "
                             f"check lora.targets")
     return [p for _, p in named]
+
+
+def _ddp_skip_frozen(module: nn.Module) -> None:
+    """DDP broadcasts every parameter and buffer from rank 0 when it wraps a module, which torchao/bitsandbytes
+    tensors do not support; the frozen base is loaded identically by every process, so DDP is told to leave it
+    alone (only the LoRA adapters are synchronised and all-reduced). No effect without DDP."""
+    frozen = [n for n, p in module.named_parameters() if not p.requires_grad] + [n for n, _ in module.named_buffers()]
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
 
 
 def _enable_gradient_checkpointing(net: nn.Module) -> None:
@@ -490,6 +547,8 @@ def _loop(run: _Run, stop: threading.Event) -> None:
         run.state.step += 1
         step = run.state.step
         run.log.log(step, metrics, scalars=step % cfg.train.log_every == 0)
+        if step == 1:
+            _report_memory(run)  # the optimizer state exists now
         stop_now = _any_process(run.accelerator, stop.is_set())
         if stop_now or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
             _save(run)
@@ -541,7 +600,8 @@ def _optimizer_step(run: _Run, batches: Iterator[tuple[Position, Any]]) -> dict[
     run.optimizer.zero_grad(set_to_none=True)
     run.state.epoch, run.state.batch_in_epoch = position.epoch, position.batch
     times["time_optim"] = _sync_time(acc.device) - t4
-    return {**_reduce_metrics(acc, outs), "lr": lr, "grad_norm": grad_norm, **times}
+    return {**_reduce_metrics(acc, outs), "lr": lr, "grad_norm": grad_norm, **times,
+            "peak_mem_mib": run.peak.read() if run.peak is not None else math.nan}
 
 
 def _forward(run: _Run, batch: Any, noise: NoiseKey, step: int) -> StepOutput:
