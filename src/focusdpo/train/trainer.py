@@ -48,6 +48,7 @@ from torch import nn
 from focusdpo.config import Config, ConfigError
 from focusdpo.train import checkpoint as ckpt
 from focusdpo.train.batches import Position, ShardedBatches
+from focusdpo.train.refresh import OnPolicy, build_judge, check_refresh
 from focusdpo.train.run_folder import RunFolderError, RunFolderLock, check_fresh
 from focusdpo.train.run_log import RunLog
 from focusdpo.train.step import NoiseKey, NonFiniteError, StepOutput, pair_step
@@ -100,6 +101,7 @@ class _Run:
     params: list[nn.Parameter] = field(default_factory=list)
     last_saved: int = -1
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    refresh: OnPolicy | None = None  # on-policy DIP (data.refresh_every > 0)
 
 
 # --------------------------------------------------------------------------------------------- entry point
@@ -259,6 +261,7 @@ def _setup(cfg: Config, accelerator: Any, run_dir: Path, resume: bool) -> _Run:
     from focusdpo.data.dataset import DipDataset, collate_dip
 
     _check_strategy(cfg, accelerator)
+    check_refresh(cfg, accelerator)
     saved = _read_resume(cfg, accelerator, run_dir) if resume else None  # fail before any heavy work
     set_seed(cfg.train.seed)  # LoRA init and every global RNG; noise and data order have their own keys
     data_path = _data_path(cfg, accelerator)
@@ -297,8 +300,14 @@ def _setup(cfg: Config, accelerator: Any, run_dir: Path, resume: bool) -> _Run:
         cfg.save(run_dir / "config.yaml")
     accelerator.wait_for_everyone()
     log = RunLog(run_dir, state.step, cfg.train.max_steps, enabled=accelerator.is_main_process)
+    refresh = None
+    if cfg.data.refresh_every > 0:
+        refresh = OnPolicy(cfg, dataset, backbone, build_judge(cfg, accelerator.device), run_dir,
+                           accelerator.is_main_process)
+        if saved is not None:
+            refresh.load_state_files(saved.get("extra_files") or {}, state.step)
     return _Run(cfg, accelerator, run_dir, backbone, module, optimizer, scheduler, data, dataset, state, log,
-                params, last_saved=state.step if resume else -1, fingerprint=fingerprint)
+                params, last_saved=state.step if resume else -1, fingerprint=fingerprint, refresh=refresh)
 
 
 def _is_fsdp(accelerator: Any) -> bool:
@@ -470,6 +479,10 @@ def _loop(run: _Run, stop: threading.Event) -> None:
     cfg = run.cfg
     batches = run.data.iterate(Position(run.state.epoch, run.state.batch_in_epoch))
     while run.state.step < cfg.train.max_steps:
+        if run.refresh is not None and run.refresh.due(run.state.step):
+            row = run.refresh.run_round(run.state.step, run.accelerator.autocast)
+            run.log.message(f"on-policy round {row['round']}: kept {row['kept']} of {row['candidates']} "
+                            f"({row['time_s']:.1f} s)")
         metrics = _optimizer_step(run, batches)
         run.state.step += 1
         step = run.state.step
@@ -497,6 +510,8 @@ def _optimizer_step(run: _Run, batches: Iterator[tuple[Position, Any]]) -> dict[
     for micro in range(cfg.train.grad_accum):
         t0 = time.perf_counter()
         position, batch = next(batches)
+        if run.refresh is not None:
+            batch = run.refresh.mix(batch, step, micro, acc.process_index, acc.num_processes)
         t1 = _sync_time(acc.device)
         last = micro == cfg.train.grad_accum - 1
         with nullcontext() if last else acc.no_sync(run.module):
@@ -579,7 +594,8 @@ def _save(run: _Run) -> None:
     if acc.is_main_process:
         path = ckpt.save_checkpoint(run.run_dir, run.state, lora, None if sharded else run.optimizer.state_dict(),
                                     run.scheduler.state_dict(), rng, run.cfg.to_yaml(), started=sharded,
-                                    dataset=run.fingerprint)
+                                    dataset=run.fingerprint,
+                                    extra_files=run.refresh.state_files() if run.refresh is not None else None)
         ckpt.prune(run.run_dir, run.cfg.train.keep_checkpoints)
         run.log.message(f"checkpoint {path}")
     run.last_saved = run.state.step
