@@ -25,6 +25,9 @@ Choices made here:
   ``--resume`` of a finished run says so and exits cleanly (issue 15 point 3).
 - The run folder is locked while a trainer uses it, and a new run refuses a folder holding an earlier run
   unless ``overwrite`` (:mod:`focusdpo.train.run_folder`, issue 15 point 2).
+- On-policy DIP (``data.refresh_every > 0``, issue 16): a round of :class:`~focusdpo.train.refresh.OnPolicy` runs
+  before the optimizer steps it is due at, its pool replaces the tail of each later global batch, and its state
+  goes into every checkpoint (:mod:`focusdpo.train.refresh`).
 """
 
 from __future__ import annotations
