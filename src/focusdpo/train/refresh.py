@@ -49,6 +49,11 @@ POOL_FILE = "refresh.parquet"
 LOG_FILE = "refresh.jsonl"
 _ROUND_KEY = 1606  # keeps the refresh's seeds apart from the data order's and the noise's
 _MIX_KEY = 1607
+REGEN_BATCH = 16  # records regenerated in one batch (one forward per Euler step for all of them)
+
+
+def _record_key(rec: DipRecord) -> Hashable:
+    return (rec.num_subjects, rec.size, tuple(r.shape for r in rec.references))
 
 
 def batch_key(item: dict[str, Any]) -> Hashable:
@@ -94,7 +99,7 @@ class OnPolicy:
 
     def run_round(self, step: int, autocast: Any = None) -> dict[str, Any]:
         """Regenerate, judge, replace the pool; returns (and logs) the round's row."""
-        from focusdpo.data.regenerate import RegenerateSettings, regenerate_region
+        from focusdpo.data.regenerate import RegenerateSettings
 
         t0 = time.perf_counter()
         cfg, d = self.cfg, self.cfg.data
@@ -104,41 +109,32 @@ class OnPolicy:
         chosen = sorted(int(i) for i in rng.choice(len(self.dataset), size=n, replace=False))
         targets = [int(rng.integers(self.dataset.keys[i][0])) for i in chosen]  # keys[i][0]: K
         settings = RegenerateSettings(d.refresh_strength, d.refresh_steps, d.refresh_guidance)
-        net = self.backbone.trainable()
-        was_training = net.training
-        net.eval()
+        records = [self.dataset.record(i) for i in chosen]
+        proposals = self._regenerate(records, targets, settings, r, autocast)
         kept: list[DipRecord] = []
         reasons: Counter[str] = Counter()
         gaps, kept_gaps = [], []
-        try:
-            for j, (i, target) in enumerate(zip(chosen, targets, strict=True)):
-                rec = self.dataset.record(i)
-                noise = np.random.default_rng([cfg.train.seed, _ROUND_KEY, r, j])
-                with autocast() if autocast is not None else nullcontext():
-                    proposal = regenerate_region(self.backbone, rec.positive, rec.regions[target], rec.prompt,
-                                                 rec.references, settings, noise)
-                negative = np.where(rec.regions[target][..., None], proposal, rec.positive)
-                verdict = self.judge.judge(Candidate(rec.positive, negative, rec.regions, rec.prompt, rec.references,
-                                                     rec.source), target)
-                reasons[verdict.reason] += 1
-                if np.isfinite(verdict.gap):
-                    gaps.append(verdict.gap)
-                if not verdict.keep:
-                    continue
-                kept_gaps.append(verdict.gap)
-                new = DipRecord(
-                    id=f"{rec.id}@r{r}", prompt=rec.prompt, positive=rec.positive, negative=negative,
-                    regions=rec.regions, m_prior=rec.regions[target].copy(), references=rec.references,
-                    ref_masks=rec.ref_masks, m_d=rec.m_d, m_d_patch=rec.m_d_patch, disruption="on_policy",
-                    disrupted=[target],
-                    params={"round": r, "step": step, "judge": self.judge.name, "reason": verdict.reason,
-                            "gap": verdict.gap, "strength": settings.strength, "steps": settings.steps,
-                            "guidance": settings.guidance, **_jsonable(verdict.details)},
-                    source={**rec.source, "on_policy_of": rec.id})
-                new.validate()
-                kept.append(new)
-        finally:
-            net.train(was_training)
+        for rec, target, proposal in zip(records, targets, proposals, strict=True):
+            negative = np.where(rec.regions[target][..., None], proposal, rec.positive)
+            verdict = self.judge.judge(Candidate(rec.positive, negative, rec.regions, rec.prompt, rec.references,
+                                                 rec.source), target)
+            reasons[verdict.reason] += 1
+            if np.isfinite(verdict.gap):
+                gaps.append(verdict.gap)
+            if not verdict.keep:
+                continue
+            kept_gaps.append(verdict.gap)
+            new = DipRecord(
+                id=f"{rec.id}@r{r}", prompt=rec.prompt, positive=rec.positive, negative=negative,
+                regions=rec.regions, m_prior=rec.regions[target].copy(), references=rec.references,
+                ref_masks=rec.ref_masks, m_d=rec.m_d, m_d_patch=rec.m_d_patch, disruption="on_policy",
+                disrupted=[target],
+                params={"round": r, "step": step, "judge": self.judge.name, "reason": verdict.reason,
+                        "gap": verdict.gap, "strength": settings.strength, "steps": settings.steps,
+                        "guidance": settings.guidance, **_jsonable(verdict.details)},
+                source={**rec.source, "on_policy_of": rec.id})
+            new.validate()
+            kept.append(new)
         if kept:
             self._set_pool(kept)
         self.rounds = r + 1
@@ -154,6 +150,35 @@ class OnPolicy:
             with open(self.run_dir / LOG_FILE, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
         return row
+
+    def _regenerate(self, records: list[DipRecord], targets: list[int], settings: Any, r: int,
+                    autocast: Any) -> list[np.ndarray]:
+        """The policy's proposals for every record, batched by (subject count, sizes) in chunks of
+        :data:`REGEN_BATCH`; record ``j``'s noise is seeded by ``(train.seed, round, j)`` whatever its batch."""
+        from focusdpo.data.regenerate import regenerate_regions
+
+        groups: dict[Hashable, list[int]] = {}
+        for j, rec in enumerate(records):
+            groups.setdefault(_record_key(rec), []).append(j)
+        out: list[np.ndarray | None] = [None] * len(records)
+        net = self.backbone.trainable()
+        was_training = net.training
+        net.eval()
+        try:
+            for members in groups.values():
+                for start in range(0, len(members), REGEN_BATCH):
+                    chunk = members[start:start + REGEN_BATCH]
+                    rngs = [np.random.default_rng([self.cfg.train.seed, _ROUND_KEY, r, j]) for j in chunk]
+                    with autocast() if autocast is not None else nullcontext():
+                        props = regenerate_regions(
+                            self.backbone, [records[j].positive for j in chunk],
+                            [records[j].regions[targets[j]] for j in chunk], [records[j].prompt for j in chunk],
+                            [records[j].references for j in chunk], settings, rngs)
+                    for j, p in zip(chunk, props, strict=True):
+                        out[j] = p
+        finally:
+            net.train(was_training)
+        return out  # type: ignore[return-value]
 
     def _set_pool(self, records: list[DipRecord]) -> None:
         self.pool = list(records)
