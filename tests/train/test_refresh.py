@@ -77,7 +77,7 @@ def test_the_pairs_join_the_training_stream(straight, tiny_env, tmp_path) -> Non
     assert mixed[1:] != plain[1:]
 
 
-@pytest.mark.parametrize("every", [2, 3])
+@pytest.mark.parametrize("every", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_resume_across_a_refresh_gives_the_same_losses(straight, tiny_env, tmp_path, every) -> None:
     """Checkpoint at step 2, resume to 5: with every=2 the resumed run starts with a round (at step 2), with
     every=3 it continues on the restored pool of round 0 and refreshes at step 3."""
