@@ -199,3 +199,27 @@ def test_record_item_round_trips_through_collate(tiny_env) -> None:
 def test_bad_refresh_config_names_the_field(override, message) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
         load_config(None, [override])
+
+
+def test_matching_judge_round_with_a_saved_tiny_dino(tiny_env, tmp_path) -> None:
+    """data.refresh_judge=matching loads eval.dino_model (a tiny random ViT saved here) and judges a round."""
+    from transformers import ViTConfig, ViTModel
+
+    from focusdpo.backbones import load_backbone
+    from focusdpo.data import ensure_toy_dip
+    from focusdpo.data.dataset import DipDataset
+    from focusdpo.train.refresh import build_judge
+
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(image_size=32, patch_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64), add_pooling_layer=False).save_pretrained(tmp_path / "dino")
+    cfg = tiny_config(*tiny_env, **{**REFRESH, "data__refresh_judge": "matching", "data__refresh_margin": 0.0,
+                                    "eval__dino_model": tmp_path / "dino"})
+    backbone = load_backbone(cfg.model)
+    backbone.add_lora(cfg.lora)
+    op = OnPolicy(cfg, DipDataset(ensure_toy_dip(cfg)), backbone, build_judge(cfg), tmp_path, main_process=False)
+    row = op.run_round(0)
+    assert row["judge"] == "matching" and row["kept"] + sum(row["rejected"].values()) == 6
+    reasons = set(row["kept_by_reason"]) | set(row["rejected"])
+    assert reasons <= {"confusion", "similarity_drop", "not_worse", "positive_confused"}
+    assert all(rec.params["reason"] in ("confusion", "similarity_drop") for rec in op.pool)
