@@ -45,3 +45,32 @@ def test_demo_config_budget_and_overrides():
     assert quick.eval.seeds == [0]
     full = demo_config(load_config(), quick=False)
     assert full.train.max_steps > quick.train.max_steps and len(full.eval.seeds) >= 3
+
+
+def test_demo_on_policy_config():
+    from focusdpo.config import load_config
+    from focusdpo.demo import demo_config, method_name
+
+    full = demo_config(load_config(), quick=False, on_policy=True)
+    assert full.data.refresh_every == 25 and full.train.max_steps == 100 and method_name(full) == "focusdpo-onpolicy"
+    assert demo_config(load_config(), quick=True, on_policy=True).data.refresh_every > 0
+    assert method_name(demo_config(load_config(), quick=False)) == "focusdpo"
+    off = demo_config(load_config(), quick=True, overrides=["data.refresh_every=0"], on_policy=True)
+    assert off.data.refresh_every == 0  # the user's override wins
+
+
+@pytest.mark.slow
+def test_demo_quick_on_policy_end_to_end(tmp_path):
+    from focusdpo.train.refresh import read_rounds
+
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", "--quick", "--on-policy", "--out", str(out),
+                                      f"data.cache_dir={tmp_path / 'cache'}"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"base", "focusdpo-onpolicy"}
+    rounds = read_rounds(out / "run")
+    assert [r["step"] for r in rounds] == [0, 6] and all(r["candidates"] == 8 for r in rounds)
+    report = (out / "report.md").read_text()
+    assert "## On-policy rounds" in report and "| focusdpo-onpolicy" in report
+    assert "on-policy rounds every 6 steps" in result.output

@@ -640,6 +640,9 @@ def cache_latents_cmd(
 @app.command("demo")
 def demo_cmd(
     quick: bool = typer.Option(False, "--quick", help="A smaller budget: under 2 minutes on 2 CPU cores."),
+    on_policy: bool = typer.Option(False, "--on-policy", help="On-policy DIP: the policy regenerates subject regions "
+                                                              "every 25 steps, the toy judge keeps the worse pairs "
+                                                              "(data.refresh_*; about the default demo's time)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Report folder (default: runs/demo-<time>)."),
     config: Path | None = ConfigOpt,
     overrides: list[str] | None = OverridesArg,
@@ -651,7 +654,7 @@ def demo_cmd(
     from focusdpo.eval.report import difference_lines, toy_markdown
 
     try:
-        cfg = demo_config(_load(config, None), quick, overrides or [])
+        cfg = demo_config(_load(config, None), quick, overrides or [], on_policy=on_policy)
     except ValueError as e:
         _fail("demo", e)
     folder = run_demo(cfg, out, log=typer.echo)

@@ -46,6 +46,10 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "focusdpo-no-gate": ("train.objective=focusdpo", "focus.dynamic=false"),
     # the first implementation's focus: hidden-state cosine of the middle double block, gate threshold 0.5
     "focusdpo-cosine": ("train.objective=focusdpo", "focus.readout=cosine", "focus.tap_layer=null", "focus.tau=0.5"),
+    # on-policy DIP (issue 16): 4 refresh rounds in the 100-step budget, half of each batch from the newest round,
+    # regenerated with the sampler's guidance (4 in configs/toy.yaml)
+    "focusdpo-onpolicy": ("train.objective=focusdpo", "data.refresh_every=25", "data.refresh_guidance=4.0"),
+    "dpo-onpolicy": ("train.objective=dpo", "data.refresh_every=25", "data.refresh_guidance=4.0"),
 }
 HEADLINE = ("fidelity", "leakage", "prompt")
 LOWER_IS_BETTER = {"leakage"}

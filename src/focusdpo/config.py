@@ -108,6 +108,21 @@ class DataConfig:
     mask_device: str = _f("cpu", "--auto-masks: device of the detector and segmenter (cpu, cuda, cuda:1, ...).")
     mask_min_score: float = _f(0.1, "--auto-masks: smallest detector score (sigmoid, in [0, 1]) that counts as "
                                     "finding a subject.")
+    refresh_every: int = _f(0, "On-policy DIP (issue 16): every N optimizer steps (from step 0) the current policy "
+                               "regenerates subject regions of data.refresh_n records; 0: off.")
+    refresh_n: int = _f(32, "On-policy DIP: training records whose subject region the policy regenerates per round.")
+    refresh_mix: float = _f(0.5, "On-policy DIP: share of each global batch taken from the newest round's kept "
+                                 "pairs (same subject count and sizes), in [0, 1].")
+    refresh_judge: str = _f("toy", "On-policy DIP: who keeps a regenerated pair: toy (the world's ground truth: "
+                                   "the negative loses fidelity or gains leakage), matching (DINO crops + Hungarian "
+                                   "assignment to the references: confusion or a similarity drop of "
+                                   "refresh_margin; eval.dino_model) or changed (every negative that differs).")
+    refresh_margin: float = _f(0.05, "On-policy DIP, matching judge: the drop of the target's DINO similarity to "
+                                     "its reference that makes a negative worse, >= 0.")
+    refresh_strength: float = _f(0.75, "On-policy DIP: noise level the region is taken back to, in (0, 1] "
+                                       "(as the regenerate disruption).")
+    refresh_steps: int = _f(12, "On-policy DIP: Euler steps of the regeneration, >= 1.")
+    refresh_guidance: float = _f(1.0, "On-policy DIP: classifier-free guidance of the regeneration (1: off), >= 0.")
 
     def __post_init__(self) -> None:
         _choice("data.mask_backend", self.mask_backend, ("auto", "models", "grabcut"))
@@ -127,6 +142,14 @@ class DataConfig:
             _choice(f"data.disruptions.{name}", name, DISRUPTIONS)
             _check(isinstance(w, (int, float)) and w >= 0, f"data.disruptions.{name}", w, "a weight >= 0")
         _check(sum(self.disruptions.values()) > 0, "data.disruptions", self.disruptions, "a positive total")
+        _check(self.refresh_every >= 0, "data.refresh_every", self.refresh_every, ">= 0 (0: off)")
+        _check(self.refresh_n >= 1, "data.refresh_n", self.refresh_n, ">= 1")
+        _check(0 <= self.refresh_mix <= 1, "data.refresh_mix", self.refresh_mix, "in [0, 1]")
+        _choice("data.refresh_judge", self.refresh_judge, ("toy", "matching", "changed"))
+        _check(self.refresh_margin >= 0, "data.refresh_margin", self.refresh_margin, ">= 0")
+        _check(0 < self.refresh_strength <= 1, "data.refresh_strength", self.refresh_strength, "in (0, 1]")
+        _check(self.refresh_steps >= 1, "data.refresh_steps", self.refresh_steps, ">= 1")
+        _check(self.refresh_guidance >= 0, "data.refresh_guidance", self.refresh_guidance, ">= 0")
 
 
 @dataclass

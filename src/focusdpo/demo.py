@@ -24,13 +24,25 @@ from focusdpo.config import Config
 FULL_BUDGET = ("data.n_records=1000", "train.max_steps=100", "eval.n_scenes=144", "eval.seeds=[0,1,2]")
 QUICK_BUDGET = ("data.n_records=96", "train.max_steps=12", "train.warmup_steps=2", "eval.n_scenes=4",
                 "eval.seeds=[0]", "sample.steps=8")
+# --on-policy (issue 16): the policy regenerates subject regions of 32 records before steps 0, 25, 50, 75 with the
+# sampler's guidance, the toy judge keeps the worse ones, half of each batch comes from them (about 7 s a round
+# on 2 shared cores: the same time class as the default demo). --quick: 2 rounds of 8 records, 6 Euler steps.
+ON_POLICY = ("data.refresh_every=25", "data.refresh_n=32", "data.refresh_guidance=4.0")
+QUICK_ON_POLICY = ("data.refresh_every=6", "data.refresh_n=8", "data.refresh_steps=6")
 N_STRIPS = 2
 
 
-def demo_config(cfg: Config, quick: bool, overrides: Sequence[str] = ()) -> Config:
-    """``cfg`` with the demo's budget, then the user's overrides (which win), objective focusdpo."""
+def demo_config(cfg: Config, quick: bool, overrides: Sequence[str] = (), on_policy: bool = False) -> Config:
+    """``cfg`` with the demo's budget (and the on-policy refresh when ``on_policy``), then the user's overrides
+    (which win), objective focusdpo."""
     budget = QUICK_BUDGET if quick else FULL_BUDGET
-    return cfg.with_overrides([*budget, "train.objective=focusdpo", *overrides])
+    refresh = (QUICK_ON_POLICY if quick else ON_POLICY) if on_policy else ()
+    return cfg.with_overrides([*budget, *refresh, "train.objective=focusdpo", *overrides])
+
+
+def method_name(cfg: Config) -> str:
+    """The trained method's name in the demo's report: ``focusdpo`` or ``focusdpo-onpolicy``."""
+    return "focusdpo-onpolicy" if cfg.data.refresh_every > 0 else "focusdpo"
 
 
 def write_focus_strips(cfg: Config, run_dir: Path, out: Path, n: int = N_STRIPS) -> list[Path]:
@@ -47,8 +59,21 @@ def write_focus_strips(cfg: Config, run_dir: Path, out: Path, n: int = N_STRIPS)
     return paths
 
 
-def _append_report(out: Path, run_dir: Path, strips: Sequence[Path], seconds: float) -> None:
-    lines = ["\n## Samples\n\nReferences | base | focusdpo, on held-out identities:\n"]
+def _append_report(out: Path, run_dir: Path, strips: Sequence[Path], seconds: float, method: str = "focusdpo") -> None:
+    from focusdpo.train.refresh import read_rounds
+
+    lines = [f"\n## Samples\n\nReferences | base | {method}, on held-out identities:\n"]
+    rounds = read_rounds(run_dir)
+    if rounds:
+        lines.append("\n## On-policy rounds\n\nBefore the step, the policy regenerated a subject region of each "
+                     "candidate record; the judge kept the pairs whose negative is worse (`refresh.jsonl`).\n\n"
+                     "| round | step | candidates | kept | rejected | judge gap (kept) | seconds |\n"
+                     "|---|---|---|---|---|---|---|\n")
+        for r in rounds:
+            rejected = ", ".join(f"{k} {v}" for k, v in r["rejected"].items()) or "-"
+            gap = "-" if r["gap_kept"] is None else f"{r['gap_kept']:.3f}"
+            lines.append(f"| {r['round']} | {r['step']} | {r['candidates']} | {r['kept']} | {rejected} | {gap} | "
+                         f"{r['time_s']:.1f} |\n")
     lines += [f"\n![{p.stem}]({p.name})\n" for p in sorted(out.glob("grid_*subjects.png"))]
     lines.append("\n## Where FocusDPO looks\n\nPer DIP record: the positive with its subject regions, then over "
                  "timesteps the top-k matches M' of each subject, the confused tokens M_s, the detail map M_d, "
@@ -78,11 +103,13 @@ def run_demo(cfg: Config, out_dir: str | Path | None = None, log: Callable[[str]
     log(f"[1/4] DIP set: {cfg.data.n_records} toy records")
     data = ensure_toy_dip(cfg, progress=True)
     cfg = cfg.with_overrides([f"data.path={data}", f"train.output_dir={out / 'run'}"])
-    log(f"[2/4] FocusDPO post-training: {cfg.train.max_steps} steps")
+    method = method_name(cfg)
+    extra = f", on-policy rounds every {cfg.data.refresh_every} steps" if cfg.data.refresh_every else ""
+    log(f"[2/4] FocusDPO post-training: {cfg.train.max_steps} steps{extra}")
     run_dir = train(cfg)
-    log("[3/4] evaluation on held-out identities: base vs focusdpo")
-    evaluate_toy(cfg, {"base": None, "focusdpo": run_dir}, out, log=log)
+    log(f"[3/4] evaluation on held-out identities: base vs {method}")
+    evaluate_toy(cfg, {"base": None, method: run_dir}, out, log=log)
     log("[4/4] focus-map strips")
     strips = write_focus_strips(cfg, run_dir, out)
-    _append_report(out, run_dir, strips, time.perf_counter() - t0)
+    _append_report(out, run_dir, strips, time.perf_counter() - t0, method)
     return out

@@ -153,7 +153,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None, dtype: to
     ``out_dir`` (default: the run folder itself, so ``FluxPipeline.load_lora_weights(run_dir)`` works).
     No model is loaded.
 
-    The run's UNO LoRA (``uno_lora``; default: ``model.lora_import`` of ``<run>/config.yaml``) is combined
+    The run's UNO LoRA (``uno_lora``; default: ``model.flux.lora_import`` of ``<run>/config.yaml``) is combined
     with ours (:func:`combine_lora_state_dicts`), so the file reproduces the trained model on the plain base.
     ``fmt``: ``diffusers`` (``pytorch_lora_weights.safetensors``) or ``uno`` (``dit_lora.safetensors`` in
     UNO's processor naming, every pair at one rank, stored in the metadata as ``rank``).

@@ -106,19 +106,36 @@ class DipDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """One record as tensors (the per-item version of the batch layout in the module docstring)."""
-        rec = self.record(index)
+        return record_item(self.record(index))
 
-        def img(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(a).permute(2, 0, 1).float().div_(255.0)
 
-        return {
-            "id": rec.id, "prompt": rec.prompt, "disruption": rec.disruption,
-            "positive": img(rec.positive), "negative": img(rec.negative),
-            "m_prior": torch.from_numpy(rec.m_prior).float(), "regions": torch.from_numpy(rec.regions).float(),
-            "references": [img(r) for r in rec.references],
-            "ref_masks": [torch.from_numpy(m).float() for m in rec.ref_masks],
-            "m_d": torch.from_numpy(rec.m_d), "m_d_patch": rec.m_d_patch,
-        }
+def record_item(rec) -> dict[str, Any]:
+    """A :class:`~focusdpo.data.records.DipRecord` as one item of the batch layout (what ``collate_dip`` stacks)."""
+
+    def img(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).permute(2, 0, 1).float().div_(255.0)
+
+    return {
+        "id": rec.id, "prompt": rec.prompt, "disruption": rec.disruption,
+        "positive": img(rec.positive), "negative": img(rec.negative),
+        "m_prior": torch.from_numpy(rec.m_prior).float(), "regions": torch.from_numpy(rec.regions).float(),
+        "references": [img(r) for r in rec.references],
+        "ref_masks": [torch.from_numpy(m).float() for m in rec.ref_masks],
+        "m_d": torch.from_numpy(rec.m_d), "m_d_patch": rec.m_d_patch,
+    }
+
+
+def uncollate_dip(batch: dict[str, Any]) -> list[dict[str, Any]]:
+    """Inverse of :func:`collate_dip`: the batch's items (views of its tensors)."""
+    out = []
+    for i in range(len(batch["id"])):
+        out.append({
+            "id": batch["id"][i], "prompt": batch["prompt"][i], "disruption": batch["disruption"][i],
+            "positive": batch["positive"][i], "negative": batch["negative"][i], "m_prior": batch["m_prior"][i],
+            "regions": batch["regions"][i], "references": [r[i] for r in batch["references"]],
+            "ref_masks": [m[i] for m in batch["ref_masks"]], "m_d": batch["m_d"][i], "m_d_patch": batch["m_d_patch"],
+        })
+    return out
 
 
 def collate_dip(items: Sequence[dict[str, Any]]) -> dict[str, Any]:

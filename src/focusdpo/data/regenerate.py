@@ -64,7 +64,6 @@ def token_mask(region: np.ndarray, patch: int) -> torch.Tensor:
     return (t.amax(dim=(1, 3)) > 0).float().reshape(1, -1, 1)
 
 
-@torch.no_grad()
 def regenerate_region(backbone: Any, image: np.ndarray, region: np.ndarray, prompt: str,
                       references: Sequence[np.ndarray], settings: RegenerateSettings, rng: np.random.Generator
                       ) -> np.ndarray:
@@ -73,13 +72,29 @@ def regenerate_region(backbone: Any, image: np.ndarray, region: np.ndarray, prom
     image: uint8 ``[H, W, 3]``; region: bool ``[H, W]``; references: K uint8 ``[h_k, w_k, 3]``.
     Returns uint8 ``[H, W, 3]`` (tokens away from the region come back as the positive, up to rounding).
     """
+    return regenerate_regions(backbone, [image], [region], [prompt], [references], settings, [rng])[0]
+
+
+@torch.no_grad()
+def regenerate_regions(backbone: Any, images: Sequence[np.ndarray], regions: Sequence[np.ndarray],
+                       prompts: Sequence[str], references: Sequence[Sequence[np.ndarray]],
+                       settings: RegenerateSettings, rngs: Sequence[np.random.Generator]) -> list[np.ndarray]:
+    """:func:`regenerate_region` of B images in one batch (one forward per Euler step for all of them).
+
+    The images share one size and their references one count and sizes; image ``i``'s noise comes from
+    ``rngs[i]`` (the same numbers as a batch of one), so a batch of one is :func:`regenerate_region` exactly.
+    """
     from focusdpo.backbones.base import TextCond
     from focusdpo.sampling import backbone_model_fn, sample
 
-    x0 = backbone.encode_images(_to_float([image]))
-    refs = [backbone.encode_images(_to_float([r])) for r in references]
-    mask = token_mask(region, backbone.patch).to(x0.tokens.device)
-    eps = torch.from_numpy(rng.standard_normal(x0.tokens.shape)).float().to(x0.tokens.device)
+    b = len(images)
+    x0 = backbone.encode_images(_to_float(images))
+    n_refs = len(references[0])
+    refs = [backbone.encode_images(_to_float([r[k] for r in references])) for k in range(n_refs)]
+    device = x0.tokens.device
+    mask = torch.cat([token_mask(r, backbone.patch) for r in regions]).to(device)
+    shape = (1, *x0.tokens.shape[1:])
+    eps = torch.cat([torch.from_numpy(rng.standard_normal(shape)).float() for rng in rngs]).to(device)
     s0 = settings.strength
     x = (1 - s0) * x0.tokens + s0 * eps
     inner = backbone_model_fn(backbone, settings.guidance)
@@ -87,12 +102,12 @@ def regenerate_region(backbone: Any, image: np.ndarray, region: np.ndarray, prom
     def model_fn(x_t: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
         return mask * inner(x_t, t, **cond) + (1 - mask) * (eps - x0.tokens)
 
-    text = backbone.encode_prompts([prompt])
-    uncond: TextCond | None = backbone.encode_prompts([""]) if settings.guidance != 1.0 else None
+    text = backbone.encode_prompts(list(prompts))
+    uncond: TextCond | None = backbone.encode_prompts([""] * b) if settings.guidance != 1.0 else None
     sigmas = torch.linspace(s0, 0.0, settings.steps + 1)
     x = sample(model_fn, x, sigmas, {"text": text, "refs": refs, "grid": x0.grid, "uncond": uncond})
-    out = backbone.decode_tokens(x, x0.grid)[0].permute(1, 2, 0).cpu().numpy()
-    return (out * 255).round().clip(0, 255).astype(np.uint8)
+    out = backbone.decode_tokens(x, x0.grid).permute(0, 2, 3, 1).cpu().numpy()
+    return list((out * 255).round().clip(0, 255).astype(np.uint8))
 
 
 def judge_toy(world: Any, prompt: str, positive: np.ndarray, negative: np.ndarray, target: int,

@@ -289,6 +289,76 @@ def summarize(rows: Sequence[dict]) -> dict:
     }
 
 
+BOXES_SUFFIX = ".boxes.json"
+
+
+def subject_regions(image_path: Path, k: int, size: tuple[int, int]) -> tuple[np.ndarray, str]:
+    """bool ``[k, H, W]`` regions of the ``k`` subjects of a generated image, in the prompt's order, and where
+    they came from: ``boxes`` (a sidecar ``<image stem>.boxes.json`` holding ``{"boxes": [[x0, y0, x1, y1], ...]}``
+    in pixels, one per subject in prompt order: a generator's layout or a detector's output) or ``strips`` (no
+    sidecar: ``k`` equal vertical strips, left to right in prompt order, the layout UNO-style prompts ask for)."""
+    w, h = size
+    regions = np.zeros((k, h, w), dtype=bool)
+    sidecar = image_path.with_name(image_path.stem + BOXES_SUFFIX)
+    if sidecar.is_file():
+        try:
+            boxes = json.loads(sidecar.read_text())["boxes"]
+            boxes = [[int(round(float(v))) for v in b] for b in boxes]
+        except (ValueError, KeyError, TypeError) as e:
+            raise DreamBenchError(f"{sidecar}: not a boxes file ({e}); expected {{\"boxes\": [[x0, y0, x1, y1], "
+                                  f"...]}} with one box per subject in prompt order") from e
+        if len(boxes) != k or any(len(b) != 4 for b in boxes):
+            raise DreamBenchError(f"{sidecar}: {len(boxes)} boxes for a prompt of {k} subjects; give one "
+                                  f"[x0, y0, x1, y1] per subject in prompt order")
+        for i, (x0, y0, x1, y1) in enumerate(boxes):
+            x0, x1, y0, y1 = max(0, x0), min(w, x1), max(0, y0), min(h, y1)
+            if x1 <= x0 or y1 <= y0:
+                raise DreamBenchError(f"{sidecar}: box {i} {boxes[i]} is empty inside the {w}x{h} image")
+            regions[i, y0:y1, x0:x1] = True
+        return regions, "boxes"
+    cuts = np.linspace(0, w, k + 1).round().astype(int)
+    for i in range(k):
+        regions[i, :, cuts[i]:cuts[i + 1]] = True
+    return regions, "strips"
+
+
+def confusion_generated(generated: Sequence[Generated], embed: Callable[[Sequence[np.ndarray]], np.ndarray]
+                        ) -> list[dict]:
+    """The identity-confusion metric (issue 16 point 3) of every multi-subject image: its subject regions
+    (:func:`subject_regions`) are cropped, embedded and assigned to the entry's fixed references by a Hungarian
+    assignment (:func:`focusdpo.judges.assign_image`). One row per image: image, index, sample, group, regions
+    (boxes | strips), confused (0/1), matched_sim, own_sim, assigned."""
+    from focusdpo.judges import assign_image
+
+    rows = []
+    for g in generated:
+        k = len(g.entry.subjects)
+        if k < 2:
+            continue
+        image = np.asarray(_open(g.path).convert("RGB"))
+        regions, source = subject_regions(g.path, k, (image.shape[1], image.shape[0]))
+        refs = [np.asarray(_open(r).convert("RGB")) for r in g.entry.references]
+        a = assign_image(image, regions, refs, embed)
+        rows.append({"image": g.path.name, "index": g.entry.index, "sample": g.sample,
+                     "group": "+".join(g.entry.subjects), "regions": source, "confused": float(a["confused"]),
+                     "matched_sim": float(np.nanmean(a["matched"])), "own_sim": float(np.nanmean(a["own"])),
+                     "assigned": " ".join(str(int(v)) for v in a["assigned"])})
+    return rows
+
+
+def summarize_confusion(rows: Sequence[dict]) -> dict:
+    """Confusion rate, mean matched and own similarity over the images, and how their regions were found."""
+    return {"rate": float(np.mean([r["confused"] for r in rows])),
+            "matched_sim": float(np.mean([r["matched_sim"] for r in rows])),
+            "own_sim": float(np.mean([r["own_sim"] for r in rows])), "n_images": len(rows),
+            "regions": {src: sum(r["regions"] == src for r in rows) for src in ("boxes", "strips")}}
+
+
+def dino_embed(scorer: Scorer) -> Callable[[Sequence[np.ndarray]], np.ndarray]:
+    """The scorer's DINO as an embedder of uint8 ``[h, w, 3]`` arrays."""
+    return lambda images: scorer.embed_dino([Image.fromarray(np.asarray(im, dtype=np.uint8)) for im in images]).numpy()
+
+
 def write_rows(rows: Sequence[dict], path: str | Path) -> None:
     """Write :func:`score_generated` rows as CSV (one line per image and subject)."""
     with open(path, "w", newline="") as f:
@@ -301,7 +371,8 @@ def evaluate_dreambench(benchmark: str, images_dir: str | Path, data_dir: str | 
                         scorer: Scorer, method: str | None = None, allow_partial: bool = False) -> dict:
     """Score ``images_dir`` on ``benchmark`` and write ``out_dir/{metrics.json, scores.csv, report.md}``.
 
-    ``metrics.json`` is ``{method: summary}`` (see :func:`summarize`, plus "benchmark"); ``method`` defaults to
+    ``metrics.json`` is ``{method: summary}`` (see :func:`summarize`, plus "benchmark", and for multi-subject
+    prompts "confusion": :func:`summarize_confusion`, per image in ``confusion.csv``); ``method`` defaults to
     the images folder's name. Returns that dict.
     """
     from focusdpo.eval.report import dreambench_markdown
@@ -309,12 +380,17 @@ def evaluate_dreambench(benchmark: str, images_dir: str | Path, data_dir: str | 
     entries = load_entries(data_dir, benchmark)
     generated = index_generated(images_dir, entries, allow_partial=allow_partial)
     rows = score_generated(generated, data_dir, scorer)
+    confusion = confusion_generated(generated, dino_embed(scorer))
     method = method or Path(images_dir).resolve().name
     metrics = {method: {"benchmark": benchmark, "n_list_entries": len(entries), **summarize(rows)}}
+    if confusion:
+        metrics[method]["confusion"] = summarize_confusion(confusion)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_rows(rows, out / "scores.csv")
+    if confusion:
+        write_rows(confusion, out / "confusion.csv")
     (out / "report.md").write_text(dreambench_markdown(metrics))
     return metrics
 
@@ -329,6 +405,9 @@ def run_dreambench_command(cfg: Config, benchmark: str, images_dir: Path, data_d
     scorer = load_scorer(cfg.eval.dino_model, cfg.eval.clip_model, device, cfg.eval.batch_size)
     metrics = evaluate_dreambench(benchmark, images_dir, data_dir, out_dir, scorer, method, allow_partial)
     name, m = next(iter(metrics.items()))
+    conf = m.get("confusion")
+    extra = (f", identity confusion {conf['rate']:.3f} (matched DINO {conf['matched_sim']:.4f})"
+             if conf else "")
     return (f"{name} on {benchmark} ({m['n_images']} images): DINO {m['dino']['original']:.4f} / "
             f"{m['dino']['kosmos']:.4f}, CLIP-I {m['clip_i']['original']:.4f} / {m['clip_i']['kosmos']:.4f} "
-            f"(original / kosmos), CLIP-T {m['clip_t']:.4f}; wrote {Path(out_dir) / 'metrics.json'}")
+            f"(original / kosmos), CLIP-T {m['clip_t']:.4f}{extra}; wrote {Path(out_dir) / 'metrics.json'}")

@@ -61,12 +61,14 @@ from focusdpo.config import Config
 from focusdpo.eval.methods import load_method, resolve_methods
 from focusdpo.eval.report import comparison_grid, difference_lines, to_uint8, toy_markdown
 from focusdpo.eval.stats import finite_or_none
+from focusdpo.judges import colour_embedder, confusion_scores
 from focusdpo.lora import adapters_merged
 from focusdpo.world import Scene, World
-from focusdpo.world.metrics import aggregate, score_scene
+from focusdpo.world.metrics import aggregate, score_scene, slot_strips
 
 SCENE_SEED = 20_250_901
 HEADLINE = ("fidelity", "leakage", "prompt")
+CONFUSION = ("confusion", "matched_sim", "own_sim")  # per-unit, beside the headline (identity_confusion)
 
 Scores = dict[int, dict[int, list[dict]]]  # subject count -> sampling seed -> score_scene results
 
@@ -191,8 +193,36 @@ def score_method(backbone: Backbone, world: World, scenes: Mapping[int, list[Sce
 
 
 def score_images(images: Sequence[np.ndarray], scenes: Sequence[Scene], world: World) -> list[dict]:
-    """:func:`~focusdpo.world.metrics.score_scene` of each image against its scene."""
-    return [score_scene(img, scene, world) for img, scene in zip(images, scenes, strict=True)]
+    """:func:`~focusdpo.world.metrics.score_scene` of each image against its scene, plus the identity-confusion
+    metric (:func:`identity_confusion`: ``confusion``, ``matched_sim``, ``own_sim``)."""
+    out = []
+    for img, scene in zip(images, scenes, strict=True):
+        result = score_scene(img, scene, world)
+        result.update(identity_confusion(img, scene))
+        out.append(result)
+    return out
+
+
+_COLOUR_EMBED = colour_embedder()
+
+
+def slot_regions(positions: Sequence[str], side: int) -> np.ndarray:
+    """bool ``[K, side, side]``: the column strip of each prompt position (the generator's prompt-ordered boxes)."""
+    regions = np.zeros((len(positions), side, side), dtype=bool)
+    for i, (x0, x1) in enumerate(slot_strips(list(positions), side)):
+        regions[i, :, x0:x1] = True
+    return regions
+
+
+def identity_confusion(image: np.ndarray, scene: Scene) -> dict[str, float]:
+    """The identity-confusion metric of one toy image (issue 16 point 3): each prompt slot's strip is cropped,
+    embedded with :func:`~focusdpo.judges.colour_embedder` (no download) and assigned to the references by the
+    Hungarian assignment; ``confusion`` 1 when it disagrees with the prompt's order, ``matched_sim`` the mean
+    similarity of the assigned pairs, ``own_sim`` each strip's similarity to its own reference."""
+    img = np.asarray(image)
+    row = confusion_scores([img], [slot_regions(scene.positions, img.shape[0])], [scene.references],
+                           _COLOUR_EMBED)[0]
+    return {"confusion": row["confused"], "matched_sim": row["matched_sim"], "own_sim": row["own_sim"]}
 
 
 def _stats(values: Sequence[float]) -> dict:
@@ -231,14 +261,14 @@ def unit_table(scores: Scores, samples_per_prompt: int) -> dict:
     per-subject scores in reference order (for analyses by subject, e.g. ``experiments/mechanism.py``).
     """
     keys: list[list[int]] = []
-    values: dict[str, list[float | None]] = {h: [] for h in HEADLINE}
+    values: dict[str, list[float | None]] = {h: [] for h in HEADLINE + CONFUSION}
     subjects: dict[str, list[list[float | None]]] = {"fidelity": [], "leakage": []}
     for k, by_seed in scores.items():
         for seed, results in by_seed.items():
             n_scenes = len(results) // samples_per_prompt
             keys += [[int(k), int(seed), j // n_scenes, j % n_scenes] for j in range(len(results))]
-            for h in HEADLINE:
-                values[h] += [finite_or_none(float(r[h])) for r in results]
+            for h in HEADLINE + CONFUSION:
+                values[h] += [finite_or_none(float(r[h])) if h in r else None for r in results]
             for m in subjects:
                 subjects[m] += [[finite_or_none(float(sub[f"{m}_mean"])) for sub in r["subjects"]] for r in results]
     return {"keys": keys, **values, "subjects": subjects}
@@ -358,6 +388,10 @@ def evaluate_toy(cfg: Config, runs: Mapping[str, Path | None], out_dir: str | Pa
             log(f"{method}: " + ", ".join(f"{h} {m[h]['mean']:.3f} ± {m[h]['std']:.3f}" for h in HEADLINE)
                 + f" ({m['seconds']:.0f} s)")
     add_intervals(metrics, cfg)
+    agreement = confusion_agreement(metrics)
+    (out / "confusion.json").write_text(json.dumps(agreement, indent=2))
+    if log:
+        log(confusion_line(agreement))
     if log and log_differences:
         for line in difference_lines(metrics, cfg.eval.target_effect):
             log(line)
@@ -375,7 +409,7 @@ def write_toy_outputs(out: Path, metrics: Mapping[str, dict], runs: Mapping[str,
 
     truth_line = ", ".join(f"{h} {truth[h]:.3f}" for h in HEADLINE)
     (out / "report.md").write_text(toy_markdown(metrics, target=target) + "\nGround-truth renders (the metrics' "
-                                   f"ceiling): {truth_line}.\n")
+                                   f"ceiling): {truth_line}.\n" + confusion_markdown(confusion_agreement(metrics)))
     plot_method_comparison(metrics, out / "metrics.png", names=HEADLINE, title="toy benchmark")
     for method, run_dir in runs.items():
         if run_dir is not None and (Path(run_dir) / "metrics.csv").is_file():
@@ -388,6 +422,82 @@ def write_toy_outputs(out: Path, metrics: Mapping[str, dict], runs: Mapping[str,
         columns = {m: torch.from_numpy(np.stack(images[:n])).permute(0, 3, 1, 2).float().div(255)
                    for m, images in [("truth", renders)] + [(m, g[k]) for m, g in grids.items()]}
         comparison_grid(references_of(ks[:n]), columns, out / f"grid_{k}subjects.png")
+
+
+def confusion_agreement(metrics: Mapping[str, Mapping]) -> dict:
+    """How the identity-confusion metric agrees with the ground-truth leakage (issue 16 point 3).
+
+    Per method: confusion rate, mean matched and own similarity, leakage (over its units). Then Spearman rank
+    correlations with leakage: ``over_methods`` (the methods' means; the confusion rate and ``-own_sim``),
+    ``over_units`` (every method's units pooled: each image's confusion 0/1 and ``-own_sim`` against its leakage)
+    and ``over_scenes`` (per scene, mean over methods and samples). Methods without the per-unit confusion
+    scores are skipped.
+    """
+    from scipy.stats import spearmanr
+
+    names = [m for m, v in metrics.items() if "units" in v and "confusion" in v["units"]]
+    per: dict = {}
+    pooled: dict[str, list[np.ndarray]] = {"confusion": [], "own_sim": [], "leakage": []}
+    by_scene: dict[tuple, list[tuple[float, float, float]]] = {}
+    for m in names:
+        u = {h: unit_scores(metrics[m], h) for h in ("confusion", "matched_sim", "own_sim", "leakage")}
+        per[m] = {h: float(np.nanmean(v)) for h, v in u.items()}
+        for h in pooled:
+            pooled[h].append(u[h])
+        for key, c, o, lk in zip(metrics[m]["units"]["keys"], u["confusion"], u["own_sim"], u["leakage"],
+                                 strict=True):
+            by_scene.setdefault((key[0], key[3]), []).append((c, o, lk))
+
+    def rho(a: Sequence[float], b: Sequence[float]) -> float | None:
+        a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+        ok = np.isfinite(a) & np.isfinite(b)
+        if ok.sum() < 3 or np.ptp(a[ok]) == 0 or np.ptp(b[ok]) == 0:
+            return None
+        return float(spearmanr(a[ok], b[ok]).statistic)
+
+    out: dict = {"methods": per, "n_methods": len(names)}
+    if not names:
+        return out
+    leak = [per[m]["leakage"] for m in names]
+    out["over_methods"] = {"confusion": rho([per[m]["confusion"] for m in names], leak),
+                           "neg_own_sim": rho([-per[m]["own_sim"] for m in names], leak)}
+    units = {h: np.concatenate(v) for h, v in pooled.items()}
+    out["over_units"] = {"confusion": rho(units["confusion"], units["leakage"]),
+                         "neg_own_sim": rho(-units["own_sim"], units["leakage"]), "n": int(units["leakage"].size)}
+    scenes = {k: np.nanmean(np.array(v, dtype=float), axis=0) for k, v in by_scene.items()}
+    sc = np.array(list(scenes.values()))
+    out["over_scenes"] = {"confusion": rho(sc[:, 0], sc[:, 2]), "neg_own_sim": rho(-sc[:, 1], sc[:, 2]),
+                          "n": len(scenes)}
+    return out
+
+
+def _r(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.2f}"
+
+
+def confusion_line(agreement: Mapping) -> str:
+    """One log line of :func:`confusion_agreement`."""
+    if not agreement.get("n_methods"):
+        return "identity confusion: no per-unit confusion scores"
+    m, u, s = agreement["over_methods"], agreement["over_units"], agreement["over_scenes"]
+    return (f"identity confusion vs leakage, Spearman: over methods {_r(m['confusion'])} (rate), "
+            f"{_r(m['neg_own_sim'])} (-own sim); over scenes {_r(s['confusion'])} / {_r(s['neg_own_sim'])}; "
+            f"over units {_r(u['confusion'])} / {_r(u['neg_own_sim'])}")
+
+
+def confusion_markdown(agreement: Mapping) -> str:
+    """The identity-confusion section of ``report.md``."""
+    if not agreement.get("n_methods"):
+        return ""
+    lines = ["", "## Identity confusion", "",
+             "Each prompt slot's strip is cropped, embedded (colour histogram) and assigned to the references "
+             "(Hungarian); confusion = the assignment disagrees with the prompt's order.", "",
+             "| method | confusion rate | matched sim | own sim | leakage |", "|---|---|---|---|---|"]
+    for name, v in agreement["methods"].items():
+        lines.append(f"| {name} | {v['confusion']:.3f} | {v['matched_sim']:.3f} | {v['own_sim']:.3f} | "
+                     f"{v['leakage']:.3f} |")
+    lines += ["", confusion_line(agreement) + ".", ""]
+    return "\n".join(lines)
 
 
 def run_toy_command(cfg: Config, run_dirs: Sequence[Path], base: bool, out_dir: Path,

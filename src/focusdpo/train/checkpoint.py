@@ -9,6 +9,8 @@ A checkpoint is a folder ``<run>/checkpoints/step-<NNNNNNNN>/`` holding
 - ``state.json``: the optimizer step, the data position (epoch, batch within the epoch) and the world size,
 - ``config.yaml``: the resolved config of the run,
 - ``dataset.json``: the fingerprint of the DIP set it trained on (card hash and shard sizes), when given,
+- ``refresh.json``, ``refresh.parquet``: the on-policy refresh's rounds and pool, when the run has one
+  (:mod:`focusdpo.train.refresh`; written as ``extra_files``),
 - ``checksums.json``, written last: the SHA-256 and size of every other file.
 
 Verification (issue 15 point 4): :func:`load_checkpoint` checks ``checksums.json`` first and names the file
@@ -44,6 +46,8 @@ from focusdpo.runs import PREFIX, checkpoint_dir, latest_checkpoint, list_checkp
 TMP_PREFIX = ".tmp-"
 CORRUPT_PREFIX = ".corrupt-"
 CHECKSUMS = "checksums.json"
+# The files save_checkpoint writes itself (anything else in a checkpoint folder is an extra file).
+_OWN_FILES = ("lora.safetensors", "scheduler.pt", "rng.pt", "config.yaml", "state.json", "dataset.json", CHECKSUMS)
 
 
 class CheckpointError(RuntimeError):
@@ -153,13 +157,14 @@ def write_optimizer_shard(tmp: Path, rank: int, optimizer: Mapping[str, Any]) ->
 def save_checkpoint(run_dir: str | Path, state: TrainState, lora: Mapping[str, torch.Tensor],
                     optimizer: Mapping[str, Any] | None, scheduler: Mapping[str, Any],
                     rng: Sequence[Mapping[str, Any]], config_yaml: str, started: bool = False,
-                    dataset: Mapping[str, Any] | None = None) -> Path:
+                    dataset: Mapping[str, Any] | None = None, extra_files: Mapping[str, bytes] | None = None) -> Path:
     """Write one checkpoint atomically and return its final folder (main process only).
 
     ``lora``: adapter tensors; ``optimizer``/``scheduler``: their ``state_dict()`` (``optimizer`` None: every
     process already wrote its shard with :func:`write_optimizer_shard` into the folder of
     :func:`begin_checkpoint`, and ``started`` is True); ``rng``: one :func:`capture_rng` dict per process in
-    rank order; ``dataset``: the data set's fingerprint (``dataset.json``). A complete checkpoint of the same
+    rank order; ``dataset``: the data set's fingerprint (``dataset.json``); ``extra_files``: more files written
+    verbatim (name -> bytes; the on-policy refresh's state), covered by the checksums. A complete checkpoint of the same
     step is kept as it is (it holds the same state). ``checksums.json`` is written last.
     """
     final = step_dir(run_dir, state.step)
@@ -177,6 +182,10 @@ def save_checkpoint(run_dir: str | Path, state: TrainState, lora: Mapping[str, t
     (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1))
     if dataset is not None:
         (tmp / "dataset.json").write_text(json.dumps(dict(dataset), indent=1, sort_keys=True))
+    for name, data in (extra_files or {}).items():
+        if name in _OWN_FILES or "/" in name or name.startswith((".", "optimizer")):
+            raise CheckpointError(f"extra checkpoint file name {name!r} is reserved or not a plain file name")
+        (tmp / name).write_bytes(data)
     _write_checksums(tmp)
     _fsync_tree(tmp)
     os.replace(tmp, final)
@@ -186,8 +195,9 @@ def save_checkpoint(run_dir: str | Path, state: TrainState, lora: Mapping[str, t
 
 def load_checkpoint(path: str | Path, rank: int = 0) -> dict[str, Any]:
     """Read a checkpoint folder: ``state`` (:class:`TrainState`), ``lora``, ``optimizer`` (this ``rank``'s
-    shard when the optimizer was sharded), ``scheduler``, ``rng`` (list per rank), ``config_yaml`` and
-    ``dataset`` (None when not recorded). Tensors load on the CPU with ``weights_only=True``.
+    shard when the optimizer was sharded), ``scheduler``, ``rng`` (list per rank), ``config_yaml``,
+    ``dataset`` (None when not recorded) and ``extra_files`` (name -> bytes of every other file). Tensors load
+    on the CPU with ``weights_only=True``.
     :class:`CheckpointError` names the file when a checksum differs or a file does not parse."""
     path = Path(path)
     opt = path / "optimizer.pt"
@@ -208,6 +218,8 @@ def load_checkpoint(path: str | Path, rank: int = 0) -> dict[str, Any]:
         "config_yaml": _read(path / "config.yaml", lambda f: f.read_text()),
         "dataset": _read(path / "dataset.json", lambda f: json.loads(f.read_text()))
         if (path / "dataset.json").is_file() else None,
+        "extra_files": {f.name: _read(f, lambda g: g.read_bytes()) for f in sorted(path.iterdir())
+                        if f.is_file() and f.name not in _OWN_FILES and not f.name.startswith("optimizer")},
     }
     bad = [k for k, v in out["lora"].items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:

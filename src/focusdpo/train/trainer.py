@@ -26,6 +26,9 @@ Choices made here:
   ``--resume`` of a finished run says so and exits cleanly (issue 15 point 3).
 - The run folder is locked while a trainer uses it, and a new run refuses a folder holding an earlier run
   unless ``overwrite`` (:mod:`focusdpo.train.run_folder`, issue 15 point 2).
+- On-policy DIP (``data.refresh_every > 0``, issue 16): a round of :class:`~focusdpo.train.refresh.OnPolicy` runs
+  before the optimizer steps it is due at, its pool replaces the tail of each later global batch, and its state
+  goes into every checkpoint (:mod:`focusdpo.train.refresh`).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from focusdpo.config import Config, ConfigError
 from focusdpo.train import checkpoint as ckpt
 from focusdpo.train.batches import Position, ShardedBatches
 from focusdpo.train.precision import resolve_mixed_precision
+from focusdpo.train.refresh import OnPolicy, build_judge, check_refresh
 from focusdpo.train.run_folder import RunFolderError, RunFolderLock, check_fresh
 from focusdpo.train.run_log import RunLog
 from focusdpo.train.schedule import make_scheduler
@@ -108,6 +112,7 @@ class _Run:
     last_saved: int = -1
     fingerprint: dict[str, Any] = field(default_factory=dict)
     peak: Any = None  # focusdpo.train.memory.PeakMemory: the peak of each step (metrics.csv peak_mem_mib)
+    refresh: OnPolicy | None = None  # on-policy DIP (data.refresh_every > 0)
 
 
 # --------------------------------------------------------------------------------------------- entry point
@@ -315,6 +320,7 @@ def _setup(cfg: Config, accelerator: Any, run_dir: Path, resume: bool) -> _Run:
 
     _check_strategy(cfg, accelerator)
     eff = effective_config(cfg)  # train.memory applied; config.yaml keeps the fields as given
+    check_refresh(cfg, accelerator)
     saved = _read_resume(cfg, accelerator, run_dir) if resume else None  # fail before any heavy work
     set_seed(cfg.train.seed)  # LoRA init and every global RNG; noise and data order have their own keys
     data_path = _data_path(cfg, accelerator)
@@ -358,8 +364,14 @@ def _setup(cfg: Config, accelerator: Any, run_dir: Path, resume: bool) -> _Run:
         cfg.save(run_dir / "config.yaml")
     accelerator.wait_for_everyone()
     log = RunLog(run_dir, state.step, cfg.train.max_steps, enabled=accelerator.is_main_process, cfg=cfg)
+    refresh = None
+    if cfg.data.refresh_every > 0:
+        refresh = OnPolicy(cfg, dataset, backbone, build_judge(cfg, accelerator.device), run_dir,
+                           accelerator.is_main_process)
+        if saved is not None:
+            refresh.load_state_files(saved.get("extra_files") or {}, state.step)
     run = _Run(cfg, accelerator, run_dir, backbone, module, optimizer, scheduler, data, dataset, state, log,
-               params, last_saved=state.step if resume else -1, fingerprint=fingerprint)
+               params, last_saved=state.step if resume else -1, fingerprint=fingerprint, refresh=refresh)
     _report_memory(run)
     return run
 
@@ -543,6 +555,10 @@ def _loop(run: _Run, stop: threading.Event) -> None:
     cfg = run.cfg
     batches = run.data.iterate(Position(run.state.epoch, run.state.batch_in_epoch))
     while run.state.step < cfg.train.max_steps:
+        if run.refresh is not None and run.refresh.due(run.state.step):
+            row = run.refresh.run_round(run.state.step, run.accelerator.autocast)
+            run.log.message(f"on-policy round {row['round']}: kept {row['kept']} of {row['candidates']} "
+                            f"({row['time_s']:.1f} s)")
         metrics = _optimizer_step(run, batches)
         run.state.step += 1
         step = run.state.step
@@ -574,6 +590,8 @@ def _optimizer_step(run: _Run, batches: Iterator[tuple[Position, Any]]) -> dict[
     for micro in range(cfg.train.grad_accum):
         t0 = time.perf_counter()
         position, batch = next(batches)
+        if run.refresh is not None:
+            batch = run.refresh.mix(batch, step, micro, acc.process_index, acc.num_processes)
         t1 = _sync_time(acc.device)
         last = micro == cfg.train.grad_accum - 1
         with nullcontext() if last else acc.no_sync(run.module):
@@ -657,7 +675,8 @@ def _save(run: _Run) -> None:
     if acc.is_main_process:
         path = ckpt.save_checkpoint(run.run_dir, run.state, lora, None if sharded else run.optimizer.state_dict(),
                                     run.scheduler.state_dict(), rng, run.cfg.to_yaml(), started=sharded,
-                                    dataset=run.fingerprint)
+                                    dataset=run.fingerprint,
+                                    extra_files=run.refresh.state_files() if run.refresh is not None else None)
         ckpt.prune(run.run_dir, run.cfg.train.keep_checkpoints)
         run.log.message(f"checkpoint {path}")
     run.last_saved = run.state.step
