@@ -95,15 +95,17 @@ def rounds(runs_dir: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folder", type=Path, help="the compare --out folder")
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seeds", default=None, help="training seeds (default: every seed evaluated in the folder)")
     args = ap.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     print("## Rounds\n\n" + rounds(args.folder / "runs") + "\n")
     metrics_path = args.folder / "eval" / "metrics.json"
     if not metrics_path.is_file():
         print(f"(no evaluation yet: {metrics_path})")
         return
     metrics = json.loads(metrics_path.read_text())
+    if seeds is None:  # every "<method>@s<seed>" the evaluation holds
+        seeds = sorted({int(k.rsplit("@s", 1)[1]) for k in metrics if "@s" in k})
     print("## Methods\n\n" + methods(metrics, seeds) + "\n")
     print("## Paired differences\n\n" + differences(metrics, seeds) + "\n")
     conf = args.folder / "eval" / "confusion.json"
