@@ -17,6 +17,7 @@ A plug-in that fails to import raises :class:`PluginError` naming it and the rea
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from importlib import metadata
@@ -31,11 +32,17 @@ class PluginError(ImportError):
     """A plug-in module could not be imported; the message names it and where it was listed."""
 
 
+@functools.cache
+def _entry_point_modules() -> tuple[tuple[str, str], ...]:
+    """The ``focusdpo.plugins`` entry points of the installed packages, scanned once per process (a scan reads every
+    distribution's metadata: milliseconds, and the registries are read on every training step)."""
+    return tuple((ep.value.split(":")[0].strip(), f"entry point {ep.name!r} of {GROUP}")
+                 for ep in metadata.entry_points(group=GROUP))
+
+
 def plugin_modules() -> list[tuple[str, str]]:
     """``[(module, where it is listed)]`` from the entry points, then ``FOCUSDPO_PLUGINS``, without repeats."""
-    found: list[tuple[str, str]] = []
-    for ep in metadata.entry_points(group=GROUP):
-        found.append((ep.value.split(":")[0].strip(), f"entry point {ep.name!r} of {GROUP}"))
+    found: list[tuple[str, str]] = list(_entry_point_modules())
     for name in os.environ.get(ENV, "").split(","):
         if name.strip():
             found.append((name.strip(), ENV))

@@ -113,12 +113,6 @@ class NoiseKey:
         return eps[part], s[part]
 
 
-def noisy(x0: torch.Tensor, eps: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flow matching's ``x_t = (1 - s) x_0 + s eps`` and velocity target ``v = eps - x_0`` (``[B, N, C]``, s ``[B]``);
-    the step itself uses ``backbone.diffusion.noisy``."""
-    return FLOW.noisy(x0, eps, s)
-
-
 # ------------------------------------------------------------------------------------------------ encoding
 
 
