@@ -203,3 +203,13 @@ def test_dino_embedder_names_a_bad_path(tmp_path):
 
     with pytest.raises(DreamBenchError, match="matching judge"):
         dino_embedder(str(tmp_path / "missing"))
+
+
+def test_confusion_margin_known_values():
+    from focusdpo.judges import confusion_margin
+
+    sim = np.array([[0.9, 0.5, 0.2], [0.1, 0.3, 0.8], [0.4, 0.4, 0.4]])
+    assert confusion_margin(sim) == pytest.approx([-0.4, 0.5, 0.0])
+    more_regions = confusion_margin(np.array([[0.9, 0.1], [0.2, 0.7], [0.5, 0.5]]))
+    assert more_regions[:2] == pytest.approx([-0.8, -0.5]) and np.isnan(more_regions[2])
+    assert np.isnan(confusion_margin(np.array([[1.0]]))).all()  # one subject: no other reference

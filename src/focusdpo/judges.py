@@ -16,7 +16,8 @@ one interface (``judge(candidate, target) -> Verdict``, :func:`make_judge`):
   target's own similarity drops by at least ``margin`` (``similarity_drop``). A positive whose own assignment
   already disagrees cannot be judged (``positive_confused``). Score: the target's similarity to its reference.
   The embedder is the DreamBench DINO model (:func:`dino_embedder`, ``eval.dino_model``) or any function
-  ``list of uint8 [h, w, 3] -> [n, D]`` (tests plant one; :func:`colour_embedder` is the toy world's).
+  ``list of uint8 [h, w, 3] -> [n, D]`` (tests plant one; the toy world's is
+  :func:`focusdpo.world.embedding.subject_embedder`, :func:`colour_embedder` sees colours only).
 - ``changed``: no judgement; keeps every negative that differs from the positive (the unjudged ablation).
 
 The same assignment, per generated image, is the identity-confusion metric of ``focusdpo eval``
@@ -108,24 +109,43 @@ def is_confused(assigned: np.ndarray) -> bool:
 def assign_image(image: np.ndarray, regions: np.ndarray, references: Sequence[np.ndarray], embed: Embed
                  ) -> dict[str, Any]:
     """Crop each region of ``image``, assign the crops to ``references``: ``sim`` ``[K, K]``, ``assigned``,
-    ``matched``, ``own`` (each region's similarity to its own reference), ``confused``."""
+    ``matched``, ``own`` (each region's similarity to its own reference), ``margin`` (each region's best
+    similarity to *another* reference minus its own: > 0 when it looks more like another subject), ``confused``."""
     crops = [bbox_crop(image, r) for r in regions]
     sim = similarity(crops, references, embed)
     assigned, matched = identity_assignment(sim)
     own = np.array([sim[k, k] if k < sim.shape[1] else np.nan for k in range(sim.shape[0])])
-    return {"sim": sim, "assigned": assigned, "matched": matched, "own": own, "confused": is_confused(assigned)}
+    margin = confusion_margin(sim)
+    return {"sim": sim, "assigned": assigned, "matched": matched, "own": own, "margin": margin,
+            "confused": is_confused(assigned)}
+
+
+def confusion_margin(sim: np.ndarray) -> np.ndarray:
+    """Per region ``k`` of similarity ``[R, K]``: ``max_{j != k} sim[k, j] - sim[k, k]`` (NaN without an own
+    reference or another one). The continuous side of the assignment: the Hungarian assignment flips only when a
+    region looks more like another reference than that reference's own region does, while the margin rises with
+    every attribute a region borrows."""
+    sim = np.asarray(sim, dtype=np.float64)
+    out = np.full(sim.shape[0], np.nan)
+    for k in range(min(sim.shape)):
+        others = np.delete(sim[k], k)
+        if others.size:
+            out[k] = others.max() - sim[k, k]
+    return out
 
 
 def confusion_scores(images: Sequence[np.ndarray], regions: Sequence[np.ndarray],
                      references: Sequence[Sequence[np.ndarray]], embed: Embed) -> list[dict[str, Any]]:
     """The identity-confusion metric per image: ``confused`` (0/1, the assignment disagrees with the prompt's
-    order), ``matched_sim`` (mean similarity of each region to the reference it is assigned to) and
-    ``own_sim`` (mean similarity of each region to its own reference). ``regions[i]``: bool ``[K, H, W]``."""
+    order), ``matched_sim`` (mean similarity of each region to the reference it is assigned to), ``own_sim``
+    (mean similarity of each region to its own reference) and ``margin`` (mean :func:`confusion_margin`).
+    ``regions[i]``: bool ``[K, H, W]``."""
     out = []
     for image, regs, refs in zip(images, regions, references, strict=True):
         a = assign_image(image, regs, refs, embed)
         out.append({"confused": float(a["confused"]), "matched_sim": float(np.nanmean(a["matched"])),
-                    "own_sim": float(np.nanmean(a["own"])), "assigned": a["assigned"].tolist()})
+                    "own_sim": float(np.nanmean(a["own"])), "margin": float(np.nanmean(a["margin"])),
+                    "assigned": a["assigned"].tolist()})
     return out
 
 

@@ -36,24 +36,42 @@ def test_truth_is_not_confused_and_rotated_identities_are(world_scenes):
             assert bad["confusion"] == 1.0 and bad["own_sim"] < truth["own_sim"]
 
 
-def _entry(confusion, leakage, own):
+def _entry(confusion, leakage, own, margin=None):
     n = len(confusion)
-    return {"units": {"keys": [[2, 0, 0, i] for i in range(n)], "confusion": confusion, "leakage": leakage,
-                      "own_sim": own, "matched_sim": [1.0] * n, "fidelity": [0.5] * n, "prompt": [0.5] * n}}
+    units = {"keys": [[2, 0, 0, i] for i in range(n)], "confusion": confusion, "leakage": leakage,
+             "own_sim": own, "matched_sim": [1.0] * n, "fidelity": [0.5] * n, "prompt": [0.5] * n}
+    if margin is not None:
+        units["margin"] = margin
+    return {"units": units}
 
 
 def test_agreement_known_values():
-    metrics = {"a": _entry([0, 0, 0, 1], [0.0, 0.1, 0.0, 0.2], [0.9, 0.9, 0.9, 0.5]),
-               "b": _entry([0, 1, 1, 1], [0.1, 0.3, 0.2, 0.4], [0.9, 0.6, 0.6, 0.5]),
-               "c": _entry([1, 1, 1, 1], [0.5, 0.4, 0.5, 0.6], [0.4, 0.4, 0.4, 0.4]),
+    metrics = {"a": _entry([0, 0, 0, 1], [0.0, 0.1, 0.0, 0.2], [0.9, 0.9, 0.9, 0.5], [-0.5, -0.4, -0.5, -0.3]),
+               "b": _entry([0, 1, 1, 1], [0.1, 0.3, 0.2, 0.4], [0.9, 0.6, 0.6, 0.5], [-0.4, -0.2, -0.3, -0.1]),
+               "c": _entry([1, 1, 1, 1], [0.5, 0.4, 0.5, 0.6], [0.4, 0.4, 0.4, 0.4], [0.1, 0.0, 0.1, 0.2]),
                "old": {"fidelity": {}}}  # an entry without units is skipped
     out = confusion_agreement(metrics)
     assert out["n_methods"] == 3 and out["methods"]["b"]["confusion"] == pytest.approx(0.75)
+    assert out["methods"]["b"]["margin"] == pytest.approx(-0.25)
     assert out["over_methods"]["confusion"] == pytest.approx(1.0)
     assert out["over_methods"]["neg_own_sim"] == pytest.approx(1.0)
+    assert out["over_methods"]["margin"] == pytest.approx(1.0)
+    # the margins rank the 12 units' leakage exactly (ties aside): 0.0 0.0 0.1 0.1 0.2 0.2 0.3 0.4 0.4 0.5 0.5 0.6
     assert out["over_units"]["n"] == 12 and out["over_units"]["confusion"] > 0.7
+    assert out["over_units"]["margin"] > 0.95
     assert out["over_scenes"]["n"] == 4
-    assert "| b | 0.750 |" in confusion_markdown(out)
+    assert "| b | 0.750 | -0.250 |" in confusion_markdown(out)
+
+
+def test_agreement_of_entries_written_before_the_margin():
+    """A metrics.json from before the margin existed still gives the rate's correlations (margin: n/a)."""
+    metrics = {"a": _entry([0, 0, 1], [0.0, 0.1, 0.3], [0.9, 0.8, 0.5]),
+               "b": _entry([1, 1, 1], [0.4, 0.5, 0.6], [0.4, 0.4, 0.3]),
+               "c": _entry([0, 1, 1], [0.1, 0.3, 0.2], [0.8, 0.6, 0.6])}
+    out = confusion_agreement(metrics)
+    assert out["over_methods"]["margin"] is None and out["over_units"]["margin"] is None
+    assert out["over_methods"]["confusion"] == pytest.approx(1.0)
+    assert "over methods n/a / +1.00" in confusion_markdown(out)
 
 
 # ------------------------------------------------------------------------- DreamBench / any generator's folder
@@ -116,8 +134,12 @@ def test_confusion_of_a_generated_folder_planted(tmp_path):
         (0, "strips", 0.0), (1, "strips", 1.0), (2, "boxes", 0.0)]
     assert rows[0]["own_sim"] == pytest.approx(1.0) and rows[1]["own_sim"] < 0.9
     assert rows[1]["matched_sim"] == pytest.approx(1.0) and rows[1]["assigned"] == "1 0"
+    # margin: the swapped strips are each exactly the other reference (1) and cos(red, blue) from their own
+    cos = np.dot(red, blue) / (np.linalg.norm(red) * np.linalg.norm(blue))
+    assert rows[1]["margin"] == pytest.approx(1 - cos) and rows[0]["margin"] == pytest.approx(cos - 1)
     summary = summarize_confusion(rows)
     assert summary["rate"] == pytest.approx(1 / 3) and summary["regions"] == {"boxes": 1, "strips": 2}
+    assert summary["margin"] == pytest.approx(np.mean([r["margin"] for r in rows]))
 
 
 def test_confusion_runs_with_a_tiny_saved_dino(tmp_path):

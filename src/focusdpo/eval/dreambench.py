@@ -327,7 +327,8 @@ def confusion_generated(generated: Sequence[Generated], embed: Callable[[Sequenc
     """The identity-confusion metric (issue 16 point 3) of every multi-subject image: its subject regions
     (:func:`subject_regions`) are cropped, embedded and assigned to the entry's fixed references by a Hungarian
     assignment (:func:`focusdpo.judges.assign_image`). One row per image: image, index, sample, group, regions
-    (boxes | strips), confused (0/1), matched_sim, own_sim, assigned."""
+    (boxes | strips), confused (0/1), margin (mean over regions of the best other reference's similarity minus
+    the own one, :func:`focusdpo.judges.confusion_margin`), matched_sim, own_sim, assigned."""
     from focusdpo.judges import assign_image
 
     rows = []
@@ -341,14 +342,17 @@ def confusion_generated(generated: Sequence[Generated], embed: Callable[[Sequenc
         a = assign_image(image, regions, refs, embed)
         rows.append({"image": g.path.name, "index": g.entry.index, "sample": g.sample,
                      "group": "+".join(g.entry.subjects), "regions": source, "confused": float(a["confused"]),
+                     "margin": float(np.nanmean(a["margin"])),
                      "matched_sim": float(np.nanmean(a["matched"])), "own_sim": float(np.nanmean(a["own"])),
                      "assigned": " ".join(str(int(v)) for v in a["assigned"])})
     return rows
 
 
 def summarize_confusion(rows: Sequence[dict]) -> dict:
-    """Confusion rate, mean matched and own similarity over the images, and how their regions were found."""
+    """Confusion rate, mean margin, matched and own similarity over the images, and how their regions were
+    found."""
     return {"rate": float(np.mean([r["confused"] for r in rows])),
+            "margin": float(np.mean([r["margin"] for r in rows])),
             "matched_sim": float(np.mean([r["matched_sim"] for r in rows])),
             "own_sim": float(np.mean([r["own_sim"] for r in rows])), "n_images": len(rows),
             "regions": {src: sum(r["regions"] == src for r in rows) for src in ("boxes", "strips")}}

@@ -154,14 +154,17 @@ def dreambench_markdown(metrics: Mapping[str, Mapping]) -> str:
            "DINO ViT-S/16 CLS and CLIP ViT-B/32 cosines. `original`: every photo of the subject as reference; "
            "`kosmos`: the one photo the UNO list names. Image -> reference group -> mean over groups.\n",
            table(header, rows)]
-    conf = [[m, fmt(v["confusion"]["rate"]), fmt(v["confusion"]["matched_sim"]), fmt(v["confusion"]["own_sim"]),
+    conf = [[m, fmt(v["confusion"]["rate"]), fmt(v["confusion"].get("margin")), fmt(v["confusion"]["matched_sim"]),
+             fmt(v["confusion"]["own_sim"]),
              str(v["confusion"]["n_images"]), ", ".join(f"{k} {n}" for k, n in v["confusion"]["regions"].items() if n)]
             for m, v in metrics.items() if v.get("confusion")]
     if conf:
         out += ["\n## Identity confusion\n\nEach subject region (a `<image>.boxes.json` sidecar in prompt order, else "
                 "equal vertical strips) is cropped, embedded with DINO and assigned to the fixed references by a "
-                "Hungarian assignment; confused = the assignment disagrees with the prompt's order.\n\n",
-                table(["method", "confusion rate", "matched DINO", "own DINO", "images", "regions"], conf)]
+                "Hungarian assignment; confused = the assignment disagrees with the prompt's order; margin = the best "
+                "other reference's DINO similarity minus the own one, mean over regions (higher = more like "
+                "another subject).\n\n",
+                table(["method", "confusion rate", "margin", "matched DINO", "own DINO", "images", "regions"], conf)]
     cols = ["dino_original", "dino_kosmos", "clip_i_original", "clip_i_kosmos", "clip_t"]
     for m, v in metrics.items():
         for key, title in (("per_group", "group"), ("per_subject", "subject")):

@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -61,14 +62,16 @@ from focusdpo.config import Config
 from focusdpo.eval.methods import load_method, resolve_methods
 from focusdpo.eval.report import comparison_grid, difference_lines, to_uint8, toy_markdown
 from focusdpo.eval.stats import finite_or_none
-from focusdpo.judges import colour_embedder, confusion_scores
+from focusdpo.judges import confusion_scores
 from focusdpo.lora import adapters_merged
 from focusdpo.world import Scene, World
+from focusdpo.world.embedding import subject_embedder
 from focusdpo.world.metrics import aggregate, score_scene, slot_strips
 
 SCENE_SEED = 20_250_901
 HEADLINE = ("fidelity", "leakage", "prompt")
-CONFUSION = ("confusion", "matched_sim", "own_sim")  # per-unit, beside the headline (identity_confusion)
+CONFUSION = ("confusion", "margin", "matched_sim", "own_sim")  # per-unit, beside the headline (identity_confusion)
+CHANCE = ("leakage_chance", "transfer")  # per-unit: leakage toward identities not in the scene, and the excess
 
 Scores = dict[int, dict[int, list[dict]]]  # subject count -> sampling seed -> score_scene results
 
@@ -194,7 +197,7 @@ def score_method(backbone: Backbone, world: World, scenes: Mapping[int, list[Sce
 
 def score_images(images: Sequence[np.ndarray], scenes: Sequence[Scene], world: World) -> list[dict]:
     """:func:`~focusdpo.world.metrics.score_scene` of each image against its scene, plus the identity-confusion
-    metric (:func:`identity_confusion`: ``confusion``, ``matched_sim``, ``own_sim``)."""
+    metric (:func:`identity_confusion`: ``confusion``, ``margin``, ``matched_sim``, ``own_sim``)."""
     out = []
     for img, scene in zip(images, scenes, strict=True):
         result = score_scene(img, scene, world)
@@ -203,7 +206,7 @@ def score_images(images: Sequence[np.ndarray], scenes: Sequence[Scene], world: W
     return out
 
 
-_COLOUR_EMBED = colour_embedder()
+_TOY_EMBED = subject_embedder()
 
 
 def slot_regions(positions: Sequence[str], side: int) -> np.ndarray:
@@ -216,13 +219,16 @@ def slot_regions(positions: Sequence[str], side: int) -> np.ndarray:
 
 def identity_confusion(image: np.ndarray, scene: Scene) -> dict[str, float]:
     """The identity-confusion metric of one toy image (issue 16 point 3): each prompt slot's strip is cropped,
-    embedded with :func:`~focusdpo.judges.colour_embedder` (no download) and assigned to the references by the
-    Hungarian assignment; ``confusion`` 1 when it disagrees with the prompt's order, ``matched_sim`` the mean
-    similarity of the assigned pairs, ``own_sim`` each strip's similarity to its own reference."""
+    embedded with :func:`~focusdpo.world.embedding.subject_embedder` (colour, silhouette, pattern and mark; no
+    download) and assigned to the references by the Hungarian assignment; ``confusion`` 1 when it disagrees with
+    the prompt's order, ``margin`` the mean over subjects of the best other reference's similarity minus the own
+    one (:func:`~focusdpo.judges.confusion_margin`), ``matched_sim`` the mean similarity of the assigned pairs,
+    ``own_sim`` each strip's similarity to its own reference."""
     img = np.asarray(image)
     row = confusion_scores([img], [slot_regions(scene.positions, img.shape[0])], [scene.references],
-                           _COLOUR_EMBED)[0]
-    return {"confusion": row["confused"], "matched_sim": row["matched_sim"], "own_sim": row["own_sim"]}
+                           _TOY_EMBED)[0]
+    return {"confusion": row["confused"], "margin": row["margin"], "matched_sim": row["matched_sim"],
+            "own_sim": row["own_sim"]}
 
 
 def _stats(values: Sequence[float]) -> dict:
@@ -261,13 +267,13 @@ def unit_table(scores: Scores, samples_per_prompt: int) -> dict:
     per-subject scores in reference order (for analyses by subject, e.g. ``experiments/mechanism.py``).
     """
     keys: list[list[int]] = []
-    values: dict[str, list[float | None]] = {h: [] for h in HEADLINE + CONFUSION}
+    values: dict[str, list[float | None]] = {h: [] for h in HEADLINE + CONFUSION + CHANCE}
     subjects: dict[str, list[list[float | None]]] = {"fidelity": [], "leakage": []}
     for k, by_seed in scores.items():
         for seed, results in by_seed.items():
             n_scenes = len(results) // samples_per_prompt
             keys += [[int(k), int(seed), j // n_scenes, j % n_scenes] for j in range(len(results))]
-            for h in HEADLINE + CONFUSION:
+            for h in HEADLINE + CONFUSION + CHANCE:
                 values[h] += [finite_or_none(float(r[h])) if h in r else None for r in results]
             for m in subjects:
                 subjects[m] += [[finite_or_none(float(sub[f"{m}_mean"])) for sub in r["subjects"]] for r in results]
@@ -427,26 +433,31 @@ def write_toy_outputs(out: Path, metrics: Mapping[str, dict], runs: Mapping[str,
 def confusion_agreement(metrics: Mapping[str, Mapping]) -> dict:
     """How the identity-confusion metric agrees with the ground-truth leakage (issue 16 point 3).
 
-    Per method: confusion rate, mean matched and own similarity, leakage (over its units). Then Spearman rank
-    correlations with leakage: ``over_methods`` (the methods' means; the confusion rate and ``-own_sim``),
-    ``over_units`` (every method's units pooled: each image's confusion 0/1 and ``-own_sim`` against its leakage)
-    and ``over_scenes`` (per scene, mean over methods and samples). Methods without the per-unit confusion
-    scores are skipped.
+    Per method: confusion rate, mean margin, matched and own similarity, leakage (over its units). Then Spearman
+    rank correlations with leakage of the confusion rate (``confusion``), the margin (``margin``) and the own
+    similarity's negative (``neg_own_sim``): ``over_methods`` (the methods' means), ``over_units`` (every
+    method's units pooled) and ``over_scenes`` (per scene, mean over methods and samples). Methods without the
+    per-unit confusion scores are skipped; a score a method lacks (``margin`` before it existed) is NaN.
     """
     from scipy.stats import spearmanr
 
     names = [m for m, v in metrics.items() if "units" in v and "confusion" in v["units"]]
+    signals = {"confusion": 1.0, "margin": 1.0, "neg_own_sim": -1.0}
+    source = {"confusion": "confusion", "margin": "margin", "neg_own_sim": "own_sim"}
     per: dict = {}
-    pooled: dict[str, list[np.ndarray]] = {"confusion": [], "own_sim": [], "leakage": []}
-    by_scene: dict[tuple, list[tuple[float, float, float]]] = {}
+    pooled: dict[str, list[np.ndarray]] = {h: [] for h in (*signals, "leakage")}
+    by_scene: dict[tuple, list[list[float]]] = {}
     for m in names:
-        u = {h: unit_scores(metrics[m], h) for h in ("confusion", "matched_sim", "own_sim", "leakage")}
-        per[m] = {h: float(np.nanmean(v)) for h, v in u.items()}
-        for h in pooled:
-            pooled[h].append(u[h])
-        for key, c, o, lk in zip(metrics[m]["units"]["keys"], u["confusion"], u["own_sim"], u["leakage"],
-                                 strict=True):
-            by_scene.setdefault((key[0], key[3]), []).append((c, o, lk))
+        units = metrics[m]["units"]
+        u = {h: unit_scores(metrics[m], h) if h in units else np.full(len(units["keys"]), np.nan)
+             for h in ("confusion", "margin", "matched_sim", "own_sim", "leakage")}
+        per[m] = {h: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for h, v in u.items()}
+        sig = {h: sign * u[source[h]] for h, sign in signals.items()}
+        for h in signals:
+            pooled[h].append(sig[h])
+        pooled["leakage"].append(u["leakage"])
+        for i, key in enumerate(units["keys"]):
+            by_scene.setdefault((key[0], key[3]), []).append([sig[h][i] for h in signals] + [u["leakage"][i]])
 
     def rho(a: Sequence[float], b: Sequence[float]) -> float | None:
         a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
@@ -459,15 +470,13 @@ def confusion_agreement(metrics: Mapping[str, Mapping]) -> dict:
     if not names:
         return out
     leak = [per[m]["leakage"] for m in names]
-    out["over_methods"] = {"confusion": rho([per[m]["confusion"] for m in names], leak),
-                           "neg_own_sim": rho([-per[m]["own_sim"] for m in names], leak)}
+    out["over_methods"] = {h: rho([signals[h] * per[m][source[h]] for m in names], leak) for h in signals}
     units = {h: np.concatenate(v) for h, v in pooled.items()}
-    out["over_units"] = {"confusion": rho(units["confusion"], units["leakage"]),
-                         "neg_own_sim": rho(-units["own_sim"], units["leakage"]), "n": int(units["leakage"].size)}
-    scenes = {k: np.nanmean(np.array(v, dtype=float), axis=0) for k, v in by_scene.items()}
-    sc = np.array(list(scenes.values()))
-    out["over_scenes"] = {"confusion": rho(sc[:, 0], sc[:, 2]), "neg_own_sim": rho(-sc[:, 1], sc[:, 2]),
-                          "n": len(scenes)}
+    out["over_units"] = {**{h: rho(units[h], units["leakage"]) for h in signals}, "n": int(units["leakage"].size)}
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column (no margin) stays NaN
+        sc = np.array([np.nanmean(np.array(v, dtype=float), axis=0) for v in by_scene.values()])
+    out["over_scenes"] = {**{h: rho(sc[:, i], sc[:, -1]) for i, h in enumerate(signals)}, "n": len(by_scene)}
     return out
 
 
@@ -480,9 +489,9 @@ def confusion_line(agreement: Mapping) -> str:
     if not agreement.get("n_methods"):
         return "identity confusion: no per-unit confusion scores"
     m, u, s = agreement["over_methods"], agreement["over_units"], agreement["over_scenes"]
-    return (f"identity confusion vs leakage, Spearman: over methods {_r(m['confusion'])} (rate), "
-            f"{_r(m['neg_own_sim'])} (-own sim); over scenes {_r(s['confusion'])} / {_r(s['neg_own_sim'])}; "
-            f"over units {_r(u['confusion'])} / {_r(u['neg_own_sim'])}")
+    return (f"identity confusion vs leakage, Spearman (margin / rate): over methods {_r(m['margin'])} / "
+            f"{_r(m['confusion'])}; over scenes {_r(s['margin'])} / {_r(s['confusion'])}; "
+            f"over units {_r(u['margin'])} / {_r(u['confusion'])}")
 
 
 def confusion_markdown(agreement: Mapping) -> str:
@@ -490,12 +499,14 @@ def confusion_markdown(agreement: Mapping) -> str:
     if not agreement.get("n_methods"):
         return ""
     lines = ["", "## Identity confusion", "",
-             "Each prompt slot's strip is cropped, embedded (colour histogram) and assigned to the references "
-             "(Hungarian); confusion = the assignment disagrees with the prompt's order.", "",
-             "| method | confusion rate | matched sim | own sim | leakage |", "|---|---|---|---|---|"]
+             "Each prompt slot's strip is cropped, embedded (`focusdpo.world.embedding.subject_embedder`: colour, "
+             "silhouette, pattern, mark) and assigned to the references (Hungarian); confusion = the assignment "
+             "disagrees with the prompt's order; margin = best other reference's similarity minus the own one, "
+             "mean over subjects (higher = more like another subject).", "",
+             "| method | confusion rate | margin | matched sim | own sim | leakage |", "|---|---|---|---|---|---|"]
     for name, v in agreement["methods"].items():
-        lines.append(f"| {name} | {v['confusion']:.3f} | {v['matched_sim']:.3f} | {v['own_sim']:.3f} | "
-                     f"{v['leakage']:.3f} |")
+        lines.append(f"| {name} | {v['confusion']:.3f} | {v['margin']:+.3f} | {v['matched_sim']:.3f} | "
+                     f"{v['own_sim']:.3f} | {v['leakage']:.3f} |")
     lines += ["", confusion_line(agreement) + ".", ""]
     return "\n".join(lines)
 

@@ -21,6 +21,12 @@ the core while not one of the subject's own colours, or a core mean colour close
 colour signature than to its own; the signature is the mean colour of a canonical render, and the test is used
 only when the two signatures are >= 40 apart in RGB: on ground-truth renders a subject's mean strays from its
 signature by up to ~50 (pattern phase, occlusion), but never past the midpoint to a signature >= 40 away).
+Chance leakage and transfer: a subject drawn with a wrong attribute shows *some* other value, and that value
+is another subject's by chance as often as it is any identity's. ``leakage_chance`` is the leakage the same
+reading shows toward identities not in the scene (:func:`chance_leakage`, ``CHANCE_DECOYS`` fixed decoys, the
+same attributes as the real leakage); ``transfer = leakage - leakage_chance`` is what the subjects in the scene
+carried over. On ground-truth renders both are ~0; on the tiny base's generated images about three quarters of
+the leakage is chance (docs/results.md, "Identity confusion on the toy benchmark").
 Prompt following: count (subjects found == subjects asked), classes (the multiset of read classes equals the
 prompt's nouns) and positions (share of slots holding the class the prompt puts there).
 """
@@ -329,6 +335,38 @@ def subject_leakage(identity: Identity, others: list[Identity], reading: Subject
     return {a: float(np.mean(h)) if h else float("nan") for a, h in hits.items()}
 
 
+CHANCE_DECOYS = 64
+
+
+def chance_decoys(world: World) -> list[Identity]:
+    """``CHANCE_DECOYS`` identities of the world (any split), fixed by the world's seed: the stand-ins of
+    :func:`chance_leakage`. Cached on the world."""
+    cached = getattr(world, "_chance_decoys", None)
+    if cached is None:
+        rng = np.random.default_rng([world.cfg.seed, 7_919])
+        n = min(CHANCE_DECOYS, len(world.identities))
+        cached = [world.identities[int(i)] for i in rng.choice(len(world.identities), size=n, replace=False)]
+        world._chance_decoys = cached  # type: ignore[attr-defined]
+    return cached
+
+
+def chance_leakage(identity: Identity, others: list[Identity], reading: SubjectReading,
+                   decoys: list[Identity]) -> float:
+    """The leakage the same reading shows toward identities that are *not* in the scene: per leakage attribute
+    that the real leakage scores (:func:`subject_leakage`: where some other subject differs), the share of
+    the decoys differing from ``identity`` whose value the region shows; their mean (NaN when the real leakage is
+    NaN). A subject drawn with a wrong attribute matches another subject's value by chance as often as a
+    decoy's; only ``leakage - chance`` measures attributes *carried over* from the subjects in the scene."""
+    real = subject_leakage(identity, others, reading)
+    attrs = [a for a, v in real.items() if not np.isnan(v)]
+    if not attrs:
+        return float("nan")
+    excluded = {identity.id, *(o.id for o in others)}
+    chance = subject_leakage(identity, [d for d in decoys if d.id not in excluded], reading)
+    values = [chance[a] for a in attrs if not np.isnan(chance[a])]
+    return float(np.mean(values)) if values else float("nan")
+
+
 def prompt_following(readings: list[SubjectReading], nouns: list[str], labels: np.ndarray,
                      min_area: int) -> dict[str, float]:
     """``count`` (1.0 when the subjects found, including foreground blobs outside every subject's region,
@@ -359,7 +397,8 @@ def score_scene(image: Any, scene: Scene, world: World) -> dict[str, Any]:
     Returns a dict: ``subjects`` (per subject in reference order: ``position``, ``present``, ``read``
     attributes, ``fidelity`` and ``leakage`` per attribute, their means), per-scene ``fidelity`` and
     ``leakage`` (means over subjects, leakage NaN-skipping), ``fidelity/<attr>``, ``leakage/<attr>``,
-    ``leak_rate`` (share of subjects with any leak), and ``count``, ``classes``, ``positions``, ``prompt``.
+    ``leak_rate`` (share of subjects with any leak), ``leakage_chance`` and ``transfer`` (per subject too; see
+    :func:`chance_leakage`), and ``count``, ``classes``, ``positions``, ``prompt``.
     """
     img = as_uint8_image(image)
     side = img.shape[0]
@@ -371,16 +410,20 @@ def score_scene(image: Any, scene: Scene, world: World) -> dict[str, Any]:
     readings = [read_subject(img, labels, strip, ident.cls, unit, min_area)
                 for strip, ident in zip(strips, scene.identities, strict=True)]
     subjects = []
+    decoys = chance_decoys(world)
     for i, (ident, reading) in enumerate(zip(scene.identities, readings, strict=True)):
         fid = subject_fidelity(ident, reading)
-        leak = subject_leakage(ident, [o for j, o in enumerate(scene.identities) if j != i], reading)
+        others = [o for j, o in enumerate(scene.identities) if j != i]
+        leak = subject_leakage(ident, others, reading)
         valid = [v for v in leak.values() if not np.isnan(v)]
+        leak_mean = float(np.mean(valid)) if valid else float("nan")
+        chance = chance_leakage(ident, others, reading, decoys)
         subjects.append({
             "position": scene.positions[i], "present": reading.present, "area": reading.area,
             "read": {"class": reading.cls, "body": reading.body, "pattern": reading.pattern,
                      "pattern_colour": reading.pattern_colour, "detail": reading.detail},
             "fidelity": fid, "leakage": leak, "fidelity_mean": float(np.mean(list(fid.values()))),
-            "leakage_mean": float(np.mean(valid)) if valid else float("nan"),
+            "leakage_mean": leak_mean, "leakage_chance": chance, "transfer": leak_mean - chance,
             "leaked": bool(any(v > 0 for v in valid))})
     return {"subjects": subjects, **_scene_means(subjects),
             **prompt_following(readings, [i.noun for i in scene.identities], labels, min_area)}
@@ -394,7 +437,9 @@ def _nanmean(values: list[float]) -> float:
 def _scene_means(subjects: list[dict[str, Any]]) -> dict[str, float]:
     out = {"fidelity": _nanmean([s["fidelity_mean"] for s in subjects]),
            "leakage": _nanmean([s["leakage_mean"] for s in subjects]),
-           "leak_rate": float(np.mean([s["leaked"] for s in subjects]))}
+           "leak_rate": float(np.mean([s["leaked"] for s in subjects])),
+           "leakage_chance": _nanmean([s["leakage_chance"] for s in subjects]),
+           "transfer": _nanmean([s["transfer"] for s in subjects])}
     for attr in FIDELITY_ATTRS:
         out[f"fidelity/{attr}"] = _nanmean([s["fidelity"][attr] for s in subjects])
     for attr in LEAKAGE_ATTRS:
@@ -405,7 +450,8 @@ def _scene_means(subjects: list[dict[str, Any]]) -> dict[str, float]:
 def aggregate(scores: list[dict[str, Any]]) -> dict[str, float]:
     """Mean of every per-scene value of :func:`score_scene` over scenes (NaN-skipping), plus ``n_scenes``.
 
-    Keys: ``fidelity``, ``leakage``, ``prompt``, ``leak_rate``, ``count``, ``classes``, ``positions``,
+    Keys: ``fidelity``, ``leakage``, ``prompt``, ``leak_rate``, ``leakage_chance``, ``transfer``, ``count``,
+    ``classes``, ``positions``,
     ``fidelity/<attr>`` for ``FIDELITY_ATTRS`` and ``leakage/<attr>`` for ``LEAKAGE_ATTRS``.
     """
     if not scores:
