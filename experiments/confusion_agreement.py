@@ -154,15 +154,34 @@ def agreement(rows: dict[str, list[dict]], keys: np.ndarray, embed: str, replica
             c = sid == s
             sc[s] = [np.nanmean(lk[:, c]), np.nanmean(cf[:, c]), np.nanmean(mg[:, c]), np.nanmean(-ow[:, c])]
         sc = np.array(list(sc.values()))
+        same = np.array([not m.startswith("base@") for m in models])  # the evaluation's own sampler
         return {
             "models": {"confusion": _spearman(mean(cf), mean(lk)), "margin": _spearman(mean(mg), mean(lk)),
                        "neg_own": _spearman(-mean(ow), mean(lk))},
+            "models_same_sampler": {"confusion": _spearman(mean(cf)[same], mean(lk)[same]),
+                                    "margin": _spearman(mean(mg)[same], mean(lk)[same]),
+                                    "neg_own": _spearman(-mean(ow)[same], mean(lk)[same])},
             "scenes": {"confusion": _spearman(sc[:, 1], sc[:, 0]), "margin": _spearman(sc[:, 2], sc[:, 0]),
                        "neg_own": _spearman(sc[:, 3], sc[:, 0])},
             "units": {"confusion": _spearman(cf.ravel(), lk.ravel()), "margin": _spearman(mg.ravel(), lk.ravel()),
                       "neg_own": _spearman(-ow.ravel(), lk.ravel())},
             "subjects": {"margin": _spearman(sub_marg[sel_subjects], sub_leak[sel_subjects])}}
 
+    # split-half reliability over scenes: scene means (over models) from sampling seed A vs seed B; the
+    # correlation any scene-level signal can reach with the target is bounded by the two reliabilities
+    seeds = np.unique(keys[:, 1])
+    reliability: dict = {}
+    if seeds.size >= 2:
+        halves = [keys[:, 1] == seeds[0], keys[:, 1] == seeds[1]]
+        for name, arr in ((target, leak), ("margin", marg), ("confusion", conf)):
+            means = []
+            for h in halves:
+                means.append([np.nanmean(arr[:, h & (scene_id == sc)]) for sc in scenes])
+            reliability[name] = _spearman(means[0], means[1])
+            # and per unit: the same model and scene under the two seeds
+            a = np.concatenate([arr[i, halves[0]] for i in range(len(models))])
+            b = np.concatenate([arr[i, halves[1]] for i in range(len(models))])
+            reliability[f"{name}_units"] = _spearman(a, b)
     point = stats(np.arange(keys.shape[0]), np.arange(sub_leak.size))
     rng = np.random.default_rng(seed)
     reps: list[dict] = []
@@ -179,7 +198,9 @@ def agreement(rows: dict[str, list[dict]], keys: np.ndarray, embed: str, replica
             boot = np.array([r[level][metric] for r in reps if r[level][metric] is not None])
             ci = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))] if boot.size else None
             out[level][metric] = {"rho": v, "ci": ci}
-    out["n"] = {"models": len(models), "scenes": int(scenes.size), "units": int(keys.shape[0]) * len(models),
+    out["split_half"] = reliability
+    out["n"] = {"models": len(models), "same_sampler": sum(not m.startswith("base@") for m in models),
+                "scenes": int(scenes.size), "units": int(keys.shape[0]) * len(models),
                 "subjects": int(np.isfinite(sub_leak).sum())}
     out["per_model"] = {m: {target: float(np.nanmean(leak[i])), "confusion": float(conf[i].mean()),
                             "margin": float(marg[i].mean()), "own": float(own[i].mean())}
@@ -187,23 +208,46 @@ def agreement(rows: dict[str, list[dict]], keys: np.ndarray, embed: str, replica
     return out
 
 
-def planted(world, split: str, n_scenes: int, seed: int, embeds: dict) -> dict:
+def planted(world, split: str, n_scenes: int, seed: int, embeds: dict, generator=None, strength: float = 0.5
+            ) -> dict:
     """Scenes of ``split`` re-rendered with j = 0..4 of one subject's leakage attributes copied from another:
-    per embedder, Spearman of the unit margin and confusion with the true leakage, and per j the means."""
+    per embedder, Spearman of the unit margin and confusion with the true leakage, and per j the means.
+
+    ``generator`` (a backbone): each planted render is first taken back to noise level ``strength`` and
+    denoised by it (SDEdit of the whole image, ``regenerate_regions``, guidance 4, 10 steps), so that the
+    images look generated while carrying the planted leak; the truth is then read from the output."""
     from focusdpo.world.embedding import plant_leak
 
     rng = np.random.default_rng(seed)
-    rows: list[dict] = []
+    items: list[tuple] = []
     for k in (2, 3):
         for _ in range(n_scenes):
             scene = world.sample_scene(rng, split, k)
             target, donor = (int(x) for x in rng.choice(k, size=2, replace=False))
             order = [str(a) for a in rng.permutation(["class", "body", "pattern", "detail"])]
             for j in range(5):
-                leaked = plant_leak(world, scene, target, donor, order[:j])
-                row = per_subject(leaked.image, leaked, world, embeds)
-                row["j"] = j
-                rows.append(row)
+                items.append((plant_leak(world, scene, target, donor, order[:j]), j))
+    images = [leaked.image for leaked, _ in items]
+    if generator is not None:
+        from focusdpo.data.regenerate import RegenerateSettings, regenerate_regions
+
+        settings = RegenerateSettings(strength=strength, steps=10, guidance=4.0)
+        out: list[np.ndarray] = []
+        for k in (2, 3):  # one batch shape per subject count (the references' count)
+            idx = [i for i, (leaked, _) in enumerate(items) if len(leaked.identities) == k]
+            for start in range(0, len(idx), 32):
+                chunk = idx[start:start + 32]
+                done = regenerate_regions(
+                    generator, [images[i] for i in chunk], [np.ones(images[i].shape[:2], bool) for i in chunk],
+                    [items[i][0].prompt for i in chunk], [items[i][0].references for i in chunk], settings,
+                    [np.random.default_rng([seed, i]) for i in chunk])
+                out += list(zip(chunk, done, strict=True))
+        images = [img for _, img in sorted(out, key=lambda t: t[0])]
+    rows: list[dict] = []
+    for (leaked, j), image in zip(items, images, strict=True):
+        row = per_subject(np.asarray(image), leaked, world, embeds)
+        row["j"] = j
+        rows.append(row)
     out: dict = {}
     leak = np.array([r["leakage"] for r in rows], dtype=float)
     js = np.array([r["j"] for r in rows])
@@ -231,7 +275,7 @@ def transfer_differences(rows: dict[str, list[dict]], replicates: int) -> str:
     for m in rows:
         g = re.sub(r"-s\d+$", "", m) if "/" in m else m
         groups.setdefault(g, []).append(m)
-    pairs = [(g, "base") for g in groups if g != "base" and "/" in g]
+    pairs = [(g, "base") for g in groups if g != "base"]
     pairs += [(a, b) for a, b in (("long/focusdpo", "long/dpo"),
                                   ("onpolicy-10x/focusdpo-onpolicy", "onpolicy-10x/focusdpo"),
                                   ("onpolicy-10x/dpo-onpolicy", "onpolicy-10x/focusdpo-onpolicy"))
@@ -263,15 +307,20 @@ def markdown(result: dict) -> str:
     out = []
     for part, target in (("generated", "leakage"), ("generated_transfer", "transfer")):
         out += [f"\n### Spearman with {target} on generated images (95 % interval resampling scenes)\n",
-                "| embedder | signal | over models | over scenes | over units | over subjects |",
-                "|---|---|---|---|---|---|"]
+                "| embedder | signal | over models | over models, one sampler | over scenes | over units | "
+                "over subjects |", "|---|---|---|---|---|---|---|"]
         for e, r in result[part].items():
             for sig in ("confusion", "margin", "neg_own"):
                 subj = _rho(r["subjects"]["margin"]) if sig == "margin" else ""
-                out.append(f"| {e} | {sig} | {_rho(r['models'][sig])} | {_rho(r['scenes'][sig])} | "
-                           f"{_rho(r['units'][sig])} | {subj} |")
+                out.append(f"| {e} | {sig} | {_rho(r['models'][sig])} | {_rho(r['models_same_sampler'][sig])} | "
+                           f"{_rho(r['scenes'][sig])} | {_rho(r['units'][sig])} | {subj} |")
         n = next(iter(result[part].values()))["n"]
-        out.append(f"\n{n['models']} models, {n['scenes']} scenes, {n['units']} units, {n['subjects']} subjects.")
+        out.append(f"\n{n['models']} models ({n['same_sampler']} with the evaluation's sampler: all but `base@...`), "
+                   f"{n['scenes']} scenes, {n['units']} units, {n['subjects']} subjects.")
+        rel = "; ".join(f"{e}: " + ", ".join(f"{k} {v:+.2f}" for k, v in r["split_half"].items() if v is not None)
+                        for e, r in result[part].items())
+        out.append(f"\nSplit-half reliability (Spearman between sampling seeds, scene means over models / units): "
+                   f"{rel}.")
     g, t = result["generated"], result["generated_transfer"]
     emb = list(g)
     out += ["\n### Per model\n",
@@ -282,17 +331,24 @@ def markdown(result: dict) -> str:
                            f"{g[e]['per_model'][m]['own']:.3f}" for e in emb)
         out.append(f"| {m} | {g[emb[0]]['per_model'][m]['leakage']:.4f} | "
                    f"{t[emb[0]]['per_model'][m]['transfer']:+.4f} | {cells} |")
-    p = result["planted"]
-    out += [f"\n### Planted leaks ({p['n']} held-out renders, j of one subject's attributes copied from another)\n",
-            "| embedder | Spearman(margin, leakage) over units | Spearman(confusion, leakage) | "
-            + " | ".join(f"margin / confusion at j={j}" for j in range(5)) + " |",
-            "|---|---|---|" + "---|" * 5]
-    for e in emb:
-        r = p[e]
-        js = " | ".join(f"{r['by_j'][str(j)]['margin']:+.3f} / {r['by_j'][str(j)]['confusion']:.3f}" for j in range(5))
-        out.append(f"| {e} | {r['units']['margin']:+.2f} | {r['units']['confusion']:+.2f} | {js} |")
-    truth = ", ".join(f"{p[emb[0]]['by_j'][str(j)]['leakage']:.3f}" for j in range(5))
-    out.append(f"\nTrue leakage by j: {truth}.")
+    for part in ("planted", "planted_generated"):
+        if part not in result:
+            continue
+        p = result[part]
+        how = (f"passed through the base (SDEdit from noise level {p['strength']})" if part == "planted_generated"
+               else "as rendered")
+        out += [f"\n### Planted leaks, {how} ({p['n']} held-out scenes x j = 0..4 of one subject's attributes "
+                "copied from another)\n",
+                "| embedder | Spearman(margin, leakage) over units | Spearman(confusion, leakage) | "
+                + " | ".join(f"margin / confusion at j={j}" for j in range(5)) + " |",
+                "|---|---|---|" + "---|" * 5]
+        for e in emb:
+            r = p[e]
+            js = " | ".join(f"{r['by_j'][str(j)]['margin']:+.3f} / {r['by_j'][str(j)]['confusion']:.3f}"
+                            for j in range(5))
+            out.append(f"| {e} | {r['units']['margin']:+.2f} | {r['units']['confusion']:+.2f} | {js} |")
+        truth = ", ".join(f"{p[emb[0]]['by_j'][str(j)]['leakage']:.3f}" for j in range(5))
+        out.append(f"\nTrue leakage (read from the images) by j: {truth}.")
     return "\n".join(out) + "\n"
 
 
@@ -323,6 +379,17 @@ def _score(args: argparse.Namespace) -> None:
     result = {"generated": {e: agreement(rows, keys, e, args.replicates) for e in embeds},
               "generated_transfer": {e: agreement(rows, keys, e, args.replicates, target="transfer") for e in embeds},
               "planted": planted(world, "heldout", args.planted, 1, embeds)}
+    if args.through > 0:
+        import torch
+
+        from focusdpo.runs import load_method
+
+        torch.set_num_threads(1)
+        t1 = time.perf_counter()
+        base = load_method(cfg, None, None)
+        result["planted_generated"] = planted(world, "heldout", args.planted, 1, embeds, base, args.through)
+        result["planted_generated"]["strength"] = args.through
+        print(f"planted through the base at strength {args.through}: {time.perf_counter() - t1:.0f} s", flush=True)
     (out / "agreement.json").write_text(json.dumps(result, indent=2))
     (out / "agreement.md").write_text(markdown(result))
     print(markdown(result))
@@ -390,6 +457,8 @@ def main() -> None:
     c.add_argument("--config", default=None)
     c.add_argument("--replicates", type=int, default=1000)
     c.add_argument("--planted", type=int, default=64, help="planted scenes per subject count")
+    c.add_argument("--through", type=float, default=0.5,
+                   help="also pass the planted renders through the base from this noise level (0: skip)")
     b = sub.add_parser("calibrate")
     b.add_argument("--scenes", type=int, default=64, help="training-split scenes per subject count")
     b.add_argument("--seed", type=int, default=0)
