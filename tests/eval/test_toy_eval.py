@@ -121,7 +121,15 @@ def test_evaluate_toy_base_and_runs(base_ckpt, tmp_path):
     fid = [score_scene(img, s, world)["fidelity"] for k in (2, 3)
            for img, s in zip(toy.sample_scenes(backbone, scenes[k], cfg, 1, 0), scenes[k], strict=True)]
     assert focus["fidelity"]["per_seed"][1] == pytest.approx(np.mean(fid))
+    # leakage = chance + transfer, unit by unit; the B = 0 run's transfer difference to the base is exactly 0
+    for m in (base, focus):
+        leak, chance, transfer = (toy.unit_scores(m, h) for h in ("leakage", "leakage_chance", "transfer"))
+        ok = np.isfinite(leak)
+        assert np.allclose(chance[ok] + transfer[ok], leak[ok])
+        assert m["leakage_split"]["transfer"]["mean"] == pytest.approx(np.nanmean(transfer))
+    assert dpo["leakage_split"]["vs_base"]["transfer"]["mean"] == 0.0 and "vs_base" not in base["leakage_split"]
     report = (out / "report.md").read_text()
+    assert "## Leakage: chance and transfer" in report and "| dpo |" in report.split("chance and transfer")[1]
     assert "| focusdpo |" in report and "Paired difference to `base`" in report and "| dpo | 0.000 ± 0.000" in report
     assert "- dpo vs base: no detectable difference in fidelity +0.000 [0.000, 0.000]" in report
     with Image.open(out / "grid_3subjects.png") as im:

@@ -313,6 +313,53 @@ def add_intervals(metrics: dict, cfg: Config, refs: Sequence[str] = ("base", "dp
     return pairs
 
 
+def add_leakage_split(metrics: dict, cfg: Config, ref: str = "base") -> None:
+    """Add ``leakage_split`` to every method with per-unit scores (in place): the means over its units of
+    ``leakage_chance`` and ``transfer`` (:func:`focusdpo.world.metrics.chance_leakage`: leakage is chance +
+    transfer), and, when ``ref`` is present, ``vs_<ref>`` with the paired bootstrap interval of each. Methods
+    scored before the split existed are skipped."""
+    from focusdpo.eval.stats import paired_summary
+
+    names = [m for m, v in metrics.items() if "units" in v and "transfer" in v["units"]]
+    if not names:
+        return
+    pairs = [(m, ref) for m in names if m != ref] if ref in names else []
+    for h in CHANCE:
+        s = paired_summary({m: unit_scores(metrics[m], h) for m in names}, pairs, cfg.eval.bootstrap,
+                           cfg.eval.bootstrap_seed)
+        for m in names:
+            block = metrics[m].setdefault("leakage_split", {})
+            block[h] = {"mean": float(np.nanmean(unit_scores(metrics[m], h))), "ci": s[m]["ci"]}
+            if f"vs_{ref}" in s[m]:
+                block.setdefault(f"vs_{ref}", {})[h] = s[m][f"vs_{ref}"]
+
+
+def leakage_split_markdown(metrics: Mapping[str, Mapping], ref: str = "base") -> str:
+    """The "chance and transfer" section of ``report.md`` (empty when no method has the split)."""
+    rows = [(m, v["leakage_split"]) for m, v in metrics.items() if "leakage_split" in v]
+    if not rows:
+        return ""
+
+    def cell(d: Mapping | None) -> str:
+        if not d or d.get("mean") is None:
+            return "-"
+        ci = d.get("ci") or [None, None]
+        tail = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if None not in ci else ""
+        bold = "**" if d.get("excludes_zero") else ""
+        return f"{bold}{d['mean']:+.3f}{bold}{tail}"
+
+    lines = ["", "## Leakage: chance and transfer", "",
+             "Chance leakage: the same readings' leakage toward identities that are not in the scene (a wrong "
+             "attribute matching another subject by chance); transfer = leakage - chance leakage, what the scene's "
+             "subjects carried over (`focusdpo.world.metrics.chance_leakage`).", "",
+             f"| method | chance leakage | transfer | Δ transfer vs {ref} |", "|---|---|---|---|"]
+    for m, split in rows:
+        vs = split.get(f"vs_{ref}", {}).get("transfer")
+        lines.append(f"| {m} | {split['leakage_chance']['mean']:.3f} | {split['transfer']['mean']:+.3f} | "
+                     f"{cell(vs) if vs else '-'} |")
+    return "\n".join(lines) + "\n"
+
+
 MethodResult = tuple[Scores, dict[int, list[np.ndarray]], float]  # scores, first images, seconds
 
 
@@ -394,6 +441,7 @@ def evaluate_toy(cfg: Config, runs: Mapping[str, Path | None], out_dir: str | Pa
             log(f"{method}: " + ", ".join(f"{h} {m[h]['mean']:.3f} ± {m[h]['std']:.3f}" for h in HEADLINE)
                 + f" ({m['seconds']:.0f} s)")
     add_intervals(metrics, cfg)
+    add_leakage_split(metrics, cfg)
     agreement = confusion_agreement(metrics)
     (out / "confusion.json").write_text(json.dumps(agreement, indent=2))
     if log:
@@ -415,7 +463,8 @@ def write_toy_outputs(out: Path, metrics: Mapping[str, dict], runs: Mapping[str,
 
     truth_line = ", ".join(f"{h} {truth[h]:.3f}" for h in HEADLINE)
     (out / "report.md").write_text(toy_markdown(metrics, target=target) + "\nGround-truth renders (the metrics' "
-                                   f"ceiling): {truth_line}.\n" + confusion_markdown(confusion_agreement(metrics)))
+                                   f"ceiling): {truth_line}.\n" + leakage_split_markdown(metrics)
+                                   + confusion_markdown(confusion_agreement(metrics)))
     plot_method_comparison(metrics, out / "metrics.png", names=HEADLINE, title="toy benchmark")
     for method, run_dir in runs.items():
         if run_dir is not None and (Path(run_dir) / "metrics.csv").is_file():
