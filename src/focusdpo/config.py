@@ -119,6 +119,9 @@ class DataConfig:
                                    "refresh_margin; eval.dino_model) or changed (every negative that differs).")
     refresh_margin: float = _f(0.05, "On-policy DIP, matching judge: the drop of the target's DINO similarity to "
                                      "its reference that makes a negative worse, >= 0.")
+    refresh_embedder: str = _f("dino", "On-policy DIP, matching judge: the embedding of the crops: dino "
+                                       "(eval.dino_model) or toy (the toy world's download-free colour / silhouette "
+                                       "/ pattern / mark embedding, focusdpo.world.embedding).")
     refresh_strength: float = _f(0.75, "On-policy DIP: noise level the region is taken back to, in (0, 1] "
                                        "(as the regenerate disruption).")
     refresh_steps: int = _f(12, "On-policy DIP: Euler steps of the regeneration, >= 1.")
@@ -146,6 +149,7 @@ class DataConfig:
         _check(self.refresh_n >= 1, "data.refresh_n", self.refresh_n, ">= 1")
         _check(0 <= self.refresh_mix <= 1, "data.refresh_mix", self.refresh_mix, "in [0, 1]")
         _choice("data.refresh_judge", self.refresh_judge, ("toy", "matching", "changed"))
+        _choice("data.refresh_embedder", self.refresh_embedder, ("dino", "toy"))
         _check(self.refresh_margin >= 0, "data.refresh_margin", self.refresh_margin, ">= 0")
         _check(0 < self.refresh_strength <= 1, "data.refresh_strength", self.refresh_strength, "in (0, 1]")
         _check(self.refresh_steps >= 1, "data.refresh_steps", self.refresh_steps, ">= 1")

@@ -223,3 +223,29 @@ def test_matching_judge_round_with_a_saved_tiny_dino(tiny_env, tmp_path) -> None
     reasons = set(row["kept_by_reason"]) | set(row["rejected"])
     assert reasons <= {"confusion", "similarity_drop", "not_worse", "positive_confused"}
     assert all(rec.params["reason"] in ("confusion", "similarity_drop") for rec in op.pool)
+
+
+def test_matching_judge_with_the_toy_embedder_flags_planted_leaks() -> None:
+    """data.refresh_embedder=toy: the matching judge runs offline on the toy world's embedding; a subject redrawn
+    with all four of another subject's leakage attributes is kept as a negative, the positive itself is not."""
+    from focusdpo.judges import Candidate, MatchingJudge
+    from focusdpo.train.refresh import build_judge
+    from focusdpo.world import World
+    from focusdpo.world.embedding import plant_leak
+
+    cfg = load_config(None, ["data.refresh_judge=matching", "data.refresh_embedder=toy"])
+    judge = build_judge(cfg)
+    assert isinstance(judge, MatchingJudge)
+    world = World(cfg.world)
+    rng = np.random.default_rng(4)
+    kept = 0
+    scenes = [world.sample_scene(rng, "train", 2) for _ in range(20)]
+    for s in scenes:
+        leaked = plant_leak(world, s, 0, 1, ["class", "body", "pattern", "detail"])
+        same = judge.judge(Candidate(s.image, s.image, s.masks, s.prompt, s.references), 0)
+        assert not same.keep and same.reason == "not_worse" and same.gap == 0.0
+        verdict = judge.judge(Candidate(s.image, leaked.image, s.masks | leaked.masks, s.prompt, s.references), 0)
+        kept += verdict.keep
+    assert kept >= 18
+    with pytest.raises(ConfigError, match="data.refresh_embedder='clip' is invalid"):
+        load_config(None, ["data.refresh_embedder=clip"])

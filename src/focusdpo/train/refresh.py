@@ -63,17 +63,23 @@ def batch_key(item: dict[str, Any]) -> Hashable:
 
 
 def build_judge(cfg: Config, device: Any = None) -> Any:
-    """The judge of ``data.refresh_judge`` (the toy world of ``cfg.world``; DINO of ``eval.dino_model``)."""
+    """The judge of ``data.refresh_judge`` (the toy world of ``cfg.world``; the matching judge embeds with DINO of
+    ``eval.dino_model`` or, ``data.refresh_embedder=toy``, the toy world's embedding)."""
     name = cfg.data.refresh_judge
     if name == "toy":
         from focusdpo.world import World
 
         return make_judge("toy", world=World(cfg.world))
     if name == "matching":
-        from focusdpo.judges import dino_embedder
+        if cfg.data.refresh_embedder == "toy":
+            from focusdpo.world.embedding import subject_embedder
 
-        return make_judge("matching", embed=dino_embedder(cfg.eval.dino_model, str(device or "cpu")),
-                          margin=cfg.data.refresh_margin)
+            embed = subject_embedder()
+        else:
+            from focusdpo.judges import dino_embedder
+
+            embed = dino_embedder(cfg.eval.dino_model, str(device or "cpu"))
+        return make_judge("matching", embed=embed, margin=cfg.data.refresh_margin)
     return make_judge(name)
 
 
