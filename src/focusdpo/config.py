@@ -490,6 +490,12 @@ class EvalConfig:
                                                "UNO defaults, 512 for one subject and 320 for several.")
     dreambench_seed: int = _f(3407, "DreamBench generate: image j of a prompt uses seed dreambench_seed + j (UNO).")
     dreambench_images: int = _f(1, "DreamBench generate: images per prompt (UNO reports 1 single, 6 multi).")
+    confusion_detector: str = _f("", "DreamBench multi identity confusion: a zero-shot detector (OWLv2 / OWL-ViT hub "
+                                     "id or local folder) that finds each subject's box from its name when an image "
+                                     "has no <image>.boxes.json; empty: equal vertical strips.")
+    confusion_min_score: float = _f(0.1, "DreamBench multi identity confusion: smallest detector score (sigmoid, in "
+                                         "[0, 1]) that counts as finding a subject; below it the image falls back "
+                                         "to strips.")
 
     def __post_init__(self) -> None:
         _choice("eval.benchmark", self.benchmark, ("toy", "dreambench-single", "dreambench-multi"))
@@ -505,6 +511,7 @@ class EvalConfig:
             _check(self.dreambench_ref_size >= 16, "eval.dreambench_ref_size", self.dreambench_ref_size,
                    ">= 16 or null")
         _check(self.dreambench_images >= 1, "eval.dreambench_images", self.dreambench_images, ">= 1")
+        _check(0 <= self.confusion_min_score <= 1, "eval.confusion_min_score", self.confusion_min_score, "in [0, 1]")
         _check(len(self.seeds) >= 1, "eval.seeds", self.seeds, "a non-empty list")
         _check(self.n_scenes >= 1, "eval.n_scenes", self.n_scenes, ">= 1")
         _check(all(k in (1, 2, 3) for k in self.subject_counts) and self.subject_counts,

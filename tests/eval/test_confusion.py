@@ -138,7 +138,8 @@ def test_confusion_of_a_generated_folder_planted(tmp_path):
     cos = np.dot(red, blue) / (np.linalg.norm(red) * np.linalg.norm(blue))
     assert rows[1]["margin"] == pytest.approx(1 - cos) and rows[0]["margin"] == pytest.approx(cos - 1)
     summary = summarize_confusion(rows)
-    assert summary["rate"] == pytest.approx(1 / 3) and summary["regions"] == {"boxes": 1, "strips": 2}
+    assert summary["rate"] == pytest.approx(1 / 3) and summary["regions"] == {"boxes": 1, "detector": 0, "strips": 2,
+                                                                    "strips, detector missed": 0}
     assert summary["margin"] == pytest.approx(np.mean([r["margin"] for r in rows]))
 
 
@@ -161,3 +162,82 @@ def test_confusion_runs_with_a_tiny_saved_dino(tmp_path):
     rows = confusion_generated([Generated(path, Entry(0, "p", ("a", "b"), refs), 0)], embed)
     # each strip is exactly its reference: own similarity 1 (same pixels, same preprocessing), no confusion
     assert rows[0]["confused"] == 0.0 and rows[0]["own_sim"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_subject_query_names():
+    from focusdpo.eval.dreambench import subject_query
+
+    assert [subject_query(s) for s in ("rc_car", "dog2", "red_cartoon", "cat")] == ["rc car", "dog", "red cartoon",
+                                                                                   "cat"]
+
+
+def test_detector_regions_planted(tmp_path):
+    """Planted: the image draws blue left and red right while the prompt says red then blue. Strips read it as
+    confused; a detector that finds each named subject where it is drawn gives the right regions (not confused);
+    a detector that misses falls back to strips and says so."""
+    from focusdpo.data.mask_models import SubjectNotFound
+    from focusdpo.eval.dreambench import Generated, confusion_generated, summarize_confusion
+    from focusdpo.eval.dreambench_data import Entry
+
+    red, blue = (220, 30, 30), (30, 30, 220)
+    refs = (_png(tmp_path / "red.png", np.full((8, 8, 3), red, np.uint8)),
+            _png(tmp_path / "blue.png", np.full((8, 8, 3), blue, np.uint8)))
+    pair = Entry(0, "a red thing and a blue thing", ("red_thing", "blue_thing2"), refs)
+    swapped = _png(tmp_path / "000_red_thing+blue_thing2_0.png", _side_by_side(blue, red))
+    asked: list[list[str]] = []
+
+    def found(image, queries):
+        asked.append(queries)
+        where = {"red thing": [16, 0, 32, 16], "blue thing": [0, 0, 16, 16]}
+        return np.array([where[q] for q in queries], dtype=float), np.ones(len(queries))
+
+    def missed(image, queries):
+        raise SubjectNotFound("no box")
+
+    gen = [Generated(swapped, pair, 0)]
+    strips = confusion_generated(gen, _mean_colour)[0]
+    detected = confusion_generated(gen, _mean_colour, found)[0]
+    fallback = confusion_generated(gen, _mean_colour, missed)[0]
+    assert asked == [["red thing", "blue thing"]]
+    assert (strips["regions"], strips["confused"]) == ("strips", 1.0)
+    assert (detected["regions"], detected["confused"]) == ("detector", 0.0)
+    assert detected["own_sim"] == pytest.approx(1.0)
+    assert (fallback["regions"], fallback["confused"]) == ("strips, detector missed", 1.0)
+    assert summarize_confusion([strips, detected, fallback])["regions"] == {
+        "boxes": 0, "detector": 1, "strips": 1, "strips, detector missed": 1}
+
+
+def test_confusion_detector_loads_a_tiny_saved_owlv2(tmp_path):
+    """eval.confusion_detector: a tiny random OWLv2 saved with save_pretrained, loaded by load_detector, gives one
+    box per query inside the image (min score 0: random weights score low)."""
+    import string
+
+    import torch
+    from transformers import CLIPTokenizer, Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+
+    from focusdpo.data.mask_models import MaskModelsUnavailable, load_detector
+    from focusdpo.eval.dreambench import subject_regions
+
+    vocab = {"<|endoftext|>": 0, "<|startoftext|>": 1}
+    for c in string.ascii_lowercase + string.digits + string.punctuation:
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
+    torch.manual_seed(0)
+    owl = Owlv2ForObjectDetection(Owlv2Config(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=1, eos_token_id=0,
+                         pad_token_id=0),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=64, patch_size=16), projection_dim=32))
+    with torch.no_grad():
+        owl.box_head.dense2.weight.zero_()  # each patch predicts its own grid cell: non-empty boxes
+    owl.save_pretrained(tmp_path / "owl")
+    Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": 64, "width": 64}), tokenizer=tok
+                   ).save_pretrained(tmp_path / "owl")
+    detector = load_detector(str(tmp_path / "owl"), "cpu", min_score=0.0)
+    image = _side_by_side((220, 30, 30), (30, 30, 220), w=48, h=24)
+    regions, source = subject_regions(tmp_path / "x.png", 2, (48, 24), image, detector.detect, ["cat", "dog"])
+    assert source == "detector" and regions.shape == (2, 24, 48) and regions.any(axis=(1, 2)).all()
+    with pytest.raises(MaskModelsUnavailable, match="eval.confusion_detector"):
+        load_detector(str(tmp_path / "nothing-here"), "cpu")

@@ -132,6 +132,18 @@ def pick_boxes(boxes: np.ndarray, logits: np.ndarray, queries: list[str], min_sc
     return boxes[idx], scores[idx, list(range(k))]
 
 
+def load_detector(detector: str, device: str = "cpu", min_score: float = 0.1,
+                  field: str = "eval.confusion_detector") -> MaskModels:
+    """The detector alone (boxes, no masks: ``segmenter`` None), e.g. for the identity-confusion regions of
+    ``focusdpo eval``; :class:`MaskModelsUnavailable` with the reason."""
+    det, det_proc = _load(detector, field, DETECTOR_TYPES, "zero-shot-detection")
+    try:
+        det = det.to(device).eval()
+    except Exception as e:  # noqa: BLE001 - e.g. a device that does not exist here
+        raise MaskModelsUnavailable(f"cannot move the detector to {device!r} ({type(e).__name__}: {e})") from e
+    return MaskModels(det, det_proc, None, None, device, min_score)
+
+
 def load_mask_models(detector: str, segmenter: str, device: str = "cpu", min_score: float = 0.1) -> MaskModels:
     """Load the detector and segmenter (module docstring); :class:`MaskModelsUnavailable` with the reason."""
     det, det_proc = _load(detector, "data.mask_detector", DETECTOR_TYPES, "zero-shot-detection")

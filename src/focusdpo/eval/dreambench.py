@@ -292,11 +292,21 @@ def summarize(rows: Sequence[dict]) -> dict:
 BOXES_SUFFIX = ".boxes.json"
 
 
-def subject_regions(image_path: Path, k: int, size: tuple[int, int]) -> tuple[np.ndarray, str]:
+def subject_query(subject: str) -> str:
+    """A DreamBench subject folder name as a detector query: ``rc_car`` -> ``rc car``, ``dog2`` -> ``dog``."""
+    return subject.replace("_", " ").rstrip("0123456789").strip() or subject
+
+
+def subject_regions(image_path: Path, k: int, size: tuple[int, int], image: np.ndarray | None = None,
+                    detect: Callable[[np.ndarray, list[str]], tuple[np.ndarray, np.ndarray]] | None = None,
+                    queries: Sequence[str] | None = None) -> tuple[np.ndarray, str]:
     """bool ``[k, H, W]`` regions of the ``k`` subjects of a generated image, in the prompt's order, and where
     they came from: ``boxes`` (a sidecar ``<image stem>.boxes.json`` holding ``{"boxes": [[x0, y0, x1, y1], ...]}``
-    in pixels, one per subject in prompt order: a generator's layout or a detector's output) or ``strips`` (no
-    sidecar: ``k`` equal vertical strips, left to right in prompt order, the layout UNO-style prompts ask for)."""
+    in pixels, one per subject in prompt order: a generator's layout or a detector's output), ``detector`` (no
+    sidecar, ``detect`` given: ``detect(image, queries)`` returns one pixel box per query, e.g.
+    :meth:`focusdpo.data.mask_models.MaskModels.detect` of ``eval.confusion_detector``), ``strips`` (neither:
+    ``k`` equal vertical strips, left to right in prompt order, the layout UNO-style prompts ask for) or
+    ``strips, detector missed`` (the detector found no box above its score for some subject)."""
     w, h = size
     regions = np.zeros((k, h, w), dtype=bool)
     sidecar = image_path.with_name(image_path.stem + BOXES_SUFFIX)
@@ -316,19 +326,38 @@ def subject_regions(image_path: Path, k: int, size: tuple[int, int]) -> tuple[np
                 raise DreamBenchError(f"{sidecar}: box {i} {boxes[i]} is empty inside the {w}x{h} image")
             regions[i, y0:y1, x0:x1] = True
         return regions, "boxes"
+    source = "strips"
+    if detect is not None and image is not None:
+        from focusdpo.data.mask_models import SubjectNotFound
+
+        if queries is None or len(queries) != k:
+            raise DreamBenchError(f"{image_path.name}: the detector needs one query per subject ({k}), got {queries}")
+        try:
+            boxes, _ = detect(image, list(queries))
+        except SubjectNotFound:
+            source = "strips, detector missed"
+        else:
+            for i, (x0, y0, x1, y1) in enumerate(np.asarray(boxes, dtype=float)):
+                c0, r0 = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
+                c1, r1 = min(w, max(c0 + 1, int(np.ceil(x1)))), min(h, max(r0 + 1, int(np.ceil(y1))))
+                regions[i, r0:r1, c0:c1] = True
+            return regions, "detector"
     cuts = np.linspace(0, w, k + 1).round().astype(int)
     for i in range(k):
         regions[i, :, cuts[i]:cuts[i + 1]] = True
-    return regions, "strips"
+    return regions, source
 
 
-def confusion_generated(generated: Sequence[Generated], embed: Callable[[Sequence[np.ndarray]], np.ndarray]
+def confusion_generated(generated: Sequence[Generated], embed: Callable[[Sequence[np.ndarray]], np.ndarray],
+                        detect: Callable[[np.ndarray, list[str]], tuple[np.ndarray, np.ndarray]] | None = None
                         ) -> list[dict]:
     """The identity-confusion metric (issue 16 point 3) of every multi-subject image: its subject regions
-    (:func:`subject_regions`) are cropped, embedded and assigned to the entry's fixed references by a Hungarian
-    assignment (:func:`focusdpo.judges.assign_image`). One row per image: image, index, sample, group, regions
-    (boxes | strips), confused (0/1), margin (mean over regions of the best other reference's similarity minus
-    the own one, :func:`focusdpo.judges.confusion_margin`), matched_sim, own_sim, assigned."""
+    (:func:`subject_regions`; ``detect``: the detector for images without a boxes sidecar, queried with
+    :func:`subject_query` of each subject) are cropped, embedded and assigned to the entry's fixed references by a
+    Hungarian assignment (:func:`focusdpo.judges.assign_image`). One row per image: image, index, sample, group,
+    regions (boxes | detector | strips | strips, detector missed), confused (0/1), margin (mean over regions of
+    the best other reference's similarity minus the own one, :func:`focusdpo.judges.confusion_margin`),
+    matched_sim, own_sim, assigned."""
     from focusdpo.judges import assign_image
 
     rows = []
@@ -337,7 +366,8 @@ def confusion_generated(generated: Sequence[Generated], embed: Callable[[Sequenc
         if k < 2:
             continue
         image = np.asarray(_open(g.path).convert("RGB"))
-        regions, source = subject_regions(g.path, k, (image.shape[1], image.shape[0]))
+        regions, source = subject_regions(g.path, k, (image.shape[1], image.shape[0]), image, detect,
+                                          [subject_query(x) for x in g.entry.subjects])
         refs = [np.asarray(_open(r).convert("RGB")) for r in g.entry.references]
         a = assign_image(image, regions, refs, embed)
         rows.append({"image": g.path.name, "index": g.entry.index, "sample": g.sample,
@@ -355,7 +385,8 @@ def summarize_confusion(rows: Sequence[dict]) -> dict:
             "margin": float(np.mean([r["margin"] for r in rows])),
             "matched_sim": float(np.mean([r["matched_sim"] for r in rows])),
             "own_sim": float(np.mean([r["own_sim"] for r in rows])), "n_images": len(rows),
-            "regions": {src: sum(r["regions"] == src for r in rows) for src in ("boxes", "strips")}}
+            "regions": {src: sum(r["regions"] == src for r in rows)
+                        for src in ("boxes", "detector", "strips", "strips, detector missed")}}
 
 
 def dino_embed(scorer: Scorer) -> Callable[[Sequence[np.ndarray]], np.ndarray]:
@@ -372,7 +403,9 @@ def write_rows(rows: Sequence[dict], path: str | Path) -> None:
 
 
 def evaluate_dreambench(benchmark: str, images_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
-                        scorer: Scorer, method: str | None = None, allow_partial: bool = False) -> dict:
+                        scorer: Scorer, method: str | None = None, allow_partial: bool = False,
+                        detect: Callable[[np.ndarray, list[str]], tuple[np.ndarray, np.ndarray]] | None = None
+                        ) -> dict:
     """Score ``images_dir`` on ``benchmark`` and write ``out_dir/{metrics.json, scores.csv, report.md}``.
 
     ``metrics.json`` is ``{method: summary}`` (see :func:`summarize`, plus "benchmark", and for multi-subject
@@ -384,7 +417,7 @@ def evaluate_dreambench(benchmark: str, images_dir: str | Path, data_dir: str | 
     entries = load_entries(data_dir, benchmark)
     generated = index_generated(images_dir, entries, allow_partial=allow_partial)
     rows = score_generated(generated, data_dir, scorer)
-    confusion = confusion_generated(generated, dino_embed(scorer))
+    confusion = confusion_generated(generated, dino_embed(scorer), detect)
     method = method or Path(images_dir).resolve().name
     metrics = {method: {"benchmark": benchmark, "n_list_entries": len(entries), **summarize(rows)}}
     if confusion:
@@ -406,8 +439,16 @@ def run_dreambench_command(cfg: Config, benchmark: str, images_dir: Path, data_d
     The list and the images folder are checked before the (large) scorer models are loaded.
     """
     index_generated(images_dir, load_entries(data_dir, benchmark), allow_partial=allow_partial)
+    detect = None
+    if cfg.eval.confusion_detector and benchmark == "dreambench-multi":
+        from focusdpo.data.mask_models import MaskModelsUnavailable, load_detector
+
+        try:
+            detect = load_detector(cfg.eval.confusion_detector, device, cfg.eval.confusion_min_score).detect
+        except MaskModelsUnavailable as e:
+            raise DreamBenchError(str(e)) from e
     scorer = load_scorer(cfg.eval.dino_model, cfg.eval.clip_model, device, cfg.eval.batch_size)
-    metrics = evaluate_dreambench(benchmark, images_dir, data_dir, out_dir, scorer, method, allow_partial)
+    metrics = evaluate_dreambench(benchmark, images_dir, data_dir, out_dir, scorer, method, allow_partial, detect)
     name, m = next(iter(metrics.items()))
     conf = m.get("confusion")
     extra = (f", identity confusion {conf['rate']:.3f} (matched DINO {conf['matched_sim']:.4f})"

@@ -160,6 +160,7 @@ def dreambench_markdown(metrics: Mapping[str, Mapping]) -> str:
             for m, v in metrics.items() if v.get("confusion")]
     if conf:
         out += ["\n## Identity confusion\n\nEach subject region (a `<image>.boxes.json` sidecar in prompt order, else "
+                "the box of `eval.confusion_detector` for the subject's name when one is configured, else "
                 "equal vertical strips) is cropped, embedded with DINO and assigned to the fixed references by a "
                 "Hungarian assignment; confused = the assignment disagrees with the prompt's order; margin = the best "
                 "other reference's DINO similarity minus the own one, mean over regions (higher = more like "
