@@ -109,11 +109,7 @@ def per_subject(image: np.ndarray, scene, world, embeds: dict) -> dict:
     regions = slot_regions(scene.positions, image.shape[0])
     for name, embed in embeds.items():
         a = assign_image(image, regions, scene.references, embed)
-        sim = a["sim"]
-        k = sim.shape[0]
-        other = np.array([np.max(np.delete(sim[i], i)) for i in range(k)])
-        row[name] = {"confused": float(a["confused"]), "margin": (other - np.diag(sim)).tolist(),
-                     "own": np.diag(sim).tolist()}
+        row[name] = {"confused": float(a["confused"]), "margin": a["margin"].tolist(), "own": a["own"].tolist()}
     return row
 
 
@@ -405,7 +401,7 @@ def _calibrate(args: argparse.Namespace) -> None:
 
     from focusdpo.config import Config
     from focusdpo.eval.toy import slot_regions
-    from focusdpo.judges import bbox_crop
+    from focusdpo.judges import bbox_crop, confusion_margin
     from focusdpo.world import World
     from focusdpo.world.embedding import BLOCKS, plant_leak, subject_features
     from focusdpo.world.metrics import score_scene
@@ -433,7 +429,7 @@ def _calibrate(args: argparse.Namespace) -> None:
         marg = []
         for s in sims:
             sim = sum(w[b] * s[b] for b in BLOCKS) / sum(w.values())
-            marg.append(np.mean([np.max(np.delete(sim[i], i)) - sim[i, i] for i in range(sim.shape[0])]))
+            marg.append(float(np.mean(confusion_margin(sim))))
         results.append((_spearman(marg, leaks), w))
     results.sort(key=lambda r: -r[0])
     print(f"{len(leaks)} planted training-split units; best weights by Spearman(unit margin, leakage):")

@@ -4,7 +4,6 @@ OWLv2 / SAM models saved with ``save_pretrained``, the backend choice and its fa
 from __future__ import annotations
 
 import json
-import string
 from pathlib import Path
 
 import numpy as np
@@ -165,37 +164,11 @@ def test_pick_boxes_one_distinct_box_per_query():
 
 
 def _tiny_models(folder: Path) -> tuple[Path, Path]:
-    import torch
-    from transformers import (
-        CLIPTokenizer,
-        Owlv2Config,
-        Owlv2ForObjectDetection,
-        Owlv2ImageProcessor,
-        Owlv2Processor,
-        SamConfig,
-        SamImageProcessor,
-        SamModel,
-        SamProcessor,
-    )
+    from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor
 
-    vocab = {"<|endoftext|>": 0, "<|startoftext|>": 1}  # OWL reads a query whose first id is 0 as padding
-    for c in string.ascii_lowercase + string.digits + string.punctuation:
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
-    torch.manual_seed(0)
-    owl = Owlv2ForObjectDetection(Owlv2Config(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=1, eos_token_id=0,
-                         pad_token_id=0),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=64, patch_size=16), projection_dim=32))
-    with torch.no_grad():  # random weights saturate the box sigmoid (zero-size boxes); zeroed, each patch predicts
-        owl.box_head.dense2.weight.zero_()  # its own grid cell, the box prior OWLv2 builds in
-    det = folder / "owlv2"
-    owl.save_pretrained(det)
-    Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": 64, "width": 64}), tokenizer=tok
-                   ).save_pretrained(det)
+    from tiny_detectors import write_tiny_owlv2
+
+    det = write_tiny_owlv2(folder / "owlv2")
     sam = SamModel(SamConfig(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=64, patch_size=16, output_channels=16, num_pos_feats=8, window_size=2,

@@ -210,31 +210,11 @@ def test_detector_regions_planted(tmp_path):
 def test_confusion_detector_loads_a_tiny_saved_owlv2(tmp_path):
     """eval.confusion_detector: a tiny random OWLv2 saved with save_pretrained, loaded by load_detector, gives one
     box per query inside the image (min score 0: random weights score low)."""
-    import string
-
-    import torch
-    from transformers import CLIPTokenizer, Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
-
     from focusdpo.data.mask_models import MaskModelsUnavailable, load_detector
     from focusdpo.eval.dreambench import subject_regions
+    from tiny_detectors import write_tiny_owlv2
 
-    vocab = {"<|endoftext|>": 0, "<|startoftext|>": 1}
-    for c in string.ascii_lowercase + string.digits + string.punctuation:
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
-    torch.manual_seed(0)
-    owl = Owlv2ForObjectDetection(Owlv2Config(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=1, eos_token_id=0,
-                         pad_token_id=0),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=64, patch_size=16), projection_dim=32))
-    with torch.no_grad():
-        owl.box_head.dense2.weight.zero_()  # each patch predicts its own grid cell: non-empty boxes
-    owl.save_pretrained(tmp_path / "owl")
-    Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": 64, "width": 64}), tokenizer=tok
-                   ).save_pretrained(tmp_path / "owl")
+    write_tiny_owlv2(tmp_path / "owl")
     detector = load_detector(str(tmp_path / "owl"), "cpu", min_score=0.0)
     image = _side_by_side((220, 30, 30), (30, 30, 220), w=48, h=24)
     regions, source = subject_regions(tmp_path / "x.png", 2, (48, 24), image, detector.detect, ["cat", "dog"])
