@@ -133,3 +133,34 @@ def test_compare_command_evaluates_with_the_sized_budget_unless_overridden(tmp_p
     units = default.eval.n_scenes * len(default.eval.subject_counts) * len(default.eval.seeds)
     assert units >= units_needed(0.097, 0.01) and default.eval.workers == 2  # the measured per-unit SD (compare.py)
     assert overridden.eval.n_scenes == 64 and overridden.eval.seeds == [0, 1] and overridden.eval.workers == 1
+
+
+def test_leakage_split_planted_transfer_and_chance():
+    """Planted: dpo's transfer is the base's minus 0.05 on every unit, its chance leakage unchanged; focusdpo
+    equals dpo. Runs scored before the split existed give None (and no section)."""
+    from focusdpo.compare import leakage_split, leakage_split_markdown
+
+    rng = np.random.default_rng(2)
+    chance = rng.random(200) * 0.1
+    transfer = rng.random(200) * 0.1
+
+    def entry(t):
+        e = _with_units(rng, 0.5, chance + t, n_units=200)
+        e["units"]["leakage_chance"] = chance.tolist()
+        e["units"]["transfer"] = list(t)
+        return e
+
+    metrics = {"base": entry(transfer)}
+    for s in (0, 1):
+        metrics[f"dpo@s{s}"] = entry(transfer - 0.05)
+        metrics[f"focusdpo@s{s}"] = entry(transfer - 0.05)
+    split = leakage_split(metrics, ["dpo", "focusdpo"], [0, 1], replicates=500)
+    d = split["dpo"]["vs_base"]["transfer"]
+    assert d["mean"] == pytest.approx(-0.05) and d["excludes_zero"] and d["ci"][1] < 0
+    assert split["dpo"]["vs_base"]["leakage_chance"]["mean"] == pytest.approx(0.0)
+    assert split["focusdpo"]["vs_dpo"]["transfer"]["ci"] == [0.0, 0.0]
+    assert split["base"]["transfer"]["mean"] == pytest.approx(transfer.mean())
+    text = leakage_split_markdown(split)
+    assert "| dpo | " in text and "**-0.050** [-0.050, -0.050]" in text
+    del metrics["base"]["units"]["transfer"]
+    assert leakage_split(metrics, ["dpo", "focusdpo"], [0, 1]) is None and leakage_split_markdown(None) == ""

@@ -143,6 +143,59 @@ def add_intervals(summary: dict, metrics: Mapping[str, Mapping], variants: Seque
                     diff[h].update({k: v for k, v in result[name][key].items() if k != "mean"})
 
 
+def leakage_split(metrics: Mapping[str, Mapping], variants: Sequence[str], seeds: Sequence[int],
+                  replicates: int = 2000, boot_seed: int = 0) -> dict | None:
+    """Chance leakage and transfer (leakage minus it: what the scene's subjects carried over; see
+    :func:`focusdpo.world.metrics.chance_leakage`) of the base and every variant, with paired bootstrap intervals
+    of the differences to ``base`` and ``dpo`` (units and training seeds resampled, as :func:`add_intervals`).
+
+    Returns ``{method: {"leakage_chance": {mean, ci}, "transfer": {mean, ci}, "vs_base": {...}, "vs_dpo": {...}}}``
+    (means over units and training seeds), or None when some run was scored before the split existed.
+    """
+    from focusdpo.eval.stats import paired_summary
+    from focusdpo.eval.toy import CHANCE, unit_scores
+
+    if not all("units" in v and all(h in v["units"] for h in CHANCE) for v in metrics.values()):
+        return None
+    out: dict = {}
+    for h in CHANCE:
+        scores = {"base": unit_scores(metrics["base"], h)[None]} if "base" in metrics else {}
+        scores.update({n: np.stack([unit_scores(metrics[f"{n}@s{s}"], h) for s in seeds]) for n in variants})
+        pairs = [(n, r) for r in ("base", "dpo") if r in scores for n in variants if n != r]
+        result = paired_summary(scores, pairs, replicates, boot_seed)
+        for name, values in scores.items():
+            row = out.setdefault(name, {})
+            row[h] = {"mean": float(np.nanmean(values)), "ci": result[name]["ci"]}
+            for ref in ("base", "dpo"):
+                if f"vs_{ref}" in result[name]:
+                    row.setdefault(f"vs_{ref}", {})[h] = result[name][f"vs_{ref}"]
+    return out
+
+
+def leakage_split_markdown(split: Mapping[str, Mapping] | None) -> str:
+    """The results.md section of :func:`leakage_split` (empty for None)."""
+    if not split:
+        return ""
+    lines = ["\n### Leakage split: chance and transfer\n\n",
+             "Chance leakage: the same readings' leakage toward identities that are not in the scene; transfer = "
+             "leakage - chance leakage, what the scene's subjects carried over (docs/results.md, \"Identity "
+             "confusion\"). Means over units and training seeds [95 % interval].\n\n",
+             "| method | chance leakage | transfer | Δ transfer vs base | Δ transfer vs dpo |\n|---|---|---|---|---|\n"]
+    for name, row in split.items():
+        diffs = []
+        for ref in ("base", "dpo"):
+            d = row.get(f"vs_{ref}", {}).get("transfer")
+            if d is None:
+                diffs.append("-")
+                continue
+            bold = "**" if d["excludes_zero"] else ""
+            diffs.append(f"{bold}{d['mean']:+.3f}{bold} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]")
+        t = row["transfer"]
+        lines.append(f"| {name} | {row['leakage_chance']['mean']:.3f} | {t['mean']:+.3f} "
+                     f"[{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}] | {diffs[0]} | {diffs[1]} |\n")
+    return "".join(lines)
+
+
 def _fmt(stat: Mapping[str, float] | None, signed: bool = False) -> str:
     return fmt(stat, signed=signed)
 
@@ -199,6 +252,9 @@ def compare(cfg: Config, variants: Sequence[str], seeds: Sequence[int], out_dir:
     for line in difference_lines(summary, cfg.eval.target_effect):
         if line.startswith("warning"):
             log(line)
+    split = leakage_split(metrics, list(chosen), seeds, cfg.eval.bootstrap, cfg.eval.bootstrap_seed)
     (out / "results.json").write_text(json.dumps(summary, indent=2))
-    (out / "results.md").write_text(results_markdown(summary, command, seeds, cfg))
+    if split is not None:
+        (out / "leakage_split.json").write_text(json.dumps(split, indent=2))
+    (out / "results.md").write_text(results_markdown(summary, command, seeds, cfg) + leakage_split_markdown(split))
     return summary
