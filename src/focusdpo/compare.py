@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from focusdpo.config import Config
-from focusdpo.eval.report import INTERVALS_NOTE, difference_lines, fmt
+from focusdpo.eval.report import INTERVALS_NOTE, difference_lines, fmt, fmt_paired
 
 # The evaluation `focusdpo compare` runs unless told otherwise: 192 scenes x 2 subject counts x 2 sampling seeds =
 # 768 units per run. Measured on the shipped base (DPO runs vs base, 3 training seeds, 128 units): the per-unit
@@ -128,19 +128,26 @@ def add_intervals(summary: dict, metrics: Mapping[str, Mapping], variants: Seque
     ``vs_<ref>`` block also ``excludes_zero``, ``se_unit``, ``n_units`` and ``mde`` (its ``mean`` stays the mean
     over training seeds of the per-seed differences).
     """
-    from focusdpo.eval.stats import paired_summary
-    from focusdpo.eval.toy import unit_scores
-
     for h in HEADLINE:
-        scores = {"base": unit_scores(metrics["base"], h)[None]} if "base" in metrics else {}
-        scores.update({n: np.stack([unit_scores(metrics[f"{n}@s{s}"], h) for s in seeds]) for n in variants})
-        pairs = [(n, r) for r in ("base", "dpo") if r in scores for n in variants if n != r]
-        result = paired_summary(scores, pairs, replicates, boot_seed)
+        _, result = _paired(metrics, variants, seeds, h, replicates, boot_seed)
         for name, row in summary.items():
             row[h].update(ci=result[name]["ci"], se_boot=result[name]["se_boot"])
             for key, diff in row.items():
                 if key.startswith("vs_") and key in result[name]:
                     diff[h].update({k: v for k, v in result[name][key].items() if k != "mean"})
+
+
+def _paired(metrics: Mapping[str, Mapping], variants: Sequence[str], seeds: Sequence[int], metric: str,
+            replicates: int, boot_seed: int) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    """Per-unit scores of ``metric`` (base ``[1, U]``, each variant ``[seeds, U]``) and their
+    :func:`~focusdpo.eval.stats.paired_summary` against ``base`` and ``dpo``."""
+    from focusdpo.eval.stats import paired_summary
+    from focusdpo.eval.toy import unit_scores
+
+    scores = {"base": unit_scores(metrics["base"], metric)[None]} if "base" in metrics else {}
+    scores.update({n: np.stack([unit_scores(metrics[f"{n}@s{s}"], metric) for s in seeds]) for n in variants})
+    pairs = [(n, r) for r in ("base", "dpo") if r in scores for n in variants if n != r]
+    return scores, paired_summary(scores, pairs, replicates, boot_seed)
 
 
 def leakage_split(metrics: Mapping[str, Mapping], variants: Sequence[str], seeds: Sequence[int],
@@ -152,17 +159,13 @@ def leakage_split(metrics: Mapping[str, Mapping], variants: Sequence[str], seeds
     Returns ``{method: {"leakage_chance": {mean, ci}, "transfer": {mean, ci}, "vs_base": {...}, "vs_dpo": {...}}}``
     (means over units and training seeds), or None when some run was scored before the split existed.
     """
-    from focusdpo.eval.stats import paired_summary
-    from focusdpo.eval.toy import CHANCE, unit_scores
+    from focusdpo.eval.toy import CHANCE
 
     if not all("units" in v and all(h in v["units"] for h in CHANCE) for v in metrics.values()):
         return None
     out: dict = {}
     for h in CHANCE:
-        scores = {"base": unit_scores(metrics["base"], h)[None]} if "base" in metrics else {}
-        scores.update({n: np.stack([unit_scores(metrics[f"{n}@s{s}"], h) for s in seeds]) for n in variants})
-        pairs = [(n, r) for r in ("base", "dpo") if r in scores for n in variants if n != r]
-        result = paired_summary(scores, pairs, replicates, boot_seed)
+        scores, result = _paired(metrics, variants, seeds, h, replicates, boot_seed)
         for name, values in scores.items():
             row = out.setdefault(name, {})
             row[h] = {"mean": float(np.nanmean(values)), "ci": result[name]["ci"]}
@@ -182,17 +185,8 @@ def leakage_split_markdown(split: Mapping[str, Mapping] | None) -> str:
              "confusion\"). Means over units and training seeds [95 % interval].\n\n",
              "| method | chance leakage | transfer | Δ transfer vs base | Δ transfer vs dpo |\n|---|---|---|---|---|\n"]
     for name, row in split.items():
-        diffs = []
-        for ref in ("base", "dpo"):
-            d = row.get(f"vs_{ref}", {}).get("transfer")
-            if d is None:
-                diffs.append("-")
-                continue
-            bold = "**" if d["excludes_zero"] else ""
-            diffs.append(f"{bold}{d['mean']:+.3f}{bold} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]")
-        t = row["transfer"]
-        lines.append(f"| {name} | {row['leakage_chance']['mean']:.3f} | {t['mean']:+.3f} "
-                     f"[{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}] | {diffs[0]} | {diffs[1]} |\n")
+        diffs = " | ".join(fmt_paired(row.get(f"vs_{ref}", {}).get("transfer")) for ref in ("base", "dpo"))
+        lines.append(f"| {name} | {row['leakage_chance']['mean']:.3f} | {fmt_paired(row['transfer'])} | {diffs} |\n")
     return "".join(lines)
 
 

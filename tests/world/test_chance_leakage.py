@@ -14,11 +14,6 @@ from focusdpo.world.metrics import CHANCE_DECOYS, chance_decoys, score_scene
 
 
 @pytest.fixture(scope="module")
-def world():
-    return World(load_config(None, []).world)
-
-
-@pytest.fixture(scope="module")
 def scenes(world):
     rng = np.random.default_rng(3)
     return [world.sample_scene(rng, "heldout", 2) for _ in range(30)]

@@ -5,17 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from focusdpo.config import load_config
 from focusdpo.eval.toy import slot_regions
 from focusdpo.judges import assign_image, bbox_crop, colour_embedder
-from focusdpo.world import World
 from focusdpo.world.embedding import BLOCKS, plant_leak, subject_embedder, subject_features, subject_mask
 from focusdpo.world.metrics import score_scene
-
-
-@pytest.fixture(scope="module")
-def world():
-    return World(load_config(None, []).world)
 
 
 @pytest.fixture(scope="module")

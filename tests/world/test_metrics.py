@@ -18,11 +18,6 @@ from focusdpo.world.render import background_image
 from focusdpo.world.subjects import CLASSES, COLOURS, DETAILS, PATTERNS
 
 
-@pytest.fixture(scope="module")
-def world() -> World:
-    return World(WorldConfig())
-
-
 def _heldout_scenes(world: World, n: int, k: int, seed: int) -> list[Scene]:
     rng = np.random.default_rng(seed)
     return [world.sample_scene(rng, "heldout", k) for _ in range(n)]

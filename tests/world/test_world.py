@@ -22,11 +22,6 @@ from focusdpo.world.subjects import (
 )
 
 
-@pytest.fixture(scope="module")
-def world() -> World:
-    return World(WorldConfig())
-
-
 def _scenes(world: World, n: int, seed: int = 0, split: str = "train", k: int = 2) -> list[Scene]:
     rng = np.random.default_rng(seed)
     return [world.sample_scene(rng, split, k) for _ in range(n)]

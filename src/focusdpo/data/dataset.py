@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import Dataset
 
 from focusdpo.data.parquet import INDEX_COLUMNS, decode_row, open_shard, read_row_group, shard_paths
+from focusdpo.data.records import DipRecord
 
 
 class DipDataset(Dataset):
@@ -109,7 +110,7 @@ class DipDataset(Dataset):
         return record_item(self.record(index))
 
 
-def record_item(rec) -> dict[str, Any]:
+def record_item(rec: DipRecord) -> dict[str, Any]:
     """A :class:`~focusdpo.data.records.DipRecord` as one item of the batch layout (what ``collate_dip`` stacks)."""
 
     def img(a: np.ndarray) -> torch.Tensor:

@@ -28,6 +28,15 @@ def fmt(value: Mapping | float | None, digits: int = 3, signed: bool = False) ->
     return f"{float(value):{sign}.{digits}f}"
 
 
+def fmt_paired(diff: Mapping | None, digits: int = 3) -> str:
+    """A paired difference ``{"mean", "ci", "excludes_zero"}`` -> its signed mean, in bold when the interval
+    excludes 0, and the interval; None -> ``"-"``."""
+    if diff is None or diff.get("mean") is None:
+        return "-"
+    bold = "**" if diff.get("excludes_zero") else ""
+    return f"{bold}{diff['mean']:+.{digits}f}{bold}" + fmt_ci(diff.get("ci"), digits)
+
+
 def fmt_ci(ci: Sequence[float | None] | None, digits: int = 3) -> str:
     """``[lo, hi]`` -> ``" [lo, hi]"`` (leading space); None or missing ends -> ``""``."""
     if not ci or ci[0] is None or ci[1] is None:

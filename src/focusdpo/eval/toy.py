@@ -60,7 +60,7 @@ from focusdpo.backbones.base import TextCond, Tokens
 from focusdpo.backbones.diffusion import FLOW, Diffusion, diffusion_of
 from focusdpo.config import Config
 from focusdpo.eval.methods import load_method, resolve_methods
-from focusdpo.eval.report import comparison_grid, difference_lines, to_uint8, toy_markdown
+from focusdpo.eval.report import comparison_grid, difference_lines, fmt_paired, to_uint8, toy_markdown
 from focusdpo.eval.stats import finite_or_none
 from focusdpo.judges import confusion_scores
 from focusdpo.lora import adapters_merged
@@ -339,24 +339,14 @@ def leakage_split_markdown(metrics: Mapping[str, Mapping], ref: str = "base") ->
     rows = [(m, v["leakage_split"]) for m, v in metrics.items() if "leakage_split" in v]
     if not rows:
         return ""
-
-    def cell(d: Mapping | None) -> str:
-        if not d or d.get("mean") is None:
-            return "-"
-        ci = d.get("ci") or [None, None]
-        tail = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if None not in ci else ""
-        bold = "**" if d.get("excludes_zero") else ""
-        return f"{bold}{d['mean']:+.3f}{bold}{tail}"
-
     lines = ["", "## Leakage: chance and transfer", "",
              "Chance leakage: the same readings' leakage toward identities that are not in the scene (a wrong "
              "attribute matching another subject by chance); transfer = leakage - chance leakage, what the scene's "
              "subjects carried over (`focusdpo.world.metrics.chance_leakage`).", "",
              f"| method | chance leakage | transfer | Δ transfer vs {ref} |", "|---|---|---|---|"]
     for m, split in rows:
-        vs = split.get(f"vs_{ref}", {}).get("transfer")
         lines.append(f"| {m} | {split['leakage_chance']['mean']:.3f} | {split['transfer']['mean']:+.3f} | "
-                     f"{cell(vs) if vs else '-'} |")
+                     f"{fmt_paired(split.get(f'vs_{ref}', {}).get('transfer'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -451,20 +441,22 @@ def evaluate_toy(cfg: Config, runs: Mapping[str, Path | None], out_dir: str | Pa
             log(line)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_toy_outputs(out, metrics, runs, scenes, grids, ground_truth(world, scenes), cfg.eval.grid_scenes,
-                      cfg.eval.target_effect)
+                      agreement, cfg.eval.target_effect)
     return metrics
 
 
 def write_toy_outputs(out: Path, metrics: Mapping[str, dict], runs: Mapping[str, Path | None],
                       scenes: Mapping[int, list[Scene]], grids: Mapping[str, Mapping[int, list[np.ndarray]]],
-                      truth: Mapping[str, float], grid_scenes: int, target: float | None = None) -> None:
-    """``report.md``, the PNG grids and the plots of :func:`evaluate_toy`."""
+                      truth: Mapping[str, float], grid_scenes: int, agreement: Mapping,
+                      target: float | None = None) -> None:
+    """``report.md``, the PNG grids and the plots of :func:`evaluate_toy` (``agreement``: its
+    :func:`confusion_agreement`)."""
     from focusdpo.eval.plots import plot_method_comparison, plot_training_curves
 
     truth_line = ", ".join(f"{h} {truth[h]:.3f}" for h in HEADLINE)
     (out / "report.md").write_text(toy_markdown(metrics, target=target) + "\nGround-truth renders (the metrics' "
                                    f"ceiling): {truth_line}.\n" + leakage_split_markdown(metrics)
-                                   + confusion_markdown(confusion_agreement(metrics)))
+                                   + confusion_markdown(agreement))
     plot_method_comparison(metrics, out / "metrics.png", names=HEADLINE, title="toy benchmark")
     for method, run_dir in runs.items():
         if run_dir is not None and (Path(run_dir) / "metrics.csv").is_file():

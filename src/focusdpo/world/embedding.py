@@ -27,10 +27,11 @@ identities (``experiments/confusion_agreement.py calibrate``), never on the held
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from focusdpo.world import Scene, World
 from focusdpo.world.metrics import connected_components
 
 BLOCKS = ("colour", "shape", "texture", "mark")
@@ -118,7 +119,8 @@ def subject_features(image: np.ndarray, bins: int = 4, grid: int = 8) -> dict[st
             "mark": _unit(_mark(im, mask))}
 
 
-def subject_embedder(weights: Mapping[str, float] | None = None, bins: int = 4, grid: int = 8):
+def subject_embedder(weights: Mapping[str, float] | None = None, bins: int = 4, grid: int = 8
+                     ) -> Callable[[Sequence[np.ndarray]], np.ndarray]:
     """An :data:`focusdpo.judges.Embed` (``list of uint8 [h, w, 3] -> [n, D]``) that sees colour, silhouette,
     pattern and mark (module docstring). ``weights``: per block (missing blocks: 0)."""
     w = dict(DEFAULT_WEIGHTS if weights is None else weights)
@@ -138,7 +140,7 @@ def subject_embedder(weights: Mapping[str, float] | None = None, bins: int = 4, 
 LEAK_ATTRIBUTES = ("class", "body", "pattern", "detail")
 
 
-def plant_leak(world, scene, target: int, donor: int, attributes: Sequence[str]):
+def plant_leak(world: World, scene: Scene, target: int, donor: int, attributes: Sequence[str]) -> Scene:
     """``scene`` re-rendered with subject ``target`` carrying ``donor``'s ``attributes`` (some of
     :data:`LEAK_ATTRIBUTES`), everything else unchanged: a planted leak whose ground truth is known. The prompt,
     references and identities (what was *asked*) stay the scene's; ``image`` and ``masks`` are the new render.

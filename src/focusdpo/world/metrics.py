@@ -351,14 +351,14 @@ def chance_decoys(world: World) -> list[Identity]:
 
 
 def chance_leakage(identity: Identity, others: list[Identity], reading: SubjectReading,
-                   decoys: list[Identity]) -> float:
+                   decoys: list[Identity], leakage: dict[str, float]) -> float:
     """The leakage the same reading shows toward identities that are *not* in the scene: per leakage attribute
-    that the real leakage scores (:func:`subject_leakage`: where some other subject differs), the share of
-    the decoys differing from ``identity`` whose value the region shows; their mean (NaN when the real leakage is
-    NaN). A subject drawn with a wrong attribute matches another subject's value by chance as often as a
-    decoy's; only ``leakage - chance`` measures attributes *carried over* from the subjects in the scene."""
-    real = subject_leakage(identity, others, reading)
-    attrs = [a for a, v in real.items() if not np.isnan(v)]
+    that the real leakage scores (``leakage``, :func:`subject_leakage` of ``identity`` against ``others``: the
+    attributes where some other subject differs), the share of the decoys differing from ``identity`` whose value
+    the region shows; their mean (NaN when the real leakage is NaN). A subject drawn with a wrong attribute
+    matches another subject's value by chance as often as a decoy's; only ``leakage - chance`` measures
+    attributes *carried over* from the subjects in the scene."""
+    attrs = [a for a, v in leakage.items() if not np.isnan(v)]
     if not attrs:
         return float("nan")
     excluded = {identity.id, *(o.id for o in others)}
@@ -417,7 +417,7 @@ def score_scene(image: Any, scene: Scene, world: World) -> dict[str, Any]:
         leak = subject_leakage(ident, others, reading)
         valid = [v for v in leak.values() if not np.isnan(v)]
         leak_mean = float(np.mean(valid)) if valid else float("nan")
-        chance = chance_leakage(ident, others, reading, decoys)
+        chance = chance_leakage(ident, others, reading, decoys, leak)
         subjects.append({
             "position": scene.positions[i], "present": reading.present, "area": reading.area,
             "read": {"class": reading.cls, "body": reading.body, "pattern": reading.pattern,
